@@ -1,0 +1,760 @@
+"""Glow and bits per dimension: the simplicity measure of SimpleBits (Sec. 2, Eq. 1).
+
+    L_sim(x) = -log p_G(x)          (Eq. 1), reported as bits per dimension (bpd)
+
+A canonical multi-scale Glow (Kingma & Dhariwal 2018) whose parameter names and maths
+match the public pretrained CIFAR-10 model of y0ast/Glow-PyTorch (3.39 bpd), so that
+checkpoint can be converted and used for scoring. See ../shared/glow-checkpoint-format.md
+(the "spec" below) for the exact semantics.
+
+    python glow.py train --quick                                  # tiny Glow, CPU, ~1 min
+    python glow.py import-y0ast glow/glow_affine_coupling.pt --out glow-cifar10.pt
+    python glow.py bpd --glow glow-cifar10.pt --dataset cifar10,svhn   # Fig. 2 style grid
+    python glow.py train --dataset cifar10,cifar100,svhn --out glow-general.pt
+"""
+import argparse
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets
+import nets
+
+LOGSCALE_FACTOR = 3.0  # Conv2dZeros output gain exp(3·logs): fixed in y0ast, not stored (spec §7.7)
+N_BINS = 256  # 8-bit images: bins of width 1/256 in the Glow input space (spec §3.1)
+QUICK_GLOW = dict(levels=3, steps=4, hidden=64)  # the tiny Glow that --quick pretrains on CPU
+
+
+class GlowCheckpointError(Exception):
+    """An expected failure with a Glow checkpoint; the message says what to do."""
+
+
+def gaussian_log_p(x, mean, logs):
+    """Elementwise log N(x; mean, exp(logs)²), logs = log standard deviation (spec §3.8)."""
+    return -0.5 * (2.0 * logs + (x - mean) ** 2 / torch.exp(2.0 * logs) + math.log(2 * math.pi))
+
+
+# ----------------------------------------------------------------------------------------
+# Layers. Each flow layer maps x -> (y, logdet) and has an exact reverse(y).
+# "fuse()" precomputes folded weights for a frozen model (see freeze()); the fused
+# buffers are non-persistent, so they never enter a checkpoint but follow .to(device).
+# ----------------------------------------------------------------------------------------
+
+
+class ActNorm(nn.Module):
+    """y = (x + bias)·exp(logs) per channel; log-det H·W·Σ logs (spec §3.4, pitfall 5).
+
+    Data-dependent init (spec §5): the first forward in training mode sets bias = −mean and
+    logs = −log(std + 1e-6) from that batch. "initialized" is a buffer, so a loaded model
+    never re-initialises itself (STYLE.md anti-patterns).
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._known_initialized = None  # python mirror, avoids a GPU sync per forward
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def initialize(self, x):  # x: (B, C, H, W)
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True).sqrt()  # biased, as y0ast
+        self.bias.copy_(-mean)
+        self.logs.copy_(torch.log(1.0 / (std + 1e-6)))
+        self.initialized.fill_(1)
+        self._known_initialized = True
+
+    def forward(self, x):
+        if self.training:
+            if self._known_initialized is None:
+                self._known_initialized = bool(self.initialized)
+            if not self._known_initialized:
+                self.initialize(x)
+        y = (x + self.bias) * torch.exp(self.logs)
+        return y, x.shape[2] * x.shape[3] * self.logs.sum()
+
+    def reverse(self, y):
+        return y * torch.exp(-self.logs) - self.bias
+
+
+class InvConv1x1(nn.Module):
+    """Invertible 1×1 convolution, W = p·L·U in LU form (Glow Sec. 3.2; spec §3.4).
+
+    L = strict_lower(lower) + I and U = strict_upper(upper) + diag(sign_s·exp(log_s)); the
+    stored entries on/above (lower) and on/below (upper) the diagonal are ignored (spec
+    pitfall 4). log|det W| = Σ log_s per pixel.
+    """
+
+    def __init__(self, channels, lu=True):
+        super().__init__()
+        self.lu = lu
+        w = torch.linalg.qr(torch.randn(channels, channels))[0]  # random rotation (spec §9)
+        if lu:
+            p, lower, upper = torch.linalg.lu(w)
+            diag = torch.diagonal(upper)
+            self.register_buffer("p", p)
+            self.register_buffer("sign_s", torch.sign(diag))
+            self.lower = nn.Parameter(lower)  # unit diagonal included, as y0ast stores it
+            self.log_s = nn.Parameter(torch.log(diag.abs()))
+            self.upper = nn.Parameter(torch.triu(upper, 1))
+            self.register_buffer("l_mask", torch.tril(torch.ones_like(w), -1), persistent=False)
+        else:
+            self.weight = nn.Parameter(w)
+
+    def weight_matrix(self):  # (C, C); W[r, c] maps input channel c to output channel r
+        if not self.lu:
+            return self.weight
+        eye = torch.eye(self.l_mask.shape[0], dtype=self.l_mask.dtype, device=self.l_mask.device)
+        lower = self.lower * self.l_mask + eye
+        upper = self.upper * self.l_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.p @ lower @ upper
+
+    def logdet_per_pixel(self):
+        if self.lu:
+            return self.log_s.sum()
+        # float64 slogdet (spec pitfall 11: y0ast's float32 slogdet is imprecise)
+        return torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype)
+
+    def forward(self, x):
+        w = self.weight_matrix()
+        y = F.conv2d(x, w.view(*w.shape, 1, 1))
+        return y, x.shape[2] * x.shape[3] * self.logdet_per_pixel()
+
+    def reverse(self, y):
+        w_inv = torch.linalg.inv(self.weight_matrix().double()).to(y.dtype)
+        return F.conv2d(y, w_inv.view(*w_inv.shape, 1, 1))
+
+
+class FusedConv(nn.Module):
+    """Base for convolutions followed by a per-channel affine map that folds into them."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+
+    def fuse(self):
+        weight, bias = self.folded()
+        self.fused_weight, self.fused_bias = weight.detach(), bias.detach()
+
+    def unfuse(self):
+        self.fused_weight = self.fused_bias = None
+
+    def forward(self, x):
+        if self.fused_weight is not None:
+            return F.conv2d(x, self.fused_weight, self.fused_bias, padding=self.conv.padding)
+        return self.unfused(x)
+
+
+class ConvActNorm(FusedConv):
+    """Conv without bias, then ActNorm whose log-det is discarded (coupling NN, spec §3.5)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
+                              padding=kernel_size // 2, bias=False)
+        nn.init.normal_(self.conv.weight, std=0.05)  # spec §9
+        self.actnorm = ActNorm(out_channels)
+
+    def unfused(self, x):
+        return self.actnorm(self.conv(x))[0]
+
+    def folded(self):  # (Wx + b)·e^s = (e^s·W)x + b·e^s
+        scale = torch.exp(self.actnorm.logs).view(-1)
+        return self.conv.weight * scale.view(-1, 1, 1, 1), self.actnorm.bias.view(-1) * scale
+
+
+class ZeroConv(FusedConv):
+    """y0ast's Conv2dZeros: (conv(x) + bias)·exp(3·logs), all zero at init (spec §3.5, §9).
+
+    Zero init makes every coupling start as a pure scaling by sigmoid(2) and every prior
+    start as N(0, I): a deep flow that is well-conditioned from the first step.
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(out_channels, 1, 1))
+
+    def unfused(self, x):
+        return self.conv(x) * torch.exp(self.logs * LOGSCALE_FACTOR)
+
+    def folded(self):
+        gain = torch.exp(self.logs * LOGSCALE_FACTOR).view(-1)
+        return self.conv.weight * gain.view(-1, 1, 1, 1), self.conv.bias * gain
+
+
+class FlowStep(nn.Module):
+    """ActNorm → invertible 1×1 conv → affine (or additive) coupling (Glow Fig. 2a; spec §3.4).
+
+    Coupling: the first channel half x_a conditions, the second half x_b is transformed.
+    h = NN(x_a); shift = h[:, 0::2], raw = h[:, 1::2] (even/odd channels, spec pitfall 1);
+    σ = sigmoid(raw + 2): the +2 makes σ ≈ 0.88 at init, i.e. close to the identity while
+    keeping σ in (0, 1) so the flow cannot blow up; y_b = (x_b + shift)·σ; log-det Σ log σ.
+    """
+
+    def __init__(self, channels, hidden, affine=True, lu=True):
+        super().__init__()
+        self.affine = affine
+        self.actnorm = ActNorm(channels)
+        self.invconv = InvConv1x1(channels, lu)
+        out = channels if affine else channels // 2
+        self.block = nn.Sequential(ConvActNorm(channels // 2, hidden, 3), nn.ReLU(),
+                                   ConvActNorm(hidden, hidden, 1), nn.ReLU(),
+                                   ZeroConv(hidden, out))
+        # frozen mode: ActNorm and the 1×1 conv fold into one 1×1 conv with bias
+        for name in ("mix_weight", "mix_bias", "unmix_weight", "unmix_bias", "mix_logdet"):
+            self.register_buffer(name, None, persistent=False)
+
+    def fuse(self):
+        dtype = self.actnorm.logs.dtype
+        with torch.no_grad():
+            w = self.invconv.weight_matrix().double()  # (C, C)
+            scale = torch.exp(self.actnorm.logs.view(-1)).double()
+            bias = self.actnorm.bias.view(-1).double()
+            mix = w * scale[None, :]  # W·diag(e^s)
+            self.mix_weight = mix.to(dtype)[:, :, None, None]
+            self.mix_bias = (mix @ bias).to(dtype)  # W·diag(e^s)·b
+            self.unmix_weight = torch.linalg.inv(mix).to(dtype)[:, :, None, None]
+            self.unmix_bias = -self.actnorm.bias.view(-1).detach().clone()
+            self.mix_logdet = (self.actnorm.logs.sum() + self.invconv.logdet_per_pixel()).detach()
+
+    def unfuse(self):
+        self.mix_weight = self.mix_bias = self.unmix_weight = None
+        self.unmix_bias = self.mix_logdet = None
+
+    def coupling_params(self, x_a):
+        h = self.block(x_a)
+        if not self.affine:
+            return h, None
+        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+
+    def forward(self, x):
+        if self.mix_weight is not None:
+            x = F.conv2d(x, self.mix_weight, self.mix_bias)
+            logdet = x.shape[2] * x.shape[3] * self.mix_logdet
+        else:
+            x, logdet_actnorm = self.actnorm(x)
+            x, logdet_conv = self.invconv(x)
+            logdet = logdet_actnorm + logdet_conv
+        x_a, x_b = x.chunk(2, dim=1)
+        shift, scale = self.coupling_params(x_a)
+        if scale is None:  # additive coupling: volume preserving
+            return torch.cat([x_a, x_b + shift], dim=1), logdet
+        y_b = (x_b + shift) * scale  # add first, then scale (spec pitfall 6)
+        return torch.cat([x_a, y_b], dim=1), logdet + torch.log(scale).sum(dim=(1, 2, 3))
+
+    def reverse(self, y):
+        y_a, y_b = y.chunk(2, dim=1)
+        shift, scale = self.coupling_params(y_a)
+        x_b = y_b - shift if scale is None else y_b / scale - shift  # divide, then subtract
+        x = torch.cat([y_a, x_b], dim=1)
+        if self.unmix_weight is not None:
+            return F.conv2d(x, self.unmix_weight) + self.unmix_bias.view(1, -1, 1, 1)
+        return self.actnorm.reverse(self.invconv.reverse(x))
+
+
+class Split(nn.Module):
+    """y0ast's Split2d: factor out the second channel half z₂ under a Gaussian prior whose
+    mean/log-std come from the kept half z₁ (learned conditional prior; spec §3.6).
+    Mean = even, log-std = odd output channels (spec pitfall 1)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = ZeroConv(channels // 2, channels)
+
+    def prior(self, z1):
+        h = self.conv(z1)
+        return h[:, 0::2], h[:, 1::2]
+
+    def forward(self, x):
+        z1, z2 = x.chunk(2, dim=1)
+        mean, logs = self.prior(z1)
+        return z1, z2, gaussian_log_p(z2, mean, logs).sum(dim=(1, 2, 3))
+
+    def reverse(self, z1, z2=None, temperature=1.0):
+        """z2 given: exact inverse. z2 None: sample it from the prior at `temperature`."""
+        if z2 is None:
+            mean, logs = self.prior(z1)
+            z2 = mean + temperature * torch.exp(logs) * torch.randn_like(mean)
+        return torch.cat([z1, z2], dim=1)
+
+
+class Squeeze(nn.Module):
+    """(B, C, H, W) -> (B, 4C, H/2, W/2), out channel 4c + 2dy + dx (spec §3.3, pitfall 8)."""
+
+    def forward(self, x):
+        return F.pixel_unshuffle(x, 2)
+
+    def reverse(self, y):
+        return F.pixel_shuffle(y, 2)
+
+
+class FlowNet(nn.Module):
+    """Container whose `layers` indices match y0ast's state dict (spec §1 index formula)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+class Glow(nn.Module):
+    """Multi-scale Glow: per level a squeeze, `steps` flow steps, then a split (not after
+    the last level); a learned Gaussian prior on the top latent (spec §1, §3.7).
+
+    forward(x) takes glow-range images x ∈ [−0.5, 0.5) (already dequantized) and returns
+    (log p(x) per image in nats, latents); latents = [z₂ of each split, top z] is the
+    complete code of x, and reverse(latents) reconstructs x exactly. reverse with None
+    entries samples those latents from their priors instead (see sample()).
+    """
+
+    def __init__(self, levels=3, steps=32, hidden=512, affine=True, lu=True, learn_top=True,
+                 in_channels=3, image_size=32):
+        super().__init__()
+        if image_size % 2 ** levels:
+            raise ValueError(f"image size {image_size} is not divisible by 2^levels = {2 ** levels}")
+        self.config = dict(levels=levels, steps=steps, hidden=hidden, affine=affine, lu=lu,
+                           learn_top=learn_top, in_channels=in_channels, image_size=image_size)
+        layers, channels, size = [], in_channels, image_size
+        for level in range(levels):
+            channels, size = channels * 4, size // 2
+            layers.append(Squeeze())
+            layers += [FlowStep(channels, hidden, affine, lu) for _ in range(steps)]
+            if level < levels - 1:
+                layers.append(Split(channels))
+                channels //= 2
+        self.flow = FlowNet(layers)
+        self.top_channels = channels
+        # top prior input: zeros (B, 2·C_top, S_top, S_top); a buffer as in y0ast
+        self.register_buffer("prior_h", torch.zeros(1, 2 * channels, size, size))
+        self.learn_top_fn = ZeroConv(2 * channels, 2 * channels) if learn_top else None
+
+    def top_prior(self):
+        """(mean, log-std) of the top latent; first/second channel half (spec §3.7)."""
+        h = self.prior_h if self.learn_top_fn is None else self.learn_top_fn(self.prior_h)
+        return h[:, :self.top_channels], h[:, self.top_channels:]
+
+    def flow_forward(self, x):
+        """x -> (latents, Σ log-dets (B,), Σ log priors (B,)); log p(x) is their sum."""
+        logdet = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        log_prior = torch.zeros_like(logdet)
+        latents = []
+        for layer in self.flow.layers:
+            if isinstance(layer, FlowStep):
+                x, layer_logdet = layer(x)
+                logdet = logdet + layer_logdet
+            elif isinstance(layer, Split):
+                x, z2, split_log_prior = layer(x)
+                latents.append(z2)
+                log_prior = log_prior + split_log_prior
+            else:
+                x = layer(x)
+        mean, logs = self.top_prior()  # (1, C_top, S, S), broadcast over the batch
+        log_prior = log_prior + gaussian_log_p(x, mean, logs).sum(dim=(1, 2, 3))
+        return latents + [x], logdet, log_prior
+
+    def forward(self, x):
+        latents, logdet, log_prior = self.flow_forward(x)
+        return logdet + log_prior, latents
+
+    def reverse(self, latents, temperature=1.0):
+        """Latents -> glow-range x. Exact reconstruction when every latent is given; a None
+        entry is sampled from its prior at `temperature` (the top one needs a tensor or
+        use sample()). Differentiable: post-hoc simplification optimises latents through it.
+        """
+        latents = list(latents)
+        x = latents.pop()
+        for layer in reversed(self.flow.layers):
+            if isinstance(layer, Split):
+                x = layer.reverse(x, latents.pop(), temperature)
+            else:
+                x = layer.reverse(x)
+        return x
+
+    def sample(self, n, temperature=1.0):
+        mean, logs = self.top_prior()
+        top = mean + temperature * torch.exp(logs) * torch.randn(n, *mean.shape[1:],
+                                                                 device=mean.device)
+        return self.reverse([None] * (self.config["levels"] - 1) + [top], temperature)
+
+    def train(self, mode=True):
+        if mode:  # fused weights are only valid for frozen parameters
+            for module in self.modules():
+                if hasattr(module, "unfuse"):
+                    module.unfuse()
+        return super().train(mode)
+
+
+def freeze(glow):
+    """Frozen scoring mode (DESIGN.md): eval, no parameter gradients (gradients still flow to
+    the input), and every per-channel affine folded into its convolution, so one flow step
+    is four convolutions. Call again after changing the parameters."""
+    glow.eval()
+    glow.requires_grad_(False)
+    for module in glow.modules():
+        if hasattr(module, "fuse"):
+            module.fuse()
+    return glow
+
+
+# ----------------------------------------------------------------------------------------
+# Bits per dimension (Eq. 1) and the image <-> latent helpers
+# ----------------------------------------------------------------------------------------
+
+
+def to_glow_range(x):
+    """[0,1] image u = k/255 -> k/256 − 0.5 (spec §3.1: divide by 256, not 255)."""
+    return x * (255.0 / N_BINS) - 0.5
+
+
+def from_glow_range(x_glow):
+    return (x_glow + 0.5) * (N_BINS / 255.0)
+
+
+def quantize(x):
+    """Straight-through 8-bit quantization: forward round(255x)/255, backward identity, so
+    Glow scores the code length of an actual 8-bit image (DESIGN.md)."""
+    return x + (torch.round(x * 255.0) / 255.0 - x).detach()
+
+
+def bits_per_dim(glow, x, noise=True):
+    """Eq. 1 as code length per dimension, per image: x (B, C, H, W) in [0,1] -> (B,).
+
+    bpd(x) = (−log p_G(x_g + u) + D·ln 256) / (D·ln 2),  u ~ U(0, 1/256),  D = C·H·W.
+    The +D·ln 256 turns the density over bins of width 1/256 into a probability mass, so
+    bpd includes the "+8" of the authors' loss (DESIGN.md). The noise is added out of place
+    (x may require grad) and can be switched off for deterministic scores.
+    """
+    x_glow = to_glow_range(x)
+    if noise:
+        x_glow = x_glow + torch.rand_like(x_glow) / N_BINS
+    log_p, _ = glow(x_glow)
+    dims = x[0].numel()
+    return (-log_p + dims * math.log(N_BINS)) / (dims * math.log(2.0))
+
+
+def encode(glow, x):
+    """[0,1] images -> list of latents (no dequantization noise)."""
+    return glow(to_glow_range(x))[1]
+
+
+def decode(glow, latents):
+    """Latents -> [0,1]-range images; exact inverse of encode (values may leave [0,1])."""
+    return from_glow_range(glow.reverse(latents))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: our format, and the import of the public y0ast CIFAR-10 model
+# ----------------------------------------------------------------------------------------
+
+HOW_TO_GET_A_GLOW = (
+    "convert the public CIFAR-10 Glow (glow.zip from the y0ast/Glow-PyTorch README) with "
+    "`python glow.py import-y0ast glow/glow_affine_coupling.pt --out glow-cifar10.pt`, or train "
+    "one with `python glow.py train --dataset NAME --out glow.pt`")
+
+
+def save_glow(glow, path, **extra):
+    """Write {"kind": "glow", "config", "state_dict", **extra} atomically."""
+    nets.atomic_save({"kind": "glow", "config": glow.config, "state_dict": glow.state_dict(),
+                      **extra}, path)
+
+
+def load_glow(path, map_location="cpu", frozen=True):
+    """Rebuild a Glow from its config and load its weights; frozen for scoring by default."""
+    if not os.path.isfile(path):
+        raise GlowCheckpointError(f"Glow checkpoint {path} does not exist: {HOW_TO_GET_A_GLOW}.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise GlowCheckpointError(f"cannot read {path} as a torch checkpoint ({error}).")
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "glow":
+        if isinstance(checkpoint, dict) and any(str(k).startswith("flow.layers.") for k in checkpoint):
+            raise GlowCheckpointError(
+                f"{path} is a y0ast state dict, not a checkpoint of this project: convert it "
+                f"with `python glow.py import-y0ast {path} --out glow-cifar10.pt`.")
+        kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise GlowCheckpointError(f"{path} holds a {kind!r}, not a Glow: {HOW_TO_GET_A_GLOW}.")
+    glow = Glow(**checkpoint["config"])
+    try:
+        glow.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1].strip()
+        raise GlowCheckpointError(f"{path}: the weights do not match its config ({first_line}).")
+    return freeze(glow) if frozen else glow
+
+
+def config_from_y0ast(state):
+    """Read levels, steps, hidden, coupling, LU and learn_top from the keys (spec §6)."""
+    def indices(pattern):
+        return sorted(int(m.group(1)) for k in state if (m := re.fullmatch(pattern, k)))
+
+    steps = indices(r"flow\.layers\.(\d+)\.actnorm\.bias")
+    splits = indices(r"flow\.layers\.(\d+)\.conv\.conv\.weight")
+    if not steps or "prior_h" not in state:
+        raise GlowCheckpointError("this is not a y0ast Glow state dict (no flow.layers.*.actnorm "
+                                  "or prior_h entries).")
+    if "project_ycond.linear.weight" in state:
+        raise GlowCheckpointError("class-conditional (y_condition) y0ast checkpoints are not "
+                                  "supported: their density depends on the label.")
+    levels = len(splits) + 1
+    k = len(steps) // levels
+    # y0ast's index formula (spec §1): level l starts at l·(K+2) with its squeeze
+    if steps != [l * (k + 2) + 1 + i for l in range(levels) for i in range(k)] or \
+            splits != [l * (k + 2) + k + 1 for l in range(levels - 1)]:
+        raise GlowCheckpointError("the flow.layers indices do not follow y0ast's layout "
+                                  "(squeeze, K steps, split per level).")
+    first = f"flow.layers.{steps[0]}"
+    c0 = state[f"{first}.actnorm.bias"].shape[1]  # 4 × image channels after the squeeze
+    return dict(levels=levels, steps=k, hidden=state[f"{first}.block.0.conv.weight"].shape[0],
+                affine=state[f"{first}.block.4.conv.weight"].shape[0] == c0,
+                lu=f"{first}.invconv.lower" in state,
+                learn_top="learn_top_fn.conv.weight" in state,
+                in_channels=c0 // 4, image_size=state["prior_h"].shape[-1] * 2 ** levels)
+
+
+def import_y0ast(state):
+    """y0ast state dict (any K, L, hidden, LU or not, affine or additive, learn_top or not)
+    -> our Glow. Tensor names are identical by construction; we add the ActNorm
+    "initialized" flags (y0ast keeps them out of the state dict, spec §5)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    glow = Glow(**config_from_y0ast(state))
+    ours = dict(state)
+    for name in glow.state_dict():
+        if name.endswith(".initialized"):
+            ours[name] = torch.tensor(1, dtype=torch.uint8)
+    try:
+        glow.load_state_dict(ours)
+    except RuntimeError as error:
+        raise GlowCheckpointError(f"the y0ast state dict does not match the inferred config "
+                                  f"({str(error).strip().splitlines()[-1].strip()}).")
+    return glow
+
+
+# ----------------------------------------------------------------------------------------
+# Pretraining (Kingma & Dhariwal 2018 / authors' §1.3 recipe) and scoring
+# ----------------------------------------------------------------------------------------
+
+
+def random_crop_flip(x, pad=3):
+    """Per-image random translation by up to ±pad pixels (reflect padding) and horizontal
+    flip (authors §1.3: RandomCrop(32, padding=3, reflect) + flip)."""
+    b, _, h, w = x.shape
+    x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    rows = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device) + \
+        torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
+    cols = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device) + \
+        torch.arange(w, device=x.device).view(1, 1, w)  # (B, 1, W)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+@torch.no_grad()
+def score_dataset(glow, dataset, device, batch_size=256, noise=True):
+    """bpd of every image of `dataset`, in dataset order: (N,) on the CPU."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return torch.cat([bits_per_dim(glow, x.to(device), noise).cpu() for x, _ in loader])
+
+
+def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr=5e-4,
+               warmup_steps=200, max_steps=None, out=None, init_images=512, log=print):
+    """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up,
+    ActNorm data-dependent init on `init_images` augmented images, and skipping of steps
+    with non-finite gradients. Saves `out` atomically after every epoch and resumes from it
+    when it holds an unfinished run of the same model."""
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                                         drop_last=len(train_set) >= batch_size)
+    optimizer = torch.optim.Adamax(glow.parameters(), lr=lr, weight_decay=5e-5)  # y0ast/authors
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+    start_epoch, step = 0, 0
+    if out and os.path.isfile(out):
+        state = torch.load(out, map_location=device, weights_only=True)
+        glow.load_state_dict(state["state_dict"])
+        if "optimizer" not in state:
+            log(f"{out} holds a finished run; nothing to resume")
+            return glow
+        optimizer.load_state_dict(state["optimizer"])
+        warmup.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"], state["step"]
+        torch.set_rng_state(state["rng"].cpu())
+        log(f"resumed {out} at epoch {start_epoch}")
+    else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1; spec §5)
+        init_loader = torch.utils.data.DataLoader(train_set, batch_size=init_images, shuffle=True)
+        glow.train()
+        with torch.no_grad():
+            x = random_crop_flip(next(iter(init_loader))[0].to(device))
+            glow(to_glow_range(x) + torch.rand_like(x) / N_BINS)
+    for epoch in range(start_epoch, epochs):
+        glow.train()
+        total, count, skipped = torch.zeros((), device=device), 0, 0
+        progress = nets.Progress(len(loader), f"glow epoch {epoch + 1}/{epochs}")
+        for x, _ in loader:
+            loss = bits_per_dim(glow, random_crop_flip(x.to(device))).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(glow.parameters(), float("inf"))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+            warmup.step()
+            total, count, step = total + loss.detach(), count + 1, step + 1
+            progress.update()
+            if max_steps and step >= max_steps:
+                break
+        progress.close()
+        line = f"glow epoch {epoch + 1}: train bpd {total.item() / max(count, 1):.3f}"
+        if test_set is not None:
+            line += f", test bpd {score_dataset(glow, test_set, device).mean().item():.3f}"
+        log(line + (f", {skipped} non-finite steps skipped" if skipped else ""))
+        done = epoch + 1 == epochs or (max_steps and step >= max_steps)
+        if out:
+            save_glow(glow, out, **({} if done else dict(
+                optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),
+                epoch=epoch + 1, step=step, rng=torch.get_rng_state())))
+        if done:
+            break
+    return glow
+
+
+def get_glow(path, quick, train_set, cache_path, device, log=print):
+    """The scoring Glow of a mode script: `path` if given; with `quick`, a tiny Glow
+    pretrained on `train_set` and cached at `cache_path`; otherwise a clear error."""
+    if path:
+        return load_glow(path, map_location=device)
+    if not quick:
+        raise GlowCheckpointError(f"no Glow given: pass --glow PATH ({HOW_TO_GET_A_GLOW}), "
+                                  f"or use --quick to pretrain a tiny one.")
+    if os.path.isfile(cache_path):
+        log(f"using the cached quick Glow {cache_path}")
+        return load_glow(cache_path, map_location=device)
+    log(f"pretraining a tiny Glow {QUICK_GLOW} on {len(train_set)} images -> {cache_path}")
+    glow = Glow(**QUICK_GLOW).to(device)
+    train_glow(glow, train_set, device, epochs=1000, max_steps=QUICK_STEPS, warmup_steps=50,
+               log=log)
+    save_glow(glow, cache_path)
+    return freeze(glow)
+
+
+QUICK_STEPS = 400  # Adamax steps of batch 64 for the tiny Glow: about a minute on 2 CPU cores
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: train | import-y0ast | bpd
+# ----------------------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="pretrain a Glow (the G of Eq. 1)")
+    train.add_argument("--dataset", default=None,
+                       help="dataset name(s) from datasets.py or ImageFolder path(s), comma-"
+                            "separated to combine (default cifar10; shapes with --quick)")
+    train.add_argument("--out", default=None, help="checkpoint path (default runs/glow-<dataset>.pt)")
+    train.add_argument("--levels", type=int, default=None, help="levels L of the multi-scale Glow (3)")
+    train.add_argument("--steps", type=int, default=None, help="flow steps K per level (32)")
+    train.add_argument("--hidden", type=int, default=None, help="coupling-network width (512)")
+    train.add_argument("--additive", action="store_true", help="additive instead of affine coupling")
+    train.add_argument("--epochs", type=int, default=None, help="training epochs (100)")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    train.add_argument("--batch-size", type=int, default=64, help="batch size (64, authors §1.3)")
+    train.add_argument("--lr", type=float, default=5e-4, help="Adamax learning rate (5e-4)")
+    train.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up steps (4000)")
+    train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    train.add_argument("--train-size", type=int, default=None, help="train on a fixed random subset of N images")
+    train.add_argument("--test-size", type=int, default=None, help="report test bpd on a fixed random subset")
+    train.add_argument("--quick", action="store_true",
+                       help="CPU preset: the tiny Glow of the mode scripts' --quick, on shapes")
+    imp = commands.add_parser("import-y0ast", help="convert y0ast/Glow-PyTorch's checkpoint")
+    imp.add_argument("checkpoint", help="y0ast state dict, e.g. glow/glow_affine_coupling.pt")
+    imp.add_argument("--out", required=True, help="converted checkpoint path")
+    bpd = commands.add_parser("bpd", help="score datasets: mean bpd and a grid sorted by bpd (Fig. 2)")
+    bpd.add_argument("--glow", required=True, help="Glow checkpoint of this project")
+    bpd.add_argument("--dataset", required=True, help="comma-separated dataset names or folders")
+    bpd.add_argument("--split", choices=["train", "test"], default="test", help="which split to score")
+    bpd.add_argument("--test-size", type=int, default=None, help="score a fixed random subset of N images")
+    bpd.add_argument("--out", default="runs/glow-bpd", help="output folder for bpd.json and the grids")
+    bpd.add_argument("--batch-size", type=int, default=256, help="scoring batch size")
+    for sub in (train, imp, bpd):
+        sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
+        sub.add_argument("--data-root", default="data", help="where datasets are (downloaded)")
+        sub.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser.parse_args(argv)
+
+
+def load_many(names, root, train, size, seed):
+    """One or several (comma-separated) datasets as one, optionally a fixed random subset."""
+    parts = [datasets.load_dataset(name, root, train=train) for name in names.split(",")]
+    if len(parts) == 1:
+        return datasets.subset(parts[0], size, seed)
+    data = torch.utils.data.ConcatDataset(parts)
+    data.info = parts[0].info  # Glow ignores labels; subset() only carries this along
+    return datasets.subset(data, size, seed)
+
+
+def main(args):
+    print(vars(args))
+    nets.seed_everything(args.seed)
+    device = nets.resolve_device(args.device)
+    if args.command == "import-y0ast":
+        if not os.path.isfile(args.checkpoint):
+            raise GlowCheckpointError(f"{args.checkpoint} does not exist: download glow.zip from "
+                                      f"the y0ast/Glow-PyTorch README and unzip it.")
+        glow = import_y0ast(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+        save_glow(glow, args.out)
+        print(f"wrote {args.out}: {glow.config}")
+    elif args.command == "train":
+        name = args.dataset or ("shapes" if args.quick else "cifar10")
+        size = QUICK_GLOW if args.quick else dict(levels=3, steps=32, hidden=512)
+        config = dict(levels=args.levels or size["levels"], steps=args.steps or size["steps"],
+                      hidden=args.hidden or size["hidden"], affine=not args.additive)
+        out = args.out or f"runs/glow-{name.replace(',', '+').replace(os.sep, '_')}.pt"
+        if os.path.isfile(out) and not args.resume:
+            raise GlowCheckpointError(f"{out} exists: pass --resume to continue it or another --out.")
+        glow = Glow(**config).to(device)
+        train_glow(glow, load_many(name, args.data_root, True, args.train_size, args.seed), device,
+                   epochs=args.epochs or (1000 if args.quick else 100),
+                   test_set=load_many(name, args.data_root, False, args.test_size, args.seed),
+                   batch_size=args.batch_size,
+                   lr=args.lr, warmup_steps=args.warmup_steps or (50 if args.quick else 4000),
+                   max_steps=args.max_steps or (QUICK_STEPS if args.quick else None), out=out)
+        print(f"wrote {out}")
+    else:
+        glow = load_glow(args.glow, map_location=device)
+        means = {}
+        for name in args.dataset.split(","):
+            data = load_many(name, args.data_root, args.split == "train", args.test_size, args.seed)
+            bpd = score_dataset(glow, data, device, args.batch_size)
+            means[name] = bpd.mean().item()
+            order = bpd.argsort()
+            picks = order[torch.linspace(0, len(order) - 1, min(32, len(order))).long()]
+            images = torch.stack([data[i][0] for i in picks.tolist()])
+            tag = os.path.basename(name.rstrip(os.sep))
+            datasets.save_image_grid(images, os.path.join(args.out, f"bpd-{tag}.png"), nrow=8,
+                                     captions=[f"{bpd[i]:.2f}" for i in picks.tolist()])
+            print(f"{name}: mean bpd {means[name]:.3f} over {len(data)} images "
+                  f"(grid sorted by bpd: {args.out}/bpd-{tag}.png)")
+        nets.write_json(os.path.join(args.out, "bpd.json"), means)
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (GlowCheckpointError, datasets.DatasetError, nets.CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,406 @@
+"""glow.py against trusted references: brute-force Jacobians, a hand computation, and an
+independent implementation of y0ast's density written from the checkpoint spec."""
+import math
+import os
+
+import pytest
+import torch
+
+import datasets
+import glow
+import nets
+
+torch.set_default_dtype(torch.float32)
+
+
+def randomize(module, scale=0.1, seed=0):
+    """Give every parameter (also the zero-initialised ones) random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    for m in module.modules():
+        if isinstance(m, glow.ActNorm):
+            m.initialized.fill_(1)
+    return module
+
+
+def tiny_glow(dtype=torch.float64, scale=0.1, **kw):
+    config = dict(levels=2, steps=2, hidden=8, image_size=8) | kw
+    torch.manual_seed(0)
+    return randomize(glow.Glow(**config).to(dtype), scale)
+
+
+# ---------------------------------------------------------------- invertibility, log-dets
+
+
+def layer_cases():
+    torch.manual_seed(0)
+    return {
+        "actnorm": glow.ActNorm(4),
+        "invconv_lu": glow.InvConv1x1(4, lu=True),
+        "invconv_full": glow.InvConv1x1(4, lu=False),
+        "step_affine": glow.FlowStep(4, hidden=6, affine=True),
+        "step_additive": glow.FlowStep(4, hidden=6, affine=False),
+    }
+
+
+@pytest.mark.parametrize("name", list(layer_cases()))
+def test_layer_reverse_and_logdet_match_brute_force_jacobian(name):
+    layer = randomize(layer_cases()[name].double()).eval()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    y, logdet = layer(x)
+    assert torch.allclose(layer.reverse(y), x, atol=1e-10)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v)[0], x).reshape(x.numel(), x.numel())
+    expected = torch.linalg.slogdet(jac)[1]
+    assert torch.allclose(torch.as_tensor(logdet).reshape(-1)[0], expected, atol=1e-8)
+
+
+def test_lu_conv_ignores_masked_entries_and_matches_p_l_u():
+    conv = glow.InvConv1x1(5).double()
+    w_before = conv.weight_matrix().clone()
+    with torch.no_grad():  # junk on/above the diagonal of lower and on/below it in upper
+        conv.lower.add_(torch.triu(torch.randn(5, 5, dtype=torch.float64)))
+        conv.upper.add_(torch.tril(torch.randn(5, 5, dtype=torch.float64)))
+    assert torch.allclose(conv.weight_matrix(), w_before)
+    assert torch.allclose(torch.linalg.slogdet(w_before)[1], conv.log_s.sum())
+
+
+def test_split_and_squeeze_are_exactly_invertible():
+    split = randomize(glow.Split(4).double())
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    z1, z2, _ = split(x)
+    assert torch.equal(split.reverse(z1, z2), x)
+    squeeze = glow.Squeeze()
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(squeeze.reverse(squeeze(x)), x)
+    # spec §3.3: out[b, 4c + 2dy + dx, i, j] = in[b, c, 2i + dy, 2j + dx]
+    y = squeeze(x)
+    assert y[1, 4 * 2 + 2 * 1 + 0, 1, 0] == x[1, 2, 3, 0]
+
+
+def test_whole_model_logdet_equals_brute_force_jacobian():
+    model = tiny_glow().eval()
+    x = 0.3 * torch.randn(1, 3, 8, 8, dtype=torch.float64)
+
+    def flat_latents(v):
+        return torch.cat([z.reshape(-1) for z in model.flow_forward(v)[0]])
+
+    jac = torch.autograd.functional.jacobian(flat_latents, x).reshape(192, 192)
+    _, logdet, _ = model.flow_forward(x)
+    assert torch.allclose(logdet[0], torch.linalg.slogdet(jac)[1], atol=1e-8)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(affine=False, lu=False, learn_top=False)])
+def test_whole_model_round_trip_and_frozen_fusion(kw):
+    model = tiny_glow(torch.float32, scale=0.03, levels=3, **kw).eval()
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        log_p, latents = model(glow.to_glow_range(x))
+        assert (glow.decode(model, latents) - x).abs().max() < 1e-5
+        glow.freeze(model)
+        log_p_fused, latents_fused = model(glow.to_glow_range(x))
+        assert torch.allclose(log_p_fused, log_p, rtol=1e-5, atol=1e-3)
+        assert (glow.decode(model, latents_fused) - x).abs().max() < 1e-5
+    assert not any(p.requires_grad for p in model.parameters())
+    model.train()  # unfreezing drops the folded weights
+    assert all(m.mix_weight is None for m in model.modules() if isinstance(m, glow.FlowStep))
+
+
+def test_bpd_of_zero_input_at_init_matches_hand_computation():
+    """At init (ActNorm identity, zero-initialised convs) a glow-range input of 0 stays 0
+    through every layer; each coupling scales half of its dimensions by sigmoid(2) and every
+    prior is N(0, I), so log p = Σ_steps (D_level/2)·log σ(2) − D/2·log 2π."""
+    model = glow.Glow(levels=3, steps=2, hidden=8).eval()
+    x = torch.full((2, 3, 32, 32), 0.5 * 256 / 255)  # to_glow_range(x) == 0
+    dims = 3072
+    coupled = 2 * (1536 + 768 + 384)  # steps × half the dimensions at levels 0, 1, 2
+    log_p = coupled * math.log(torch.sigmoid(torch.tensor(2.0)).item()) - dims / 2 * math.log(2 * math.pi)
+    expected = (-log_p + dims * math.log(256)) / (dims * math.log(2))
+    bpd = glow.bits_per_dim(model, x, noise=False)
+    assert torch.allclose(bpd, torch.full((2,), expected), atol=1e-4)
+
+
+def test_bpd_noise_is_out_of_place_and_gradients_reach_the_input():
+    model = glow.freeze(tiny_glow(torch.float32, image_size=32))
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)  # a leaf that requires grad
+    noisy = glow.bits_per_dim(model, glow.quantize(x))
+    noisy.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    clean = glow.bits_per_dim(model, x.detach(), noise=False)
+    assert torch.equal(clean, glow.bits_per_dim(model, x.detach(), noise=False))
+    assert not torch.equal(noisy.detach(), glow.bits_per_dim(model, x.detach()))  # noise is random
+    q = glow.quantize(torch.tensor([0.1234, 0.5]))
+    assert torch.allclose(q * 255, torch.round(q * 255))
+
+
+def test_actnorm_data_init_only_once_and_flag_survives_loading(tmp_path):
+    model = glow.Glow(levels=2, steps=1, hidden=8, image_size=8)
+    x = torch.randn(64, 3, 8, 8) * 3 + 1
+    model.train()
+    with torch.no_grad():
+        model(x)
+    first = model.flow.layers[1].actnorm
+    y, _ = first(glow.Squeeze()(x))
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(12), atol=1e-4)
+    assert torch.allclose(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(12), atol=1e-3)
+    glow.save_glow(model, tmp_path / "g.pt")
+    loaded = glow.load_glow(tmp_path / "g.pt", frozen=False).train()
+    before = loaded.flow.layers[1].actnorm.bias.clone()
+    with torch.no_grad():
+        loaded(torch.randn(8, 3, 8, 8) * 10)  # would re-initialise if the flag were lost
+    assert torch.equal(loaded.flow.layers[1].actnorm.bias, before)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_save_load_round_trip_and_clean_errors(tmp_path):
+    model = glow.freeze(tiny_glow(torch.float32))
+    path = str(tmp_path / "glow.pt")
+    glow.save_glow(model, path)
+    loaded = glow.load_glow(path)
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(glow.bits_per_dim(model, x, noise=False), glow.bits_per_dim(loaded, x, noise=False))
+    with pytest.raises(glow.GlowCheckpointError, match="does not exist"):
+        glow.load_glow(str(tmp_path / "missing.pt"))
+    torch.save({"kind": "NFWideResNet", "config": {}, "state_dict": {}}, tmp_path / "clf.pt")
+    with pytest.raises(glow.GlowCheckpointError, match="not a Glow"):
+        glow.load_glow(str(tmp_path / "clf.pt"))
+    torch.save(model.state_dict(), tmp_path / "raw.pt")
+    with pytest.raises(glow.GlowCheckpointError, match="import-y0ast"):
+        glow.load_glow(str(tmp_path / "raw.pt"))
+    bad = torch.load(path, weights_only=True)
+    bad["config"]["hidden"] = 16
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(glow.GlowCheckpointError, match="do not match"):
+        glow.load_glow(str(tmp_path / "bad.pt"))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(glow.GlowCheckpointError, match="cannot read"):
+        glow.load_glow(str(tmp_path / "junk.pt"))
+
+
+# ---------------------------------------------------------------- y0ast import, from the spec
+
+
+def y0ast_state_dict(levels, steps, hidden, lu=True, affine=True, learn_top=True, seed=0):
+    """A state dict built from the key table of glow-checkpoint-format.md §2 (independent of
+    glow.py), with random values everywhere, junk in the masked LU entries included."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.05):
+        return scale * torch.randn(*shape, generator=gen)
+
+    state, c = {"prior_h": torch.zeros(1, 2 * 12 * 2 ** (levels - 1), 32 // 2 ** levels,
+                                       32 // 2 ** levels)}, 12
+    for level in range(levels):
+        base = level * (steps + 2)
+        for i in range(base + 1, base + steps + 1):
+            k = f"flow.layers.{i}."
+            state[k + "actnorm.bias"] = rnd(1, c, 1, 1, scale=0.2)
+            state[k + "actnorm.logs"] = rnd(1, c, 1, 1)
+            if lu:
+                w = torch.linalg.qr(torch.randn(c, c, generator=gen))[0]
+                p, lower, upper = torch.linalg.lu(w)
+                state[k + "invconv.lower"] = lower + torch.triu(rnd(c, c, scale=1.0))  # junk
+                state[k + "invconv.log_s"] = torch.log(torch.diagonal(upper).abs()) + rnd(c)
+                state[k + "invconv.upper"] = torch.triu(upper, 1) + torch.tril(rnd(c, c, scale=1.0))
+                state[k + "invconv.p"] = p
+                state[k + "invconv.sign_s"] = torch.sign(torch.diagonal(upper))
+            else:
+                state[k + "invconv.weight"] = torch.linalg.qr(torch.randn(c, c, generator=gen))[0] + rnd(c, c)
+            c_out = c if affine else c // 2
+            state[k + "block.0.conv.weight"] = rnd(hidden, c // 2, 3, 3)
+            state[k + "block.0.actnorm.bias"] = rnd(1, hidden, 1, 1)
+            state[k + "block.0.actnorm.logs"] = rnd(1, hidden, 1, 1)
+            state[k + "block.2.conv.weight"] = rnd(hidden, hidden, 1, 1, scale=0.3)
+            state[k + "block.2.actnorm.bias"] = rnd(1, hidden, 1, 1)
+            state[k + "block.2.actnorm.logs"] = rnd(1, hidden, 1, 1)
+            state[k + "block.4.logs"] = rnd(c_out, 1, 1)
+            state[k + "block.4.conv.weight"] = rnd(c_out, hidden, 3, 3)
+            state[k + "block.4.conv.bias"] = rnd(c_out)
+        if level < levels - 1:
+            k = f"flow.layers.{base + steps + 1}.conv."
+            state[k + "logs"] = rnd(c, 1, 1)
+            state[k + "conv.weight"] = rnd(c, c // 2, 3, 3)
+            state[k + "conv.bias"] = rnd(c)
+            c *= 2
+    if learn_top:
+        state["learn_top_fn.logs"] = rnd(2 * c, 1, 1)
+        state["learn_top_fn.conv.weight"] = rnd(2 * c, 2 * c, 3, 3)
+        state["learn_top_fn.conv.bias"] = rnd(2 * c)
+    return state
+
+
+def reference_bpd(state, levels, steps, x, noise):
+    """y0ast's forward written directly from spec §3 (float32, explicit loops)."""
+    def actnorm(h, prefix):
+        return (h + state[prefix + "bias"]) * torch.exp(state[prefix + "logs"])
+
+    def zeros_conv(h, prefix):
+        out = torch.nn.functional.conv2d(h, state[prefix + "conv.weight"], state[prefix + "conv.bias"], padding=1)
+        return out * torch.exp(3 * state[prefix + "logs"])
+
+    def log_normal(z, mean, logs):
+        return (-0.5 * (2 * logs + (z - mean) ** 2 / torch.exp(2 * logs) + math.log(2 * math.pi))).sum((1, 2, 3))
+
+    h = x * 255 / 256 - 0.5 + noise
+    objective = torch.full((x.shape[0],), -3072 * math.log(256.0))
+    for level in range(levels):
+        b, c, s, _ = h.shape  # squeeze: out[b, 4c+2dy+dx, i, j] = in[b, c, 2i+dy, 2j+dx]
+        h = h.reshape(b, c, s // 2, 2, s // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, s // 2, s // 2)
+        c, s = 4 * c, s // 2
+        base = level * (steps + 2)
+        for i in range(base + 1, base + steps + 1):
+            k = f"flow.layers.{i}."
+            h = actnorm(h, k + "actnorm.")
+            objective = objective + s * s * state[k + "actnorm.logs"].sum()
+            if k + "invconv.lower" in state:
+                lower = torch.tril(state[k + "invconv.lower"], -1) + torch.eye(c)
+                upper = torch.triu(state[k + "invconv.upper"], 1) + torch.diag(
+                    state[k + "invconv.sign_s"] * torch.exp(state[k + "invconv.log_s"]))
+                w = state[k + "invconv.p"] @ lower @ upper
+                objective = objective + s * s * state[k + "invconv.log_s"].sum()
+            else:
+                w = state[k + "invconv.weight"]
+                objective = objective + s * s * torch.linalg.slogdet(w.double())[1].float()
+            h = torch.einsum("rc,bchw->brhw", w, h)
+            h_a, h_b = h[:, :c // 2], h[:, c // 2:]
+            nn_out = torch.relu(actnorm(torch.nn.functional.conv2d(h_a, state[k + "block.0.conv.weight"], padding=1), k + "block.0.actnorm."))
+            nn_out = torch.relu(actnorm(torch.nn.functional.conv2d(nn_out, state[k + "block.2.conv.weight"]), k + "block.2.actnorm."))
+            nn_out = zeros_conv(nn_out, k + "block.4.")
+            if nn_out.shape[1] == c:
+                scale = torch.sigmoid(nn_out[:, 1::2] + 2.0)
+                h_b = (h_b + nn_out[:, 0::2]) * scale
+                objective = objective + torch.log(scale).sum((1, 2, 3))
+            else:
+                h_b = h_b + nn_out
+            h = torch.cat([h_a, h_b], 1)
+        if level < levels - 1:
+            k = f"flow.layers.{base + steps + 1}.conv."
+            prior = zeros_conv(h[:, :c // 2], k)
+            objective = objective + log_normal(h[:, c // 2:], prior[:, 0::2], prior[:, 1::2])
+            h, c = h[:, :c // 2], c // 2
+    top = state["prior_h"].repeat(x.shape[0], 1, 1, 1)
+    if "learn_top_fn.conv.weight" in state:
+        top = zeros_conv(top, "learn_top_fn.")
+    objective = objective + log_normal(h, top[:, :c], top[:, c:])
+    return -objective / (math.log(2.0) * 3072)
+
+
+@pytest.mark.parametrize("levels,steps,hidden,lu,affine,learn_top", [
+    (3, 2, 8, True, True, True), (2, 3, 6, False, False, False), (3, 1, 4, True, False, True)])
+def test_import_y0ast_reproduces_the_spec_density(levels, steps, hidden, lu, affine, learn_top):
+    state = y0ast_state_dict(levels, steps, hidden, lu, affine, learn_top)
+    model = glow.import_y0ast(state)
+    assert model.config == dict(levels=levels, steps=steps, hidden=hidden, affine=affine, lu=lu,
+                                learn_top=learn_top, in_channels=3, image_size=32)
+    ours = model.state_dict()
+    for key, value in state.items():  # every key lands unchanged
+        assert torch.equal(ours[key], value), key
+    assert set(ours) - set(state) == {k for k in ours if k.endswith(".initialized")}
+    torch.manual_seed(1)
+    x = torch.rand(4, 3, 32, 32)
+    noise = torch.rand_like(x) / 256
+    expected = reference_bpd(state, levels, steps, x, noise)
+    for model_mode in (model.eval(), glow.freeze(model)):
+        log_p, _ = model_mode(glow.to_glow_range(x) + noise)
+        bpd = (-log_p + 3072 * math.log(256)) / (3072 * math.log(2))
+        assert (bpd - expected).abs().max() < 1e-4
+
+
+def test_import_rejects_conditional_and_foreign_state_dicts():
+    state = y0ast_state_dict(2, 1, 4)
+    state["project_ycond.linear.weight"] = torch.zeros(48, 10)
+    with pytest.raises(glow.GlowCheckpointError, match="y_condition"):
+        glow.import_y0ast(state)
+    with pytest.raises(glow.GlowCheckpointError, match="not a y0ast"):
+        glow.import_y0ast({"conv.weight": torch.zeros(1)})
+
+
+def test_import_cli_writes_a_loadable_checkpoint(tmp_path):
+    state = y0ast_state_dict(2, 1, 4)
+    torch.save(state, tmp_path / "glow_affine_coupling.pt")
+    out = str(tmp_path / "converted.pt")
+    glow.main(glow.get_args(["import-y0ast", str(tmp_path / "glow_affine_coupling.pt"), "--out", out]))
+    model = glow.load_glow(out)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(glow.bits_per_dim(model, x, noise=False),
+                          reference_bpd(state, 2, 1, x, torch.zeros_like(x)), atol=1e-4)
+
+
+# ---------------------------------------------------------------- training and Fig. 2 ranking
+
+
+def test_tiny_glow_trained_on_shapes_ranks_images_like_fig2(tmp_path):
+    torch.manual_seed(0)
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 1000, seed=0)
+    out = str(tmp_path / "glow.pt")
+    model = glow.Glow(levels=2, steps=2, hidden=32)
+    glow.train_glow(model, train, torch.device("cpu"), epochs=1, max_steps=60, warmup_steps=10,
+                    out=out, log=lambda *a: None)
+    model = glow.load_glow(out)
+    test_images, _ = datasets.to_tensors(datasets.subset(datasets.load_dataset("shapes", train=False), 64, 0))
+    constant = torch.full((16, 3, 32, 32), 0.5)
+    noise = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        bpd_constant = glow.bits_per_dim(model, constant).mean()
+        bpd_shapes = glow.bits_per_dim(model, test_images).mean()
+        bpd_noise = glow.bits_per_dim(model, noise).mean()
+    assert bpd_constant < bpd_shapes < bpd_noise, (bpd_constant, bpd_shapes, bpd_noise)
+
+
+def test_train_cli_resumes_and_bpd_cli_writes_grid(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(glow, "QUICK_GLOW", dict(levels=2, steps=1, hidden=8))
+    out = str(tmp_path / "g.pt")
+    common = ["--quick", "--out", out, "--batch-size", "32", "--data-root", str(tmp_path),
+              "--train-size", "96", "--test-size", "32"]
+    glow.main(glow.get_args(["train", *common, "--epochs", "1", "--max-steps", "1000"]))
+    first = torch.load(out, weights_only=True)
+    assert "optimizer" not in first  # a finished run holds only the model
+    with pytest.raises(glow.GlowCheckpointError, match="--resume"):
+        glow.main(glow.get_args(["train", *common, "--epochs", "2"]))
+    glow.main(glow.get_args(["bpd", "--glow", out, "--dataset", "shapes", "--test-size", "40",
+                             "--out", str(tmp_path / "bpd"), "--data-root", str(tmp_path)]))
+    assert os.path.isfile(tmp_path / "bpd" / "bpd-shapes.png")
+    means = __import__("json").loads((tmp_path / "bpd" / "bpd.json").read_text())
+    assert 0 < means["shapes"] < 16
+    assert "mean bpd" in capsys.readouterr().out
+
+
+def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(glow, "QUICK_GLOW", dict(levels=2, steps=1, hidden=8))
+    args = ["train", "--quick", "--batch-size", "32", "--data-root", str(tmp_path),
+            "--train-size", "64", "--test-size", "16", "--epochs", "3"]
+    glow.main(glow.get_args([*args, "--out", str(tmp_path / "straight.pt")]))
+    real_score, calls = glow.score_dataset, []
+
+    def crash_in_epoch_two(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_score(*a, **kw)
+
+    monkeypatch.setattr(glow, "score_dataset", crash_in_epoch_two)
+    resumed = str(tmp_path / "resumed.pt")
+    with pytest.raises(KeyboardInterrupt):
+        glow.main(glow.get_args([*args, "--out", resumed]))
+    assert torch.load(resumed, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(glow, "score_dataset", real_score)
+    glow.main(glow.get_args([*args, "--out", resumed, "--resume"]))
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_get_glow_error_and_quick_cache(tmp_path, monkeypatch):
+    with pytest.raises(glow.GlowCheckpointError, match="--glow"):
+        glow.get_glow(None, False, None, str(tmp_path / "c.pt"), "cpu")
+    monkeypatch.setattr(glow, "QUICK_GLOW", dict(levels=2, steps=1, hidden=8))
+    monkeypatch.setattr(glow, "QUICK_STEPS", 3)
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 128, seed=0)
+    first = glow.get_glow(None, True, train, str(tmp_path / "c.pt"), "cpu", log=lambda *a: None)
+    again = glow.get_glow(None, True, train, str(tmp_path / "c.pt"), "cpu", log=lambda *a: None)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(glow.bits_per_dim(first, x, noise=False), glow.bits_per_dim(again, x, noise=False))
+    assert not any(p.requires_grad for p in again.parameters())
