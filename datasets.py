@@ -1,0 +1,385 @@
+"""Datasets for SimpleBits ("When less is more", Schirrmeister et al.), Sec. 3.1 and Fig. 4.
+
+Every dataset yields (image, label): image float32 in [0,1] of shape (3,32,32), label int,
+and carries `.info` (class names and the mean/std the classifier normalizes with).
+
+  * torchvision: mnist, fashionmnist, svhn, cifar10, cifar100, usps (grayscale resized
+    to 32×32 bilinearly and repeated to 3 channels);
+  * any ImageFolder directory (`--dataset /path/to/dir`, with or without train/ and test/);
+  * the composite distractor datasets of Sec. 3.1 / Fig. 4: mnist-fashion, mnist-noise,
+    mnist-cifar, cifar-stripes (constructions as in authors-implementation.md §3);
+  * `shapes`: an offline synthetic set of coloured shapes on a busy textured background
+    that carries no label information (the data of the quick demos and the tests).
+
+Preview a dataset as a PNG grid:
+    python datasets.py shapes --out shapes.png
+    python datasets.py mnist-fashion --data-root data --out mnist-fashion.png
+"""
+import argparse
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset, Subset
+
+DATASET_NAMES = ("mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "usps",
+                 "mnist-fashion", "mnist-noise", "mnist-cifar", "cifar-stripes", "shapes")
+
+
+class DatasetError(Exception):
+    """An expected failure (missing files, unknown name, empty folder); one-sentence message."""
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, float, float]  # per channel, used inside the classifier's first layer
+    std: tuple[float, float, float]
+
+
+DIGITS = [str(d) for d in range(10)]
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+           "Sneaker", "Bag", "Ankle boot"]
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
+SHAPES = ["disk", "square", "triangle", "cross", "ring"]
+
+# name -> (torchvision class, class names (None: take ds.classes), mean, std, where the
+# files go). Mean/std: the authors' values (lossy/wide_nf_net.py, §2.1) for mnist, fashion,
+# svhn, cifar10; the usual published values for cifar100 and usps.
+TORCHVISION = {
+    "mnist": (torchvision.datasets.MNIST, DIGITS, (0.1307,) * 3, (0.3081,) * 3,
+              "{root}/MNIST/raw/ (the four idx files such as train-images-idx3-ubyte)"),
+    "fashionmnist": (torchvision.datasets.FashionMNIST, FASHION, (0.2861,) * 3, (0.3530,) * 3,
+                     "{root}/FashionMNIST/raw/ (the four idx files)"),
+    "svhn": (torchvision.datasets.SVHN, DIGITS, (0.4377, 0.4438, 0.4728),
+             (0.1980, 0.2010, 0.1970), "{root}/ (train_32x32.mat and test_32x32.mat)"),
+    "cifar10": (torchvision.datasets.CIFAR10, CIFAR10, (0.4914, 0.4822, 0.4465),
+                (0.2023, 0.1994, 0.2010),
+                "{root}/cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)"),
+    "cifar100": (torchvision.datasets.CIFAR100, None, (0.5071, 0.4865, 0.4409),
+                 (0.2673, 0.2564, 0.2762),
+                 "{root}/cifar-100-python/ (the extracted cifar-100-python.tar.gz)"),
+    "usps": (torchvision.datasets.USPS, DIGITS, (0.2459,) * 3, (0.2977,) * 3,
+             "{root}/ (usps.bz2 and usps.t.bz2)"),
+}
+# Every composite uses Normalize(0.2, 0.3), hard-coded by the authors (§3).
+COMPOSITE_MEAN, COMPOSITE_STD = (0.2,) * 3, (0.3,) * 3
+
+
+class TensorImages(Dataset):
+    """Images in memory as uint8 (N, C, 32, 32), C = 1 or 3; items are float32 (3, 32, 32) / 255."""
+
+    def __init__(self, images, labels, info):
+        self.images, self.labels, self.info = images, labels.long(), info
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 255  # (C, 32, 32)
+        return x.expand(3, -1, -1).contiguous(), int(self.labels[i])
+
+
+def to_uint8_32(images):
+    """(N, C, H, W) uint8 -> (N, C, 32, 32) uint8: bilinear resize, rounded back to 8 bit.
+
+    Grayscale MNIST/Fashion 28→32 and USPS 16→32, like the authors' Resize(32) (§2.1);
+    8-bit storage keeps 60k images in 60 MB and makes every epoch a memory read.
+    """
+    if images.shape[-2:] == (32, 32):
+        return images.contiguous()
+    out = [F.interpolate(chunk.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
+           for chunk in images.split(10000)]
+    return (torch.cat(out) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------- torchvision sources
+@functools.lru_cache(maxsize=None)
+def load_torchvision(name, root, train, download):
+    """Materialise a torchvision dataset once per process as a TensorImages."""
+    cls, class_names, mean, std, place = TORCHVISION[name]
+    split = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
+    try:
+        ds = cls(root, download=download, **split)
+    except Exception as e:  # network down, bad root, missing or corrupt files
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
+        raise DatasetError(
+            f"Could not {'download' if download else 'find'} dataset '{name}' in root '{root}' "
+            f"({cause}); place its files in {place.format(root=root.rstrip('/'))} by hand "
+            f"and run again.") from None
+    data = torch.as_tensor(np.asarray(ds.data))
+    labels = torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets))
+    if data.ndim == 3:  # grayscale (N, H, W)
+        data = data[:, None]
+    elif data.shape[-1] == 3:  # CIFAR stores (N, H, W, 3)
+        data = data.permute(0, 3, 1, 2)
+    info = DatasetInfo(name, len(class_names or ds.classes), list(class_names or ds.classes),
+                       mean, std)
+    return TensorImages(to_uint8_32(data), labels, info)
+
+
+# ----------------------------------------------------------------------- ImageFolder
+def _list_images(directory, classes):
+    """Sorted image paths and labels below directory/<class>/ for the given class names."""
+    paths, labels = [], []
+    for label, c in enumerate(classes):
+        folder = os.path.join(directory, c)
+        if not os.path.isdir(folder):
+            continue
+        for f in sorted(os.listdir(folder)):
+            if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+                paths.append(os.path.join(folder, f))
+                labels.append(label)
+    return paths, labels
+
+
+def _read_images(paths):
+    """Decode every image as RGB, resize to 32×32 (PIL bilinear): uint8 (N, 3, 32, 32)."""
+    out = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
+    for k, p in enumerate(paths):
+        try:
+            with Image.open(p) as img:
+                out[k] = np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR))
+        except Exception as e:
+            raise DatasetError(f"Cannot read image file '{p}' ({type(e).__name__}).") from None
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def load_image_folder(path):
+    """{'train', 'test'} -> TensorImages for an ImageFolder tree; mean/std from its train images.
+
+    With train/ and test/ sub-folders they are the splits (classes = sub-folders of train/);
+    otherwise the whole tree is split 90/10 by a permutation seeded with 0.
+    """
+    path = os.path.abspath(path)
+    has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
+    top = os.path.join(path, "train") if has_splits else path
+    readable = os.access(top, os.R_OK | os.X_OK)
+    classes = sorted(e.name for e in os.scandir(top) if e.is_dir()) if readable else []
+    if has_splits:
+        files = {s: _list_images(os.path.join(path, s), classes) for s in ("train", "test")}
+    else:
+        paths, labels = _list_images(path, classes)
+        perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+        n_test = max(1, round(len(paths) / 10))  # 90/10 split, the same on every run
+        split = {"train": perm[n_test:], "test": perm[:n_test]}
+        files = {s: ([paths[k] for k in ks], [labels[k] for k in ks]) for s, ks in split.items()}
+    if not files["train"][0] or not files["test"][0]:
+        raise DatasetError(
+            f"Folder '{path}' holds no readable images for both splits: it needs one sub-folder "
+            f"per class with image files, either directly or inside train/ and test/.")
+    images = {s: _read_images(files[s][0]) for s in files}
+    pixels = images["train"].float().div(255).transpose(0, 1).reshape(3, -1)  # (3, N*32*32)
+    info = DatasetInfo(os.path.basename(path), len(classes), classes,
+                       tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist()))
+    return {s: TensorImages(images[s], torch.tensor(files[s][1]), info) for s in files}
+
+
+# ----------------------------------------------------------------------- composites (Fig. 4)
+def index_generator(i):
+    """Generator seeded from the index: test sets of composites are fixed per item."""
+    return torch.Generator().manual_seed(int(i))
+
+
+class Composite(Dataset):
+    """A distractor dataset of Sec. 3.1 / Fig. 4 built on the fly from 32×32 sources (§3).
+
+    Train sets draw fresh randomness on every access (torch's global RNG); test sets draw
+    it from a generator seeded with the index, so they hold the same images every epoch
+    and run (DESIGN.md; the authors redrew the test stripes on every access).
+    """
+
+    def __init__(self, kind, target, other, train, info):
+        self.kind, self.target, self.other, self.train, self.info = kind, target, other, train, info
+
+    def __len__(self):
+        return len(self.target)
+
+    def __getitem__(self, i):
+        g = None if self.train else index_generator(i)
+        x, y = self.target[i]  # (3, 32, 32)
+        if self.kind == "mnist-fashion":
+            # MNIST[i] beside Fashion[i] in random order along the width -> (3, 32, 64), then
+            # bilinear resize back to 32×32 (no antialias, as kornia.resize): halves 32×16.
+            f, _ = self.other[i % len(self.other)]
+            pair = torch.cat([f, x] if torch.rand((), generator=g) < 0.5 else [x, f], dim=2)
+            x = F.interpolate(pair[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+        elif self.kind == "mnist-noise":
+            # 0.5·x + 0.5·U(0,1), per pixel and channel (paper text, DESIGN.md; the authors'
+            # later code multiplied the noise by x).
+            x = 0.5 * x + 0.5 * torch.rand(x.shape, generator=g)
+        elif self.kind == "mnist-cifar":
+            # 0.5/0.5 interpolation with a random CIFAR-10 partner.
+            j = int(torch.randint(len(self.other), (), generator=g))
+            x = 0.5 * x + 0.5 * self.other[j][0]
+        else:  # cifar-stripes: x = 0.85·image + 0.15·s, s(t) = 0.5·sin(t) + 0.5, t in [0, 11π]
+            # Label 0 = horizontal, 1 = vertical as in the paper (authors' code: 1 = horizontal).
+            y = int(torch.randint(2, (), generator=g))
+            s = 0.5 * torch.sin(torch.linspace(0, 11 * math.pi, 32)) + 0.5  # 5.5 periods
+            stripes = s[:, None].expand(32, 32) if y == 0 else s[None, :].expand(32, 32)
+            x = 0.85 * x + 0.15 * stripes  # same stripes in every channel
+        return x, y
+
+
+def load_composite(name, root, train, download):
+    """The composite `name` on top of the cached torchvision sources (same split)."""
+    def source(n):
+        return load_torchvision(n, root, train, download)
+    if name == "cifar-stripes":
+        target, other, classes = source("cifar10"), None, ["horizontal", "vertical"]
+    else:  # MNIST digit is the label; the partner is the distractor
+        partner = {"mnist-fashion": "fashionmnist", "mnist-cifar": "cifar10"}.get(name)
+        target, other, classes = source("mnist"), partner and source(partner), DIGITS
+    info = DatasetInfo(name, len(classes), classes, COMPOSITE_MEAN, COMPOSITE_STD)
+    return Composite(name, target, other, train, info)
+
+
+# ----------------------------------------------------------------------- shapes (offline)
+def make_shapes(n, seed):
+    """n coloured shapes on a busy, label-free background: uint8 (n, 3, 32, 32), labels (n,).
+
+    Classes: disk, square, triangle, cross, ring (balanced), with random centre, radius
+    6.5-10 px and saturated hue. The background (smooth 4×4 colour field + pixel noise, in
+    [0.25, 0.75]) is drawn independently of the label: a simplifier can drop all of it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % len(SHAPES))[torch.randperm(n, generator=g)]
+    smooth = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear",
+                           align_corners=False)  # (n, 3, 32, 32) low-frequency colour
+    bg = 0.25 + 0.5 * (0.5 * smooth + 0.5 * torch.rand(n, 3, 32, 32, generator=g))
+    # Saturated colour from a random hue (HSV with S = 1, V in [0.8, 1]).
+    hue, value = torch.rand(n, 1, generator=g), 0.8 + 0.2 * torch.rand(n, 1, generator=g)
+    rgb = torch.cat([(6 * hue - 3).abs() - 1, 2 - (6 * hue - 2).abs(), 2 - (6 * hue - 4).abs()], 1)
+    colour = (rgb.clamp(0, 1) * value)[:, :, None, None]  # (n, 3, 1, 1)
+    # Geometry: radius r in [6.5, 10] px and a centre that keeps the shape inside the image.
+    r = (6.5 + 3.5 * torch.rand(n, generator=g))[:, None, None]  # (n, 1, 1)
+    cy, cx = (r + 1 + torch.rand(2, n, 1, 1, generator=g) * (29 - 2 * r)).unbind(0)
+    t = torch.arange(32.0)
+    dy, dx = t[None, :, None] - cy, t[None, None, :] - cx  # (n, 32, 1), (n, 1, 32)
+    d = (dx ** 2 + dy ** 2).sqrt()  # (n, 32, 32)
+    masks = torch.stack([
+        d <= r,                                                                 # disk
+        torch.maximum(dx.abs(), dy.abs()) <= 0.8 * r,                           # square
+        (dy <= 0.6 * r) & (dx.abs() <= 0.577 * (dy + r)),                       # triangle
+        ((dx.abs() <= 0.3 * r) & (dy.abs() <= r)) | ((dy.abs() <= 0.3 * r) & (dx.abs() <= r)),
+        (d <= r) & (d >= 0.55 * r),                                             # ring
+    ], 1)  # (n, 5, 32, 32)
+    mask = masks[torch.arange(n), labels][:, None]  # (n, 1, 32, 32)
+    x = torch.where(mask, colour, bg)
+    return (x * 255).round().to(torch.uint8), labels
+
+
+@functools.lru_cache(maxsize=None)
+def load_shapes(train):
+    n = 5000 if train else 1000  # default sizes of the quick demos
+    images, labels = make_shapes(n, seed=0 if train else 1)  # different train/test seeds
+    if not train:  # normalization statistics always come from the training images
+        return TensorImages(images, labels, load_shapes(True).info)
+    pixels = images.float().div(255).transpose(0, 1).reshape(3, -1)  # (3, N*32*32)
+    info = DatasetInfo("shapes", len(SHAPES), list(SHAPES), tuple(pixels.mean(1).tolist()),
+                       tuple(pixels.std(1).tolist()))
+    return TensorImages(images, labels, info)
+
+
+# ----------------------------------------------------------------------- public entry points
+def load_dataset(name, root="data", train=True, download=True):
+    """The dataset `name` (see DATASET_NAMES, or a path to an ImageFolder directory).
+
+    Items are (image float32 (3, 32, 32) in [0, 1], label int); `.info` is a DatasetInfo.
+    Raises DatasetError with one sentence when the data cannot be found or read.
+    """
+    if name in TORCHVISION:
+        return load_torchvision(name, os.path.abspath(root), bool(train), bool(download))
+    if name in DATASET_NAMES and name != "shapes":
+        return load_composite(name, os.path.abspath(root), bool(train), bool(download))
+    if name == "shapes":
+        return load_shapes(bool(train))
+    if os.path.isdir(name):
+        return load_image_folder(os.path.abspath(name))["train" if train else "test"]
+    if os.path.exists(name):
+        raise DatasetError(f"Dataset path '{name}' is not a directory; give an ImageFolder folder.")
+    raise DatasetError(f"Unknown dataset '{name}'; valid names are {', '.join(DATASET_NAMES)}, "
+                       f"or the path of an ImageFolder directory.")
+
+
+def subset(dataset, n, seed):
+    """A fixed random subset of n items (the same for the same seed), keeping `.info`."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n <= 0:
+        raise DatasetError(f"A subset needs a positive number of images, got {n}.")
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    sub = Subset(dataset, sorted(perm[:n].tolist()))
+    sub.info = dataset.info
+    return sub
+
+
+def to_tensors(dataset):
+    """All items as (images (N, 3, 32, 32) float32, labels (N,) long)."""
+    base, index = dataset, slice(None)
+    if isinstance(dataset, Subset):
+        base, index = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    if isinstance(base, TensorImages):  # fast path: no per-item Python loop
+        images = base.images[index].float() / 255
+        return images.expand(-1, 3, -1, -1).contiguous(), base.labels[index].clone()
+    batches = list(DataLoader(dataset, batch_size=500, shuffle=False))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]).long()
+
+
+def save_image_grid(images, path, nrow=8, captions=None):
+    """Write images (N, 3, H, W) in [0, 1] as one PNG grid, atomically (temp file + rename).
+
+    With captions, each image is upscaled (to at least 96 px) so the text under it is readable.
+    """
+    images = images.detach().float().cpu().clamp(0, 1)
+    band = 0
+    if captions is not None:
+        scale = max(1, math.ceil(96 / images.shape[-1]))
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+        band = 14  # pixel rows for one line of the default PIL font
+        images = F.pad(images, (0, 0, 0, band), value=1.0)  # white strip under each image
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    img = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
+    if captions is not None:
+        draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+        h, w = images.shape[-2:]
+        for k, text in enumerate(captions[:len(images)]):
+            text = str(text)
+            while text and draw.textlength(text, font=font) > w - 2:
+                text = text[:-1]  # clip to the tile width
+            row, col = divmod(k, min(nrow, len(images)))
+            draw.text((col * (w + 2) + 3, row * (h + 2) + 2 + h - band), text, fill=(0, 0, 0),
+                      font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # same folder, so os.replace is an atomic rename
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Save a PNG grid of 64 images of a dataset.")
+    parser.add_argument("dataset", help="a name from DATASET_NAMES or an ImageFolder path")
+    parser.add_argument("--data-root", default="data", help="where torchvision data is stored")
+    parser.add_argument("--test", action="store_true", help="show the test split")
+    parser.add_argument("--out", default="dataset.png", help="PNG file to write")
+    args = parser.parse_args()
+    try:
+        ds = load_dataset(args.dataset, args.data_root, train=not args.test)
+    except DatasetError as e:
+        parser.exit(2, f"error: {e}\n")  # one sentence, exit status 2, no traceback
+    x, y = to_tensors(subset(ds, 64, seed=0))
+    save_image_grid(x, args.out, captions=[ds.info.class_names[int(c)] for c in y])
+    print(f"{ds.info.name}: {len(ds)} images, {ds.info.num_classes} classes -> {args.out}")

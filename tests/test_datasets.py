@@ -1,0 +1,359 @@
+"""Tests for datasets.py: real torchvision loading on tiny fake files, ImageFolder trees,
+the composite constructions of Sec. 3.1 / Fig. 4, the offline shapes set, and the helpers.
+
+No test touches the network: fake MNIST/Fashion idx files and a USPS bz2 file are written
+into tmp_path, CIFAR-10 is replaced by an in-memory class with the same attributes.
+"""
+import bz2
+import math
+import os
+import struct
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
+from datasets import DatasetError, load_dataset  # noqa: E402
+
+
+# ----------------------------------------------------------------------- fake sources
+def write_idx(folder, prefix, images, labels):
+    """MNIST idx format: big-endian magic, sizes, then raw uint8 bytes."""
+    os.makedirs(folder, exist_ok=True)
+    n, h, w = images.shape
+    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+        f.write(struct.pack(">iiii", 2051, n, h, w) + images.astype(np.uint8).tobytes())
+    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+        f.write(struct.pack(">ii", 2049, n) + labels.astype(np.uint8).tobytes())
+
+
+def fake_mnist_root(root, folder="MNIST", n_train=12, n_test=6, seed=0):
+    """Write random 28×28 digits of both splits; returns {split: (images, labels)}."""
+    rng = np.random.default_rng(seed)
+    data = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n) % 10
+        write_idx(os.path.join(root, folder, "raw"), prefix, images, labels)
+        data[prefix] = (images, labels)
+    return data
+
+
+def resized(images28):
+    """Reference: bilinear 28->32 (align_corners False), rounded to 8 bit, in [0,1]."""
+    x = torch.from_numpy(images28).float()[:, None] / 255
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    return (x * 255).round() / 255
+
+
+class FakeCIFAR10:
+    """Stands in for torchvision.datasets.CIFAR10: (N, 32, 32, 3) uint8 numpy data."""
+
+    def __init__(self, root, train=True, download=False):
+        rng = np.random.default_rng(1 if train else 2)
+        self.data = rng.integers(0, 256, (8 if train else 5, 32, 32, 3), dtype=np.uint8)
+        self.targets = list(range(len(self.data)))
+        self.classes = datasets.CIFAR10
+
+
+@pytest.fixture
+def fake_root(tmp_path, monkeypatch):
+    """tmp root with fake MNIST and FashionMNIST files and an in-memory CIFAR-10."""
+    mnist = fake_mnist_root(str(tmp_path), "MNIST", seed=0)
+    fashion = fake_mnist_root(str(tmp_path), "FashionMNIST", seed=1)
+    entry = datasets.TORCHVISION["cifar10"]
+    monkeypatch.setitem(datasets.TORCHVISION, "cifar10", (FakeCIFAR10,) + entry[1:])
+    return str(tmp_path), mnist, fashion
+
+
+def cifar_images(train):
+    return torch.from_numpy(FakeCIFAR10("", train).data).permute(0, 3, 1, 2).float() / 255
+
+
+# ----------------------------------------------------------------------- torchvision loading
+@pytest.mark.parametrize("download", [False, True])  # True: files exist, nothing downloaded
+def test_mnist_idx_files_resized_to_3x32x32(fake_root, download):
+    root, mnist, _ = fake_root
+    for train, key in ((True, "train"), (False, "t10k")):
+        ds = load_dataset("mnist", root, train=train, download=download)
+        images, labels = mnist[key]
+        assert len(ds) == len(images)
+        x, y = ds[3]
+        assert x.dtype == torch.float32 and x.shape == (3, 32, 32)
+        assert 0 <= x.min() and x.max() <= 1
+        assert y == int(labels[3]) and isinstance(y, int)
+        assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])  # grayscale repeated
+        assert torch.allclose(x[0], resized(images)[3, 0], atol=1e-6)
+    assert ds.info.num_classes == 10 and ds.info.mean == (0.1307,) * 3
+    assert ds.info.std == (0.3081,) * 3
+
+
+def test_fashion_info_and_usps_16_to_32(fake_root, tmp_path):
+    root, _, fashion = fake_root
+    ds = load_dataset("fashionmnist", root, train=True, download=False)
+    assert ds.info.class_names[0] == "T-shirt/top" and ds.info.mean == (0.2861,) * 3
+    assert torch.allclose(ds[0][0][0], resized(fashion["train"][0])[0, 0], atol=1e-6)
+    # USPS is a bz2 libsvm file: "label idx:value ..." with label 1..10 and values in [-1, 1].
+    rng = np.random.default_rng(3)
+    pixels = rng.uniform(-1, 1, (4, 256)).astype(np.float32)
+    with bz2.open(tmp_path / "usps.bz2", "wt") as f:
+        for k, p in enumerate(pixels):
+            f.write(f"{k + 1} " + " ".join(f"{i + 1}:{v:.6f}" for i, v in enumerate(p)) + "\n")
+    usps = load_dataset("usps", str(tmp_path), train=True, download=True)
+    assert len(usps) == 4 and [usps[k][1] for k in range(4)] == [0, 1, 2, 3]
+    raw = ((pixels.reshape(4, 16, 16) + 1) / 2 * 255).astype(np.uint8)
+    x16 = torch.from_numpy(raw).float()[:, None] / 255
+    ref = F.interpolate(x16, size=(32, 32), mode="bilinear", align_corners=False)
+    ref = (ref * 255).round() / 255
+    assert usps[2][0].shape == (3, 32, 32) and torch.allclose(usps[2][0][1], ref[2, 0], atol=1e-6)
+
+
+def test_cifar_channels_last_converted(fake_root):
+    root, _, _ = fake_root
+    ds = load_dataset("cifar10", root, train=False)
+    ref = cifar_images(False)
+    assert len(ds) == 5 and ds.info.class_names[3] == "cat"
+    assert torch.allclose(ds[4][0], ref[4]) and ds.info.std == (0.2023, 0.1994, 0.2010)
+
+
+def test_missing_files_error_names_dataset_root_and_folder(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        load_dataset("mnist", str(tmp_path / "empty"), train=True, download=False)
+    msg = str(e.value)
+    assert "'mnist'" in msg and str(tmp_path / "empty") in msg and "MNIST/raw" in msg
+    assert msg.count(". ") == 0 and msg.endswith(".")  # one sentence
+
+
+def test_download_failure_is_caught(tmp_path, monkeypatch):
+    class Offline:
+        def __init__(self, root, download=False, **kwargs):
+            assert download
+            raise RuntimeError("Error downloading train_32x32.mat: no network")
+
+    entry = datasets.TORCHVISION["svhn"]
+    monkeypatch.setitem(datasets.TORCHVISION, "svhn", (Offline,) + entry[1:])
+    with pytest.raises(DatasetError, match=r"download dataset 'svhn'.*no network.*train_32x32"):
+        load_dataset("svhn", str(tmp_path), train=True, download=True)
+
+
+def test_unknown_name_lists_valid_names(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        load_dataset("imagenet", str(tmp_path))
+    assert all(name in str(e.value) for name in datasets.DATASET_NAMES)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DatasetError, match="not a directory"):
+        load_dataset(str(tmp_path / "file.txt"))
+
+
+# ----------------------------------------------------------------------- ImageFolder
+def write_png(path, colour, size):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+COLOURS = {"cat": (255, 0, 0), "dog": (0, 0, 255), "emu": (0, 255, 0)}
+
+
+def test_image_folder_with_train_and_test(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        for c, colour in COLOURS.items():
+            for k in range(n):
+                write_png(str(tmp_path / split / c / f"{k}.png"), colour, (40 + k, 20))
+    train = load_dataset(str(tmp_path), train=True)
+    test = load_dataset(str(tmp_path), train=False)
+    assert (len(train), len(test)) == (9, 6)
+    assert train.info.class_names == ["cat", "dog", "emu"] and train.info.num_classes == 3
+    x, y = test[2]  # sorted: cat 0.png, cat 1.png, dog 0.png
+    assert x.shape == (3, 32, 32) and y == 1
+    assert torch.allclose(x, torch.tensor([0.0, 0.0, 1.0])[:, None, None].expand(3, 32, 32))
+    assert train.info.mean == pytest.approx((1 / 3,) * 3, abs=1e-5)  # one third each colour
+    assert train.info.std == pytest.approx((math.sqrt(2 / 9),) * 3, abs=1e-3)
+
+
+def reds(ds):
+    """Sorted red values (0..255) of the top-left pixel of every item."""
+    return sorted(round(float(ds[i][0][0, 0, 0]) * 255) for i in range(len(ds)))
+
+
+def test_image_folder_without_splits_is_split_90_10(tmp_path):
+    for k in range(20):
+        folder = tmp_path / ("a" if k < 10 else "b")
+        write_png(str(folder / f"{k:02d}.png"), (k * 10, 0, 0), (32, 32))
+    train, test = load_dataset(str(tmp_path), train=True), load_dataset(str(tmp_path), train=False)
+    assert (len(train), len(test)) == (18, 2)
+    assert sorted(reds(train) + reds(test)) == [k * 10 for k in range(20)]  # disjoint, complete
+    datasets.load_image_folder.cache_clear()
+    assert reds(load_dataset(str(tmp_path), train=False)) == reds(test)  # deterministic split
+    images, _ = datasets.to_tensors(train)
+    assert train.info.mean[0] == pytest.approx(float(images[:, 0].mean()), abs=1e-5)
+    assert train.info.mean[1] == 0.0
+
+
+def test_empty_or_unreadable_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no readable images"):
+        load_dataset(str(tmp_path / "empty"))
+    (tmp_path / "bad" / "cls").mkdir(parents=True)
+    (tmp_path / "bad" / "cls" / "broken.png").write_bytes(b"not a png")
+    for k in range(3):
+        write_png(str(tmp_path / "bad" / "cls" / f"ok{k}.png"), (1, 2, 3), (8, 8))
+    with pytest.raises(DatasetError, match="Cannot read image file .*broken.png"):
+        load_dataset(str(tmp_path / "bad"))
+
+
+# ----------------------------------------------------------------------- composites (Fig. 4)
+def test_mnist_fashion_side_by_side(fake_root):
+    root, mnist, fashion = fake_root
+    m = resized(mnist["t10k"][0]).expand(-1, 3, -1, -1)
+    f = resized(fashion["t10k"][0]).expand(-1, 3, -1, -1)
+    ds = load_dataset("mnist-fashion", root, train=False)
+    assert ds.info.mean == (0.2,) * 3 and ds.info.std == (0.3,) * 3 and len(ds) == 6
+    orders = set()
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert y == int(mnist["t10k"][1][i]) and torch.equal(x, ds[i][0])  # fixed per index
+        # Downscaling width 64 -> 32 bilinear averages the column pairs (2j, 2j+1).
+        options = [torch.cat(p, 2) for p in ((m[i], f[i]), (f[i], m[i]))]
+        options = [(o[..., 0::2] + o[..., 1::2]) / 2 for o in options]
+        match = [torch.allclose(x, o, atol=1e-5) for o in options]
+        assert sum(match) == 1
+        orders.add(match.index(True))
+    train = load_dataset("mnist-fashion", root, train=True)
+    torch.manual_seed(0)
+    draws = {tuple(train[0][0][0, 0, :2].tolist()) for _ in range(20)}
+    assert len(draws) == 2  # the order is redrawn on every access in training
+    assert orders == {0, 1}  # both orders occur in the (fixed) test set
+
+
+def test_mnist_noise_formula_and_determinism(fake_root):
+    root, mnist, _ = fake_root
+    m = resized(mnist["t10k"][0]).expand(-1, 3, -1, -1)
+    ds = load_dataset("mnist-noise", root, train=False)
+    noise = torch.stack([2 * (ds[i][0] - 0.5 * m[i]) for i in range(len(ds))])  # U(0,1)
+    assert noise.min() >= -1e-6 and noise.max() <= 1 + 1e-6
+    assert abs(noise.mean() - 0.5) < 0.02 and abs(noise.var() - 1 / 12) < 0.01
+    assert torch.equal(ds[1][0], ds[1][0]) and ds[1][1] == int(mnist["t10k"][1][1])
+    train = load_dataset("mnist-noise", root, train=True)
+    assert not torch.equal(train[1][0], train[1][0])  # fresh noise per access
+
+
+def test_mnist_cifar_interpolation(fake_root):
+    root, mnist, _ = fake_root
+    for train, key in ((False, "t10k"), (True, "train")):
+        m = resized(mnist[key][0]).expand(-1, 3, -1, -1)
+        c = cifar_images(train)
+        ds = load_dataset("mnist-cifar", root, train=train)
+        partners = []
+        for _ in range(12):
+            x, y = ds[2]
+            err = ((x - 0.5 * m[2] - 0.5 * c) ** 2).flatten(1).amax(1)  # vs every partner
+            assert y == int(mnist[key][1][2]) and float(err.min()) < 1e-10
+            partners.append(int(err.argmin()))
+        assert (len(set(partners)) == 1) == (not train)  # fixed in test, random in train
+
+
+def test_cifar_stripes_orientation_matches_label(fake_root):
+    root, _, _ = fake_root
+    s = 0.5 * torch.sin(torch.linspace(0, 11 * math.pi, 32)) + 0.5
+    c = cifar_images(False)
+    ds = load_dataset("cifar-stripes", root, train=False)
+    assert ds.info.num_classes == 2 and ds.info.class_names == ["horizontal", "vertical"]
+    labels = []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        stripes = (x - 0.85 * c[i]) / 0.15  # (3, 32, 32)
+        if y == 0:  # horizontal: constant along each row, varies down the height
+            assert torch.allclose(stripes, s[:, None].expand(3, 32, 32), atol=1e-5)
+        else:  # vertical: constant along each column
+            assert torch.allclose(stripes, s[None, :].expand(3, 32, 32), atol=1e-5)
+        assert ds[i][1] == y and torch.equal(ds[i][0], x)  # fixed per index
+        labels.append(y)
+    train = load_dataset("cifar-stripes", root, train=True)
+    torch.manual_seed(0)
+    assert {train[0][1] for _ in range(20)} == {0, 1}  # redrawn per access in training
+    assert set(labels) == {0, 1}  # both orientations occur in the (fixed) test set
+
+
+# ----------------------------------------------------------------------- shapes
+def test_shapes_deterministic_fast_balanced():
+    a, la = datasets.make_shapes(200, seed=5)
+    b, lb = datasets.make_shapes(200, seed=5)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, datasets.make_shapes(200, seed=6)[0])
+    start = time.process_time()  # CPU time: robust to other processes on the machine
+    datasets.make_shapes(1000, seed=0)
+    assert time.process_time() - start < 1.0  # well under a second per 1000 images
+    assert la.bincount().tolist() == [40] * 5
+    train, test = load_dataset("shapes", train=True), load_dataset("shapes", train=False)
+    assert (len(train), len(test)) == (5000, 1000) and train.info.num_classes == 5
+    x, y = test[7]
+    assert x.dtype == torch.float32 and x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert train.info.mean == test.info.mean  # statistics of the training images
+    assert not torch.equal(train[0][0], test[0][0])  # different seeds for the splits
+
+
+def test_shapes_background_carries_no_label_but_shape_does():
+    train = load_dataset("shapes", train=True)  # cached per process
+    x, labels = train.images.float() / 255, train.labels
+    # The 1-px border is never covered by a shape: background only.
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2)  # (N, 3, 128)
+    feat = border.mean(2)  # (N, 3) mean background colour
+    class_means = torch.stack([feat[labels == c].mean(0) for c in range(5)])
+    stderr = feat.std(0) / math.sqrt(1000)
+    assert ((class_means - class_means.mean(0)).abs() < 4 * stderr).all()
+    # The background is busy (pixel noise), the shape is a flat saturated colour.
+    assert (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean() > 0.05
+    chroma = x.amax(1) - x.amin(1)  # background <= 0.5, shape >= 0.8
+    mask = chroma > 0.65  # (N, 32, 32)
+    rows, cols = mask.any(2), mask.any(1)
+    box = rows.sum(1) * cols.sum(1)
+    fill = mask.flatten(1).sum(1) / box
+    per_class = [float(fill[labels == c].mean()) for c in range(5)]
+    assert per_class[1] > 0.95  # square fills its bounding box
+    assert 0.7 < per_class[0] < 0.85  # disk ≈ π/4
+    assert max(per_class[2:]) < 0.7  # triangle, cross and ring leave most corners empty
+
+
+# ----------------------------------------------------------------------- helpers
+def test_subset_and_to_tensors():
+    ds = load_dataset("shapes", train=False)
+    a, b, c = (datasets.subset(ds, 50, seed=s) for s in (0, 0, 1))
+    assert len(a) == 50 and a.indices == b.indices and a.indices != c.indices
+    assert a.info is ds.info
+    assert datasets.subset(ds, None, 0) is ds and datasets.subset(ds, 10**6, 0) is ds
+    with pytest.raises(DatasetError):
+        datasets.subset(ds, 0, 0)
+    images, labels = datasets.to_tensors(a)
+    assert images.shape == (50, 3, 32, 32) and labels.dtype == torch.long
+    assert torch.equal(images[5], a[5][0]) and labels[5] == a[5][1]
+
+
+def test_to_tensors_generic_path(fake_root):
+    root, mnist, _ = fake_root
+    ds = load_dataset("mnist-noise", root, train=False)
+    images, labels = datasets.to_tensors(ds)
+    assert images.shape == (6, 3, 32, 32) and torch.equal(images[4], ds[4][0])
+    assert labels.tolist() == mnist["t10k"][1].tolist()
+
+
+def test_save_image_grid(tmp_path):
+    images = torch.rand(10, 3, 32, 32)
+    datasets.save_image_grid(images, str(tmp_path / "plain.png"), nrow=4)
+    with Image.open(tmp_path / "plain.png") as img:
+        assert img.size == (4 * 34 + 2, 3 * 34 + 2)
+        tile = torch.tensor(np.asarray(img.convert("RGB"))[2:34, 2:34]).permute(2, 0, 1)
+    assert (tile.float() - images[0] * 255).abs().max() <= 1
+    path = tmp_path / "sub" / "captions.png"
+    datasets.save_image_grid(images, str(path), nrow=5, captions=[f"c{k}" for k in range(10)])
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.shape == (2 * (96 + 14 + 2) + 2, 5 * 98 + 2, 3)  # 3x upscale + text band
+    band = pixels[2 + 96:2 + 96 + 14, 2:98]  # under the first image
+    assert (band < 100).any() and (band > 200).any()  # dark text on white
+    assert sorted(os.listdir(tmp_path / "sub")) == ["captions.png"]  # no temp file left
