@@ -1,0 +1,379 @@
+"""Networks of SimpleBits (Schirrmeister et al., "When less is more"), plus run utilities.
+
+* `NFWideResNet`   normalizer-free Wide ResNet classifier            (Supplement S2.1)
+* `UNetSimplifier` residual pix2pix UNet, identity at initialization  (Supplement S2.2)
+* `ConvNet`        DC ConvNet of Zhao et al. (2021) for condensation  (Sec. 4)
+
+All three are pure `nn.Module`s: images in [0,1] of shape (B, 3, 32, 32), no in-place
+ops on their inputs, no state changes in `forward`, so they work with
+`torch.func.functional_call` and support double backward (the unrolled train_step of
+Sec. 3 and the gradient matching of Sec. 4 differentiate through their gradients).
+Each model keeps its constructor arguments in `model.config`; `save_model` / `load_model`
+store and rebuild it. The bottom of the file holds small run utilities shared by the
+mode scripts (device, seeding, atomic files, progress lines).
+
+    python3 -c "import nets; print(nets.NFWideResNet(10))"
+"""
+import json
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# γ of the γ-scaled ELU (Brock et al. 2021, their `_nonlin_gamma['elu']`): 1/std(ELU(z))
+# for z ~ N(0,1), so γ·ELU keeps unit variance. Their value was estimated by sampling;
+# the exact integral gives 1.2708. We keep the published constant used by the authors.
+ELU_GAMMA = 1.2716004848480225
+RESIDUAL_ALPHA = 0.2  # S2.1: h_{i+1} = h_i + 0.2·f_i(h_i)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """Conv with Scaled Weight Standardization (S2.1, Eq. S1) and a learned gain.
+
+    Ŵ_ij = gain_i · (W_ij − μ_i) / ((σ_i + 1e-5)·√N), with μ_i, σ_i the mean and
+    population std of output row i over its N = fan-in weights (authors' exact formula).
+    Each row of Ŵ/gain has zero mean and variance ≈ 1/N, so unit-variance inputs give
+    unit-variance outputs without any normalization layer.
+    """
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, eps=1e-5):
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding)
+        self.gain = nn.Parameter(torch.ones(out_ch, 1, 1, 1))  # per output channel, init 1
+        self.eps = eps  # 1e-5, authors' code
+        # authors' init; the scale is irrelevant because of the standardization
+        nn.init.xavier_uniform_(self.weight, gain=2 ** 0.5)
+        nn.init.zeros_(self.bias)
+
+    def standardized_weight(self):
+        w = self.weight  # (out, in, k, k)
+        fan_in = w[0].numel()
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, correction=0)
+        return self.gain * (w - mean) / ((std + self.eps) * fan_in ** 0.5)
+
+    def forward(self, x):
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding)
+
+
+def gamma_elu(x):
+    """γ-scaled ELU (S2.1), variance preserving for unit-Gaussian inputs."""
+    return ELU_GAMMA * F.elu(x)
+
+
+class NFBlock(nn.Module):
+    """Normalizer-free wide residual block (S2.1): h' = shortcut + 0.2·f(h).
+
+    a = γ·ELU(h);  f(h) = conv2(γ·ELU(dropout(conv1(a))));  the shortcut is h itself, or a
+    strided 1×1 ScaledStdConv of a when the shape changes (NF-ResNet transition block).
+    Unlike the authors' code, ELU is not in place, so the identity shortcut carries h,
+    as the paper writes. The stride sits on conv2 (meliketoy WRN layout, authors' code).
+    """
+
+    def __init__(self, in_ch, out_ch, stride, dropout):
+        super().__init__()
+        self.conv1 = ScaledStdConv2d(in_ch, out_ch, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = ScaledStdConv2d(out_ch, out_ch, 3, stride=stride, padding=1)
+        self.shortcut = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = ScaledStdConv2d(in_ch, out_ch, 1, stride=stride)
+
+    def forward(self, h):  # (B, in_ch, H, W) -> (B, out_ch, H/stride, W/stride)
+        a = gamma_elu(h)  # β = 1: no input scaling (S2.1)
+        r = self.conv2(gamma_elu(self.dropout(self.conv1(a))))
+        shortcut = h if self.shortcut is None else self.shortcut(a)
+        return shortcut + RESIDUAL_ALPHA * r
+
+
+class NFWideResNet(nn.Module):
+    """Normalizer-free Wide ResNet classifier (S2.1; Zagoruyko & Komodakis 2016, Brock et al. 2021).
+
+    WRN-depth-widen: stem conv 3→16, three stages of n = (depth−4)/6 blocks with widths
+    16·widen, 32·widen, 64·widen and strides 1, 2, 2, no nonlinearity after the last
+    block, global average pool, Linear. Default WRN-16-2 (paper: 91.2% on CIFAR10);
+    depth=28, widen=10 is the 94.0% variant. Inputs in [0,1] are normalized with the
+    dataset mean/std as the first operation.
+    """
+
+    def __init__(self, num_classes, depth=16, widen=2, dropout=0.3,
+                 mean=(0.5,) * 3, std=(0.5,) * 3):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (e.g. 16 or 28), got {depth}.")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.config = dict(num_classes=num_classes, depth=depth, widen=widen,
+                           dropout=dropout, mean=mean, std=std)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))  # (1, 3, 1, 1)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        n = (depth - 4) // 6  # blocks per stage
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]  # stem, stages 1-3
+        self.stem = ScaledStdConv2d(3, widths[0], 3, padding=1)
+        blocks, in_ch = [], widths[0]
+        for out_ch, stride in zip(widths[1:], (1, 2, 2)):
+            for i in range(n):
+                blocks.append(NFBlock(in_ch, out_ch, stride if i == 0 else 1, dropout))
+                in_ch = out_ch
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_ch, num_classes)  # default PyTorch init, as the authors
+
+    def forward(self, x):  # (B, 3, 32, 32) in [0,1] -> logits (B, num_classes)
+        h = self.stem((x - self.mean) / self.std)  # (B, 16, 32, 32)
+        h = self.blocks(h)  # (B, 64·widen, 8, 8)
+        return self.fc(h.mean(dim=(2, 3)))  # global average pool -> (B, 64·widen)
+
+
+class AffineOnChans(nn.Module):
+    """Per-channel affine y = (x + a)·f, a = 0 and f = 1 at init; replaces BatchNorm (S2.2)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.add = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.factor = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x):
+        return (x + self.add) * self.factor
+
+
+class UNetSimplifier(nn.Module):
+    """Residual UNet simplifier (S2.2), adapted from the pix2pix UnetGenerator.
+
+    simplifier(x) = sigmoid(logit(clamp(x, 1e-3, 1−1e-3)) + m·UNet(2x − 1)), with the
+    learned scalar m = 0 at init: the simplifier starts as the identity (up to the clamp)
+    and its output always lies in [0,1]. The UNet has num_down 4×4 stride-2 convs
+    (32→1 pixels for num_down = 5) with ngf·{1,2,4,8,8,...} channels, skip concatenations,
+    ELU nonlinearities and AffineOnChans instead of normalization. As in pix2pix, only the
+    outermost ConvTranspose has a bias. The authors' innermost block used LeakyReLU(0.2)
+    and ReLU (a pix2pix default they did not override); we use ELU as the paper says.
+    """
+
+    def __init__(self, num_down=5, ngf=64):
+        super().__init__()
+        if num_down < 1:
+            raise ValueError(f"num_down must be at least 1, got {num_down}.")
+        self.config = dict(num_down=num_down, ngf=ngf)
+        chans = [3] + [ngf * min(2 ** i, 8) for i in range(num_down)]  # 3, 64, 128, 256, 512, 512
+        last = num_down - 1
+        down, up = [], []
+        for i in range(num_down):
+            # down i: (B, chans[i], S, S) -> (B, chans[i+1], S/2, S/2); no ELU before the first conv,
+            # no affine after the first and the innermost conv (pix2pix)
+            layers = [] if i == 0 else [nn.ELU()]
+            layers.append(nn.Conv2d(chans[i], chans[i + 1], 4, stride=2, padding=1, bias=False))
+            if 0 < i < last:
+                layers.append(AffineOnChans(chans[i + 1]))
+            down.append(nn.Sequential(*layers))
+            # up i: input is down i's output, concatenated with up i+1's output unless innermost
+            in_ch = chans[i + 1] if i == last else 2 * chans[i + 1]
+            layers = [nn.ELU(), nn.ConvTranspose2d(in_ch, chans[i], 4, stride=2, padding=1,
+                                                   bias=(i == 0))]
+            if i > 0:
+                layers.append(AffineOnChans(chans[i]))
+            up.append(nn.Sequential(*layers))
+        self.down, self.up = nn.ModuleList(down), nn.ModuleList(up)
+        self.merge_weight = nn.Parameter(torch.zeros(()))  # m, 0 at init -> identity
+
+    def unet(self, x):  # (B, 3, S, S) in [-1, 1] -> (B, 3, S, S), unbounded
+        skips = []
+        for layer in self.down:
+            x = layer(x)
+            skips.append(x)
+        h = self.up[-1](skips[-1])  # innermost block has no skip
+        for i in reversed(range(len(self.up) - 1)):  # (B, 2·chans[i+1], ...) -> (B, chans[i], ...)
+            h = self.up[i](torch.cat([skips[i], h], dim=1))
+        return h
+
+    def forward(self, x):  # (B, 3, S, S) in [0,1] -> (B, 3, S, S) in [0,1]
+        size = 2 ** len(self.down)
+        if x.shape[-2] % size or x.shape[-1] % size:
+            raise ValueError(f"UNetSimplifier with num_down={len(self.down)} needs image sides "
+                             f"divisible by {size}, got {tuple(x.shape[-2:])}.")
+        x = x.clamp(1e-3, 1 - 1e-3)  # keeps logit finite; 1e-3 from the authors' code
+        return torch.sigmoid(torch.logit(x) + self.merge_weight * self.unet(2 * x - 1))
+
+
+class ConvNet(nn.Module):
+    """DC ConvNet of Zhao et al. (2021) used for dataset condensation (Sec. 4).
+
+    depth × [Conv3×3 (bias) → instance norm → ReLU → AvgPool 2] → Linear, for 32×32 inputs.
+    Instance norm is GroupNorm with one group per channel and a learned affine, as in DC.
+    Inputs are normalized with mean/std first (condense.py passes mean 0.5, std 1, which
+    reproduces the authors' x − 0.5 input).
+    """
+
+    def __init__(self, num_classes, width=128, depth=3, mean=(0.5,) * 3, std=(0.5,) * 3):
+        super().__init__()
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.config = dict(num_classes=num_classes, width=width, depth=depth, mean=mean, std=std)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))  # (1, 3, 1, 1)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        layers, in_ch = [], 3
+        for _ in range(depth):
+            layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.GroupNorm(width, width, affine=True),
+                       nn.ReLU(), nn.AvgPool2d(2)]
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        side = 32 // 2 ** depth  # 4 for depth 3
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x):  # (B, 3, 32, 32) in [0,1] -> logits (B, num_classes)
+        h = self.features((x - self.mean) / self.std)  # (B, width, 32/2^depth, 32/2^depth)
+        return self.classifier(h.flatten(1))
+
+
+# ======================================================================================
+# Checkpoints and run utilities shared by the mode scripts (no model maths below here)
+# ======================================================================================
+
+MODEL_KINDS = {cls.__name__: cls for cls in (NFWideResNet, UNetSimplifier, ConvNet)}
+
+
+class CheckpointError(Exception):
+    """Expected failure reading a checkpoint; the message is one sentence for the user."""
+
+
+def _strip_prefixes(state_dict):
+    """Drop the `module.` (DataParallel) and `_orig_mod.` (torch.compile) key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value.detach().cpu()
+    return out
+
+
+def save_model(model, path, **extra):
+    """Atomically save {"kind", "config", "state_dict", **extra}; loadable with weights_only=True."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = getattr(model, "module", model)  # unwrap DataParallel
+    atomic_save({"kind": type(model).__name__, "config": dict(model.config),
+                 "state_dict": _strip_prefixes(model.state_dict()), **extra}, path)
+
+
+def load_model(path, kind=None, map_location="cpu"):
+    """Rebuild a model saved by `save_model` from its config; returned in eval mode.
+
+    Raises CheckpointError when the file is missing or unreadable, holds another kind of
+    model than `kind`, or its weights do not fit the architecture its config describes.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint {path} does not exist; "
+                              "check the path or train a model first.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"Could not read checkpoint {path} ({type(e).__name__}); "
+                              "it is not a file written by nets.save_model.") from None
+    if not isinstance(ckpt, dict) or not {"kind", "config", "state_dict"} <= ckpt.keys():
+        raise CheckpointError(f"Checkpoint {path} lacks kind/config/state_dict; "
+                              "save it with nets.save_model.")
+    if ckpt["kind"] not in MODEL_KINDS or (kind is not None and ckpt["kind"] != kind):
+        wanted = kind or " or ".join(MODEL_KINDS)
+        raise CheckpointError(f"Checkpoint {path} holds a {ckpt['kind']}, "
+                              f"but a {wanted} is needed here.")
+    try:
+        model = MODEL_KINDS[ckpt["kind"]](**ckpt["config"])
+        model.load_state_dict(_strip_prefixes(ckpt["state_dict"]))
+    except (RuntimeError, TypeError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # line 0 is "Error(s) in loading state_dict"
+        raise CheckpointError(f"Checkpoint {path} does not match its {ckpt['kind']} config "
+                              f"({detail.rstrip('.')}); it was saved by different code.") from None
+    return model.to(map_location).eval()
+
+
+def resolve_device(name):
+    """Map --device auto|cpu|cuda to a torch.device; "cuda" without a GPU is a ValueError."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"Unknown device {name!r}; use auto, cpu or cuda.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA GPU is available; "
+                         "use --device cpu or auto.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch (all devices) once, at the start of a run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _atomic_write(path, write):
+    """Call write(temp_path) for a temporary file next to `path`, then rename it onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: never leaves a truncated file."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _json_default(obj):  # numpy scalars/arrays and tensors -> python; anything else -> str
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def append_jsonl(path, obj):
+    """Append `obj` as one JSON line (metrics.jsonl)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, default=_json_default) + "\n")
+
+
+class Progress:
+    """Prints "desc step/total, rate, ETA, metrics" at most every `every` seconds.
+
+    Short loops print nothing; a loop that printed at least one line prints a final line
+    on `close()`.
+    """
+
+    def __init__(self, total, desc, every=5.0):
+        self.total, self.desc, self.every = total, desc, every
+        self.count, self.metrics, self.printed = 0, {}, False
+        self.start = self.last_print = time.monotonic()
+
+    def update(self, n=1, **metrics):
+        self.count += n
+        self.metrics.update(metrics)
+        if time.monotonic() - self.last_print >= self.every:
+            self._print()
+
+    def _print(self):
+        now = time.monotonic()
+        rate = self.count / max(now - self.start, 1e-9)  # steps per second
+        eta = (self.total - self.count) / rate if rate > 0 else 0.0
+        parts = [f"{self.desc} {self.count}/{self.total}", f"{rate:.2f} it/s",
+                 "ETA " + time.strftime("%H:%M:%S", time.gmtime(max(eta, 0.0)))]
+        parts += [f"{k}={float(v):.4g}" for k, v in self.metrics.items()]
+        print("  ".join(parts), flush=True)
+        self.last_print, self.printed = now, True
+
+    def close(self):
+        if self.printed:
+            self._print()
