@@ -28,7 +28,7 @@ import nets
 
 LOGSCALE_FACTOR = 3.0  # Conv2dZeros output gain exp(3·logs): fixed in y0ast, not stored (spec §7.7)
 N_BINS = 256  # 8-bit images: bins of width 1/256 in the Glow input space (spec §3.1)
-QUICK_GLOW = dict(levels=3, steps=4, hidden=64)  # the tiny Glow that --quick pretrains on CPU
+QUICK_GLOW = dict(levels=3, steps=4, hidden=32)  # the tiny Glow that --quick pretrains on CPU
 
 
 class GlowCheckpointError(Exception):
@@ -650,7 +650,7 @@ def get_glow(path, quick, train_set, cache_path, device, log=print):
     return freeze(glow)
 
 
-QUICK_STEPS = 400  # Adamax steps of batch 64 for the tiny Glow: about a minute on 2 CPU cores
+QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow: about a minute on 2 idle CPU cores
 
 
 # ----------------------------------------------------------------------------------------
