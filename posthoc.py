@@ -1,0 +1,418 @@
+"""Post-training simplification (SimpleBits, "When less is more", Sec. 5, Alg. 1 and 2, S4).
+
+Explains a trained classifier f on single images. f "forgets" when all its parameters are
+scaled down by s < 1; we synthesise the simplest image (lowest Glow bpd) whose gradients
+on those scaling gates match the original image's: the bits that f needs to relearn
+what it forgot about that image. The simplified image is optimised in Glow's latent
+space (z_sim, initialised at 0) with Adam; Alg. 2 also interpolates z_sim with the
+original's latents z.
+
+    # CPU, ~3 min: trains a small classifier and a tiny Glow on the synthetic shapes set
+    python posthoc.py --dataset shapes --quick
+    # the paper's Fig. 8: confidently misclassified CIFAR-10 test images, Alg. 2
+    python posthoc.py --dataset cifar10 --glow glow-cifar10.pt \
+        --classifier runs/per_instance-cifar10/classifier.pt --select misclassified
+    # Alg. 1 (no interpolation) on chosen test images, reusing the classifier of a run
+    python posthoc.py --dataset shapes --quick --algorithm 1 --indices 3 14 15 \
+        --classifier runs/posthoc-shapes-alg2-quick/classifier.pt
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader
+
+import datasets
+import glow
+import nets
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="cifar10",
+                   help="dataset name (%s) or an ImageFolder path; Sec. 5 uses cifar10"
+                        % ", ".join(datasets.DATASET_NAMES))
+    p.add_argument("--data-root", default="data", help="where datasets are stored")
+    p.add_argument("--glow", default=None,
+                   help="frozen Glow G of Alg. 2 (decodes latents, scores bpd, Eq. 1); with "
+                        "--quick and no path a tiny Glow is pretrained and cached in --out")
+    p.add_argument("--classifier", default=None,
+                   help="trained classifier f (an NFWideResNet saved by nets.save_model, e.g. "
+                        "by per_instance.py); without it f is trained first (or reused from "
+                        "--out/classifier.pt)")
+    p.add_argument("--out", default=None, help="output folder (default runs/posthoc-<dataset>-alg<k>)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU preset: small f, tiny Glow, 8 images, 300 steps (explicit flags win)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="fixed random subset of N training images for f and the quick Glow "
+                        "(all; quick: 2000)")
+    p.add_argument("--test-size", type=int, default=None,
+                   help="fixed random subset of N test images to choose from (all; quick: 500)")
+    # the classifier f, when it is trained here (S2.1 architecture, authors' optimizer)
+    p.add_argument("--train-epochs", type=int, default=None,
+                   help="epochs of training f when --classifier is not given (30; quick: 5)")
+    p.add_argument("--train-lr", type=float, default=None,
+                   help="AdamW learning rate of f (authors: 5e-4; quick: 2e-3, to train in 5 epochs)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of training f (authors: 32)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="NF-WRN depth of a new f, S2.1 (16; quick: 10)")
+    p.add_argument("--widen", type=int, default=None,
+                   help="NF-WRN widen factor of a new f, S2.1 (2; quick: 1)")
+    # the simplification (Alg. 1/2, S4)
+    p.add_argument("--algorithm", type=int, default=2, choices=[1, 2],
+                   help="Alg. 2: z_mix = α·z_sim + (1−α)·z with α ~ U(0,1]; "
+                        "Alg. 1: α = 1 (x_mix = x_sim)")
+    p.add_argument("--steps", type=int, default=None, help="Adam steps on z_sim (S4: 5000; quick: 300)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate on z_sim (S4: 1e-2)")
+    p.add_argument("--lambda-sim", type=float, default=1.0,
+                   help="λ_sim, weight of bpd(x_sim) in Alg. 2's loss (authors: 1)")
+    p.add_argument("--scale-min", type=float, default=0.8,
+                   help="s ~ U(scale-min, scale-max), the forgetting factor of Alg. 2 (authors: 0.8)")
+    p.add_argument("--scale-max", type=float, default=0.95, help="upper end of s (authors: 0.95)")
+    # which images (Fig. 8, S17/S18)
+    p.add_argument("--indices", type=int, nargs="+", default=None,
+                   help="indices into the (--test-size) test set to explain; overrides --select")
+    p.add_argument("--select", default="misclassified", choices=["misclassified", "correct"],
+                   help="confidently misclassified (Fig. 8, S17) or correct (S18) test images")
+    p.add_argument("--confidence", type=float, default=0.99,
+                   help="confident means max softmax > this (authors: 0.99)")
+    p.add_argument("--num-images", type=int, default=8, help="number of images, simplified as one batch")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="print and log the loss parts every N steps (250; quick: 50)")
+    args = p.parse_args(argv)
+    for name in ("train_size", "test_size", "train_epochs", "batch_size", "steps", "num_images",
+                 "log_every"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 < args.scale_min <= args.scale_max < 1:
+        p.error("the forgetting factor needs 0 < --scale-min <= --scale-max < 1")
+    if args.lambda_sim < 0 or not 0 <= args.confidence < 1:
+        p.error("--lambda-sim must be >= 0 and --confidence in [0, 1)")
+    return args
+
+
+def get_config(args):
+    """Resolve the --quick-dependent defaults once (args itself is never changed)."""
+    def pick(value, full, fast):
+        return value if value is not None else (fast if args.quick else full)
+    name = Path(args.dataset).name
+    return SimpleNamespace(
+        train_size=pick(args.train_size, None, 2000), test_size=pick(args.test_size, None, 500),
+        train_epochs=pick(args.train_epochs, 30, 5), train_lr=pick(args.train_lr, 5e-4, 2e-3),
+        depth=pick(args.depth, 16, 10), widen=pick(args.widen, 2, 1),
+        steps=pick(args.steps, 5000, 300), log_every=pick(args.log_every, 250, 50),
+        out=Path(args.out or f"runs/posthoc-{name}-alg{args.algorithm}" + ("-quick" if args.quick else "")))
+
+
+# ----------------------------------------------------------------------------------------
+# Alg. 2 (S4): the scaled classifier f_s, gate gradients, masked cosine distance, loss
+# ----------------------------------------------------------------------------------------
+
+
+def kl_divergence(logits_a, logits_b):
+    """KL(p_a ‖ p_b) per example (B,) = Σ_k softmax(a)·(log softmax a − log softmax b)."""
+    log_a, log_b = F.log_softmax(logits_a, dim=1), F.log_softmax(logits_b, dim=1)
+    return (log_a.exp() * (log_a - log_b)).sum(dim=1)
+
+
+def gate_gradients(model, params, buffers, x, target):
+    """Per-example gradients on multiplicative gates of the scaled parameters p_s:
+
+        g[p]_i = p_s ⊙ ∂ KL(target_i ‖ f_s(x_i)) / ∂p_s          (B, *p.shape) per tensor p
+
+    i.e. the gradient w.r.t. a gate on each element of p_s, at gate 1 (the "scaling
+    factors" of Alg. 2; the authors use BackPACK). grad of one example's KL, vmapped over
+    the batch. Gradients flow on to x and target, so g_m can be differentiated w.r.t. z_sim.
+    """
+    def kl_one(p, x_i, target_i):  # x_i (3, 32, 32), target_i (K,) -> scalar
+        logits = functional_call(model, (p, buffers), (x_i.unsqueeze(0),))  # (1, K)
+        return kl_divergence(target_i.unsqueeze(0), logits).sum()
+    grads = vmap(grad(kl_one), in_dims=(None, 0, 0))(params, x, target)  # name -> (B, *shape)
+    return {name: params[name] * g for name, g in grads.items()}
+
+
+def masked_cosine_distance(g_orig, g_mix, eps=1e-12):
+    """L_grad = 1 − mean over (parameter tensors p × examples i) of cos(M⊙g_o, M⊙g_m).
+
+    M = [g_o < 0] elementwise: only gates whose gradient is negative for the original,
+    i.e. whose growth would bring f_s's prediction on x back towards f's (authors'
+    cos_sim_neg_grads; "layerwise" = per parameter tensor). cos(a, b) = a·b / max(‖a‖‖b‖, eps),
+    so a tensor with an empty mask counts cos = 0 (a constant, as in the authors' code).
+    """
+    cosines = []
+    for name, a in g_orig.items():
+        a, b = a.flatten(1), g_mix[name].flatten(1)  # (B, numel)
+        mask = (a < 0).to(a.dtype)
+        a, b = a * mask, b * mask
+        norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)  # (B,)
+        cosines.append((a * b).sum(dim=1) / norms.clamp_min(eps))
+    return 1 - torch.stack(cosines).mean()  # (tensors, B) -> scalar
+
+
+def straight_through_clamp(x):
+    """Forward: clamp to [0, 1]; backward: identity (like the authors' soft_clip). Decoded
+    latents may leave [0, 1] slightly; every pixel keeps its gradient."""
+    return x + (x.clamp(0, 1) - x).detach()
+
+
+def posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, lambda_sim):
+    """The simplification loss after training, Alg. 2 (S4) as the authors coded it.
+
+        f_s     = f with every parameter tensor multiplied by s             ("forgetting")
+        z_mix   = α·z_sim + (1 − α)·z,   x_mix = G⁻¹(z_mix),   x_sim = G⁻¹(z_sim)
+        g_o[p]  = p_s ⊙ ∇_{p_s} KL(h ‖ f_s(x))              per example, a constant
+        g_m[p]  = p_s ⊙ ∇_{p_s} KL(h_mix ‖ f_s(x_mix))      per example
+        L_grad  = 1 − mean_{p, i} cos(M⊙g_o, M⊙g_m),   M = [g_o < 0]
+        L_pred  = KL(h_s ‖ h_mix,s) + KL(h ‖ h_mix)
+        L       = (10·L_grad + λ·mean_i bpd(x_sim,i) + L_pred) / (12 + λ)
+
+    h = f(x) (precomputed), h_s = f_s(x), h_mix = f(x_mix), h_mix,s = f_s(x_mix).
+    Alg. 2 writes the target of g_m as h; we use the authors' h_mix (the unscaled
+    prediction on the mixed image). The weights 10, 1, 1 and the division by 12 + λ are
+    the authors' (weighted sum normalised by its weights). Alg. 1 is α = 1: x_mix = x_sim.
+    Returns (loss, dict of its parts as floats).
+    """
+    # f_s: ONE global factor s on all parameters (weights, gains, biases, last Linear; authors)
+    params = {name: p.detach() * s for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def f_s(inputs):
+        return functional_call(model, (params, buffers), (inputs,))
+
+    # the original image: h_s and g_o do not depend on z_sim
+    with torch.no_grad():
+        h_s = f_s(x)  # (B, K)
+        g_orig = gate_gradients(model, params, buffers, x, h)
+    # the mixed image decoded from interpolated latents (Alg. 2 lines 4-9). The classifier
+    # sees it clamped to [0, 1] (straight-through); the authors feed it unclamped.
+    z_mix = z_sim if alpha == 1 else [alpha * zs + (1 - alpha) * zo for zs, zo in zip(z_sim, z_orig)]
+    x_mix = straight_through_clamp(glow.decode(glow_model, z_mix))  # (B, 3, 32, 32)
+    h_mix, h_mix_s = model(x_mix), f_s(x_mix)  # (B, K) each
+    g_mix = gate_gradients(model, params, buffers, x_mix, h_mix)  # target h_mix (authors), not h
+    l_grad = masked_cosine_distance(g_orig, g_mix)
+    l_pred = kl_divergence(h_s, h_mix_s).mean() + kl_divergence(h, h_mix).mean()
+    # the bits of the simplified image itself (Eq. 1), scored as an actual 8-bit image
+    x_sim = x_mix if alpha == 1 else straight_through_clamp(glow.decode(glow_model, z_sim))
+    bpd = glow.bits_per_dim(glow_model, glow.quantize(x_sim)).mean()
+    loss = (10 * l_grad + lambda_sim * bpd + l_pred) / (12 + lambda_sim)
+    parts = dict(loss=loss.item(), l_grad=l_grad.item(), l_pred=l_pred.item(), bpd=bpd.item(),
+                 s=s, alpha=alpha)
+    return loss, parts
+
+
+def simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, args):
+    """One Adam step on z_sim: draw s ~ U(scale_min, scale_max) and α = 1 − U[0, 1) (α = 1
+    for Alg. 1), minimise posthoc_loss, and zero the gradient of every example whose
+    gradient is not finite (authors)."""
+    s = args.scale_min + (args.scale_max - args.scale_min) * torch.rand(()).item()
+    alpha = 1.0 if args.algorithm == 1 else 1.0 - torch.rand(()).item()  # α ∈ (0, 1]
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts = posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, args.lambda_sim)
+    loss.backward()
+    bad = torch.stack([~torch.isfinite(z.grad.flatten(1)).all(dim=1) for z in z_sim]).any(dim=0)  # (B,)
+    for z in z_sim:
+        z.grad[bad] = 0
+    optimizer.step()
+    return parts
+
+
+@torch.no_grad()
+def evaluate(model, glow_model, x, z_sim):
+    """Predictions and bpd of the originals and of the simplified images (as 8-bit images)."""
+    x_sim = torch.round(glow.decode(glow_model, z_sim).clamp(0, 1) * 255) / 255  # (B, 3, 32, 32)
+    return dict(x_sim=x_sim, pred_original=model(x).argmax(1), pred_simplified=model(x_sim).argmax(1),
+                bpd_original=glow.bits_per_dim(glow_model, x),
+                bpd_simplified=glow.bits_per_dim(glow_model, x_sim))
+
+
+# ----------------------------------------------------------------------------------------
+# The classifier f and the choice of images
+# ----------------------------------------------------------------------------------------
+
+
+def augment(x, flip):
+    """Random crop with 4-pixel reflect padding (+ horizontal flip for CIFAR), per image."""
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")  # (B, 3, 40, 40)
+    i, j = torch.randint(0, 9, (2, len(x))).tolist()
+    out = torch.stack([padded[b, :, i[b]:i[b] + 32, j[b]:j[b] + 32] for b in range(len(x))])
+    if flip:
+        out = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, out.flip(3), out)
+    return out
+
+
+def train_classifier(train_set, cfg, args, device):
+    """An NF-WRN (S2.1) trained with the authors' classifier optimizer: AdamW, betas
+    (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases (§2.4)."""
+    info = train_set.info
+    model = nets.NFWideResNet(info.num_classes, cfg.depth, cfg.widen, mean=info.mean, std=info.std)
+    model = model.to(device)
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 1e-5},
+         {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}],
+        lr=cfg.train_lr, betas=(0.9, 0.995))
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                        drop_last=len(train_set) > args.batch_size)
+    flip = info.name in ("cifar10", "cifar100")  # authors: flips only for CIFAR
+    for epoch in range(1, cfg.train_epochs + 1):
+        model.train()
+        progress = nets.Progress(len(loader), f"classifier epoch {epoch}")
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(augment(x, flip))
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+            progress.update(loss=loss.item())
+        progress.close()
+        metrics = dict(phase="classifier", epoch=epoch, train_loss=loss_sum / count,
+                       train_acc=correct / count)
+        print(f"classifier epoch {epoch}/{cfg.train_epochs}: train loss {metrics['train_loss']:.4f}, "
+              f"train acc {metrics['train_acc']:.4f}", flush=True)
+        nets.append_jsonl(cfg.out / "metrics.jsonl", metrics)
+    return model.eval()
+
+
+def select_images(probs, labels, args):
+    """Test-set indices to explain: --indices, or the first --num-images confidently
+    (max softmax > --confidence) misclassified / correct ones, in dataset order (authors,
+    Fig. 8, S17/S18). If too few are that confident, the most confident ones of that kind
+    are taken instead and the returned note says so."""
+    if args.indices is not None:
+        outside = [i for i in args.indices if not 0 <= i < len(labels)]
+        if outside:
+            raise ValueError(f"--indices {outside} are outside the test set of {len(labels)} images.")
+        return torch.tensor(args.indices), "given by --indices"
+    confidence, pred = probs.max(dim=1)
+    wanted = (pred != labels) if args.select == "misclassified" else (pred == labels)
+    candidates = wanted.nonzero().flatten()
+    confident = candidates[confidence[candidates] > args.confidence]
+    if len(confident) >= args.num_images:
+        return confident[:args.num_images], f"{args.select}, confidence > {args.confidence}"
+    if len(candidates) == 0:
+        other = "correct" if args.select == "misclassified" else "misclassified"
+        raise ValueError(f"the classifier has no {args.select} test images; "
+                         f"use --select {other} or --indices.")
+    chosen = candidates[confidence[candidates].argsort(descending=True)][:args.num_images]
+    return chosen, (f"only {len(confident)} {args.select} images have confidence > {args.confidence}; "
+                    f"took the {len(chosen)} most confident {args.select} ones")
+
+
+def main(args):
+    cfg = get_config(args)
+    print(json.dumps(vars(args)))
+    nets.seed_everything(args.seed)
+    device = nets.resolve_device(args.device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    nets.write_json(cfg.out / "args.json", vars(args))
+    start = time.time()
+
+    # data: training images (for f and the quick Glow) and the test images to explain
+    train_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=True),
+                                cfg.train_size, args.seed)
+    test_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=False),
+                               cfg.test_size, args.seed)
+    info = train_set.info
+
+    # models: the classifier f (given, reused from --out, or trained now) and the Glow G
+    classifier_path = Path(args.classifier) if args.classifier else cfg.out / "classifier.pt"
+    if args.classifier or classifier_path.exists():
+        model = nets.load_model(classifier_path, kind="NFWideResNet", map_location=device)
+        print(f"classifier f: loaded {classifier_path}")
+    else:
+        print(f"== train the classifier f: NF-WRN-{cfg.depth}-{cfg.widen}, {cfg.train_epochs} epochs ==")
+        model = train_classifier(train_set, cfg, args, device)
+        nets.save_model(model, classifier_path, dataset=args.dataset)
+        print(f"classifier f: saved {classifier_path} ({time.time() - start:.0f} s)")
+    if model.config["num_classes"] != info.num_classes:
+        raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes but "
+                                   f"{args.dataset} has {info.num_classes}; give one trained on it.")
+    model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
+    glow_model = glow.get_glow(args.glow, args.quick, train_set, cfg.out / "glow-quick.pt", device)
+    print(f"Glow ready ({time.time() - start:.0f} s)")
+
+    # the images to explain (Fig. 8: confidently misclassified test images)
+    test_x, test_y = datasets.to_tensors(test_set)
+    with torch.no_grad():
+        probs = torch.cat([model(b.to(device)).softmax(1).cpu() for b in test_x.split(256)])  # (N, K)
+    test_acc = (probs.argmax(1) == test_y).float().mean().item()
+    print(f"classifier f: test accuracy {test_acc:.4f} on {len(test_y)} images")
+    indices, selection = select_images(probs, test_y, args)
+    print(f"images {indices.tolist()}: {selection}")
+    x, labels = test_x[indices].to(device), test_y[indices]  # (B, 3, 32, 32), (B,)
+
+    # latents: z of the originals (no noise); z_sim starts at 0 (authors) with Adam (S4)
+    with torch.no_grad():
+        h = model(x)  # (B, K), f(x) is fixed
+        z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
+    z_sim = [torch.zeros_like(z, requires_grad=True) for z in z_orig]
+    optimizer = torch.optim.Adam(z_sim, lr=args.lr)
+
+    print(f"== simplify {len(indices)} images: Alg. {args.algorithm}, {cfg.steps} steps, "
+          f"λ = {args.lambda_sim:g}, device {device} ==")
+    progress = nets.Progress(cfg.steps, "simplify")
+    for step in range(1, cfg.steps + 1):
+        # update z_sim: one Adam step on Alg. 2's loss (posthoc_loss)
+        parts = simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, args)
+        progress.update(loss=parts["loss"], bpd=parts["bpd"])
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            print(f"step {step}/{cfg.steps}: loss {parts['loss']:.4f}, L_grad {parts['l_grad']:.4f}, "
+                  f"L_pred {parts['l_pred']:.4f}, bpd(x_sim) {parts['bpd']:.3f} "
+                  f"(s {parts['s']:.3f}, α {parts['alpha']:.3f})", flush=True)
+            nets.append_jsonl(cfg.out / "metrics.jsonl", dict(phase="simplify", step=step, **parts))
+    progress.close()
+
+    # final evaluation: predictions and bpd of the originals vs the simplified 8-bit images
+    result = evaluate(model, glow_model, x, z_sim)
+    names = info.class_names
+    images = [dict(index=i, label=int(labels[k]), label_name=names[int(labels[k])],
+                   pred_original=int(result["pred_original"][k]),
+                   pred_simplified=int(result["pred_simplified"][k]),
+                   bpd_original=float(result["bpd_original"][k]),
+                   bpd_simplified=float(result["bpd_simplified"][k]))
+              for k, i in enumerate(indices.tolist())]
+    results = dict(
+        kept_prediction_rate=sum(im["pred_original"] == im["pred_simplified"] for im in images) / len(images),
+        mean_bpd_original=sum(im["bpd_original"] for im in images) / len(images),
+        mean_bpd_simplified=sum(im["bpd_simplified"] for im in images) / len(images),
+        classifier_test_acc=test_acc, algorithm=args.algorithm, steps=cfg.steps,
+        lambda_sim=args.lambda_sim, selection=selection, class_names=names,
+        seconds=time.time() - start, images=images)
+
+    # save: results.json, simplified.pt and a PNG of (original, simplified) pairs
+    nets.write_json(cfg.out / "results.json", results)
+    to_uint8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # noqa: E731
+    nets.atomic_save(dict(indices=indices, labels=labels, originals=to_uint8(x),
+                          images=to_uint8(result["x_sim"]), latents=[z.detach().cpu() for z in z_sim],
+                          class_names=names), cfg.out / "simplified.pt")
+    pairs = torch.stack([x.cpu(), result["x_sim"].cpu()], dim=1).flatten(0, 1)  # (2B, 3, 32, 32)
+    pairs = F.interpolate(pairs, scale_factor=5, mode="nearest")  # 160-px tiles so captions fit
+    captions = [f"pred {names[im['pred_' + kind]]} / bpd {im['bpd_' + kind]:.2f}"
+                for im in images for kind in ("original", "simplified")]
+    datasets.save_image_grid(pairs, cfg.out / "simplified.png", nrow=min(8, len(pairs)), captions=captions)
+    print(f"kept prediction {results['kept_prediction_rate']:.2f}, mean bpd original "
+          f"{results['mean_bpd_original']:.3f} -> simplified {results['mean_bpd_simplified']:.3f} "
+          f"({results['seconds']:.0f} s) -> {cfg.out}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
