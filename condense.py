@@ -143,12 +143,13 @@ def make_convnet(num_classes, width, device):
 def gradient_match_loss(grads_real, grads_syn, eps=1e-6):
     """Layer-wise cosine distance D of Eq. 6 (Zhao et al. 2021, `distance_wb`):
 
-        D(G_real, G_syn) = Σ_layers Σ_rows ( 1 − ⟨g_real,i, g_syn,i⟩ / (‖g_real,i‖·‖g_syn,i‖ + ε) )
+        D(G_real, G_syn) = Σ_layers Σ_i ( 1 − ⟨g_r,i, g_s,i⟩ / (‖g_r,i‖·‖g_s,i‖ + ε) )
 
-    where row i is output unit i of a weight tensor reshaped to (out, rest): an output
-    channel of a conv, a class of the final linear layer. Tensors with one dimension
-    (biases, instance-norm gains and offsets) contribute 0, as in DC's 'ours' metric.
-    ε = 1e-6 (DC) keeps zero rows finite.
+    where g_r,i and g_s,i are row i of the real and the synthetic gradient of one weight
+    tensor reshaped to (out, rest); a row belongs to one output unit: an output channel
+    of a conv, a class of the final linear layer. Tensors with one dimension (biases,
+    instance-norm gains and offsets) contribute 0, as in DC's 'ours' metric. ε = 1e-6
+    (DC) keeps zero rows finite.
     """
     distance = grads_syn[0].new_zeros(())
     for g_real, g_syn in zip(grads_real, grads_syn):
@@ -206,7 +207,10 @@ def condensation_loss(net, x_syn, real_by_class, ipc, batch_real, glow_model, la
 
 def synthetic_images(alpha):
     """X_syn = quantize(sigmoid(α)): straight-through 8-bit rounding, so the classifier
-    and Glow both see an actual 8-bit image and gradients reach α unchanged."""
+    and Glow both see an actual 8-bit image and gradients reach α unchanged. The
+    classifier gets this image without dequantization noise, like the real images (the
+    authors also fed it the +U(0, 1/255) noise); only Glow adds noise, in bits_per_dim.
+    The saved synthetic.pt therefore holds exactly what the evaluation nets train on."""
     return glow.quantize(torch.sigmoid(alpha))
 
 
@@ -264,7 +268,8 @@ def isolated_rng(device, seed):
         yield
 
 
-def evaluate(x_train, y_train, x_test, y_test, num_eval, epochs, width, batch_size, seed):
+def evaluate(x_train, y_train, x_test, y_test, num_classes, num_eval, epochs, width, batch_size,
+             seed):
     """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
     (x_train, y_train) with SGD lr 0.01, momentum 0.9, wd 5e-4, lr ÷10 at half the
     epochs; returns their test accuracies on the real test set. Every evaluation
@@ -274,7 +279,7 @@ def evaluate(x_train, y_train, x_test, y_test, num_eval, epochs, width, batch_si
     accs = []
     with isolated_rng(device, seed):
         for _ in range(num_eval):
-            net = make_convnet(int(y_test.max()) + 1, width, device)
+            net = make_convnet(num_classes, width, device)
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], gamma=0.1)
             for _ in range(epochs):
@@ -294,7 +299,7 @@ def mean_bpd(glow_model, x, seed, batch_size=100):
 
 def mean_std(values):
     t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
+    return t.mean().item(), t.std(correction=0).item()  # population std, as DC (np.std)
 
 
 def save_grid(images, class_names, ipc, path):
@@ -309,8 +314,6 @@ def main(args):
     print(json.dumps(vars(args)))
     nets.seed_everything(args.seed)
     device = nets.resolve_device(args.device)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    nets.write_json(cfg.out / "args.json", vars(args))
 
     # data: the real training set grouped by class, on the device
     train_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=True),
@@ -328,6 +331,7 @@ def main(args):
     # models: the frozen Glow that scores bpd, and the synthetic images X = sigmoid(α)
     glow_model = glow.get_glow(args.glow, args.quick, train_set, cfg.out / "glow-quick.pt",
                                device)
+    nets.write_json(cfg.out / "args.json", vars(args))  # after the expected failures
     C, ipc = info.num_classes, args.ipc
     alpha = (0.2 * torch.randn(C * ipc, 3, 32, 32)).to(device).requires_grad_()  # grey ≈ 0.5
     labels = torch.arange(C, device=device).repeat_interleave(ipc)  # class-major
@@ -362,8 +366,8 @@ def main(args):
         nets.atomic_save(state, ckpt_path)
 
     def evaluate_images(x, y):
-        return evaluate(x, y, x_test, y_test, cfg.num_eval, cfg.eval_epochs, cfg.width,
-                        args.batch_size, args.seed)
+        return evaluate(x, y, x_test, y_test, info.num_classes, cfg.num_eval, cfg.eval_epochs,
+                        cfg.width, args.batch_size, args.seed)
 
     # loop: condense, evaluating with fresh networks at cfg.eval_at
     print(f"condensing {args.dataset} to {ipc} image(s) per class: {cfg.iterations} "

@@ -22,11 +22,12 @@ def random_grads(seed=0):
 
 def test_distance_zero_for_identical_and_row_scale_invariant():
     grads = random_grads()
-    assert condense.gradient_match_loss(grads, grads).item() == pytest.approx(0, abs=1e-5)  # ε = 1e-6 in the denominator
+    # 0 up to the ε = 1e-6 in the denominator
+    assert condense.gradient_match_loss(grads, grads).item() == pytest.approx(0, abs=1e-5)
     # positive scaling of each output row (and anything in 1-D tensors) changes nothing
     scaled = [g * torch.rand(g.shape[0], *[1] * (g.dim() - 1), dtype=g.dtype).add(0.1)
               if g.dim() > 1 else -5 * g for g in grads]
-    assert condense.gradient_match_loss(grads, scaled).item() == pytest.approx(0, abs=1e-5)  # ε = 1e-6 in the denominator
+    assert condense.gradient_match_loss(grads, scaled).item() == pytest.approx(0, abs=1e-5)
     # negating one row turns its cosine from 1 into −1: distance 2
     flipped = [g.clone() for g in grads]
     flipped[0][2] *= -1
