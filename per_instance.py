@@ -5,9 +5,9 @@ trained on its outputs does not need, measured in Glow bits per dimension (Eq. 1
 retraining / finetuning a classifier on the simplified images (Fig. 5), the L2, blur and
 JPEG baselines (S7, Fig. S4) and PNG file sizes (S5).
 
-    python per_instance.py --dataset shapes --quick                      # CPU, ~3 min
+    python per_instance.py --dataset shapes --quick                  # CPU, a few minutes
     python per_instance.py --dataset cifar10 --lambda-sim 2.0 --glow glow-cifar10.pt --retrain
-    python per_instance.py --dataset mnist --simplifier blur --blur-sigma 1.0 --glow glow-cifar10.pt
+    python per_instance.py --dataset mnist --simplifier blur --blur-sigma 1 --glow glow-cifar10.pt
 """
 import argparse
 import io
@@ -32,9 +32,13 @@ ORIG_WEIGHT = 10.0  # S3, Eq. S3: weight of l(f'(X_orig))
 MSE_WEIGHT = 10.0  # S7 L2 baseline: (10·MSE + λ·bpd)/(10 + λ), authors' mse_weight
 PAD = 4  # random-crop padding (authors' code, §2.7)
 EVAL_BATCH = 256  # evaluation batch (authors' test loader)
-# Presets: the paper's setting, and a CPU-sized one for --quick (each flag given wins).
-FULL = dict(epochs=100, train_size=None, test_size=None, depth=16, widen=2, ngf=64, lr=5e-4)
-QUICK = dict(epochs=8, train_size=2000, test_size=500, depth=10, widen=1, ngf=16, lr=2e-3)
+# Presets: the paper's setting (authors' code), and a CPU-sized one for --quick that shows
+# the effect in ~600 steps instead of ~150k: smaller nets and batches, 10x the learning rate,
+# a larger λ (measured on shapes, see the README). Any flag given explicitly wins.
+FULL = dict(epochs=100, batch_size=32, lambda_sim=2.0, lr=5e-4, depth=16, widen=2, ngf=64,
+            train_size=None, test_size=None)
+QUICK = dict(epochs=6, batch_size=16, lambda_sim=10.0, lr=5e-3, depth=10, widen=1, ngf=16,
+             train_size=2000, test_size=500)
 
 
 def get_args(argv=None):
@@ -50,13 +54,13 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of joint training (Sec. 3; paper 100, quick %d)" % QUICK["epochs"])
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (authors: 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (authors: 32)")
     p.add_argument("--quick", action="store_true", help="CPU preset: small subsets, tiny "
                    "networks, few epochs, a tiny Glow pretrained on the fly")
     p.add_argument("--train-size", type=int, default=None, help="use N training images")
     p.add_argument("--test-size", type=int, default=None, help="use N test images")
-    p.add_argument("--lambda-sim", type=float, default=2.0,
-                   help="weight λ_sim of L_sim in bits/dim (Eq. 5; paper grid 0-2)")
+    p.add_argument("--lambda-sim", type=float, default=None,
+                   help="weight λ_sim of L_sim in bits/dim (Eq. 5; default 2, paper grid 0-2)")
     p.add_argument("--simplifier", default="unet", choices=["unet", "l2", "blur", "jpeg"],
                    help="unet: SimpleBits (Sec. 3); l2, blur, jpeg: the baselines of S7")
     p.add_argument("--blur-sigma", type=float, default=1.0, help="σ of the blur baseline (S7)")
@@ -71,8 +75,8 @@ def get_args(argv=None):
                    help="write simplified_{train,test}.pt (uint8 images in dataset order; S5)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
     p.add_argument("--depth", type=int, default=None, help="WRN depth of f (S2.1; 16, quick 10)")
-    p.add_argument("--widen", type=int, default=None, help="WRN widen factor of f (S2.1; 2, quick 1)")
-    p.add_argument("--ngf", type=int, default=None, help="UNet simplifier width (S2.2; 64, quick 16)")
+    p.add_argument("--widen", type=int, default=None, help="WRN widen of f (S2.1; 2, quick 1)")
+    p.add_argument("--ngf", type=int, default=None, help="UNet width ngf (S2.2; 64, quick 16)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of f and the simplifier "
                    "(Sec. 3 Implementation: 5e-4; quick %g)" % QUICK["lr"])
     args = p.parse_args(argv)
@@ -80,7 +84,7 @@ def get_args(argv=None):
                  "widen", "ngf", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive.")
-    if args.lambda_sim < 0 or args.blur_sigma <= 0 or not 0 <= args.jpeg_quality <= 100:
+    if (args.lambda_sim or 0) < 0 or args.blur_sigma <= 0 or not 0 <= args.jpeg_quality <= 100:
         p.error("--lambda-sim must be >= 0, --blur-sigma > 0 and --jpeg-quality in 0..100.")
     if args.finetune and args.simplifier != "unet":
         p.error("--finetune needs the jointly trained classifier of --simplifier unet.")
@@ -94,7 +98,7 @@ def resolve_config(args):
     cfg["retrain_epochs"] = args.retrain_epochs or cfg["epochs"]
     name = os.path.basename(os.path.normpath(args.dataset))
     cfg["out"] = args.out or \
-        f"runs/per_instance-{name}-{args.simplifier}-lam{args.lambda_sim:g}-seed{args.seed}"
+        f"runs/per_instance-{name}-{args.simplifier}-lam{cfg['lambda_sim']:g}-seed{args.seed}"
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
@@ -113,9 +117,10 @@ def augment(x, aug):
     padded = F.pad(x, (PAD, PAD, PAD, PAD))  # (B, C, H+8, W+8), zeros as kornia
     rows = shifts[:, :1] + torch.arange(h, device=x.device)  # (B, H)
     cols = shifts[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping = reading columns backwards
-    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
+    batch = torch.arange(n, device=x.device)[:, None, None]  # (B, 1, 1)
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 # ------------------------------------------------------------------------- Eq. 2-5
@@ -133,11 +138,10 @@ def differentiable_adamw_step(model, optimizer, params, grads):
     names = {id(p): n for n, p in model.named_parameters()}
     new = dict(params)
     for group in optimizer.param_groups:
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        lr, (beta1, beta2), eps, wd = (group[k] for k in ("lr", "betas", "eps", "weight_decay"))
         for p in group["params"]:
-            name = names[id(p)]
-            g = grads[name]
-            if g is None:
+            name, g = names[id(p)], grads[names[id(p)]]
+            if g is None:  # a parameter the loss does not use: unchanged, as in torch
                 continue
             state = optimizer.state.get(p, {})
             step = float(state.get("step", 0)) + 1
@@ -161,7 +165,8 @@ def unrolled_train_step(classifier, optimizer, x_sim, y):
     """
     params = {n: p.detach().requires_grad_() for n, p in classifier.named_parameters()}
     loss = F.cross_entropy(functional_call(classifier, params, (x_sim,)), y)
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True,
+                                allow_unused=True)  # create_graph: differentiable in X_sim
     return loss, differentiable_adamw_step(classifier, optimizer, params, dict(zip(params, grads)))
 
 
@@ -200,9 +205,10 @@ def simplifier_loss(classifier, optimizer, glow_model, x, x_sim, y, aug, lambda_
 
 
 def l2_simplifier_loss(glow_model, x, x_sim, lambda_sim):
-    """S7 baseline, no classifier: L = (10·MSE(X_sim, X) + λ_sim·mean_i bpd(X_sim,i)) / (10 + λ_sim)."""
+    """S7 baseline without a classifier (authors' mse_weight 10, normalised like Eq. 5):
+        L = (10·MSE(X_sim, X) + λ_sim·mean_i bpd(X_sim,i)) / (10 + λ_sim)"""
     mse = F.mse_loss(x_sim, x)
-    bpd = glow.bits_per_dim(glow_model, x_sim) if lambda_sim > 0 else torch.zeros(1, device=x.device)
+    bpd = glow.bits_per_dim(glow_model, x_sim) if lambda_sim > 0 else mse.new_zeros(1)
     loss = (MSE_WEIGHT * mse + lambda_sim * bpd.mean()) / (MSE_WEIGHT + lambda_sim)
     return loss, dict(loss=loss.detach(), mse=mse.detach(), bpd=bpd.mean().detach())
 
@@ -227,7 +233,8 @@ def classifier_step(classifier, optimizer, x, y):
     return loss.detach(), finite_step(optimizer, loss, list(classifier.parameters()))
 
 
-def simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model, x, y, lambda_sim, flip):
+def simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model, x, y, lambda_sim,
+                    flip):
     """One batch of Sec. 3: update the simplifier on Eq. 5, then the classifier on the new
     simplified batch with the same augmentation (authors' code). Returns parts, #skipped."""
     aug = sample_augmentation(len(x), flip, x.device)
@@ -318,9 +325,13 @@ def save_grid(path, x_orig, x_sim, bpd_orig, bpd_sim, n=16, nrow=8):
     datasets.save_image_grid(torch.cat(tiles), path, nrow=nrow, captions=captions)
 
 
+def epoch_order(n, seed, epoch):
+    """A permutation of n fixed by (seed, epoch), so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 9973 + epoch))
+
+
 def train_batches(dataset, batch_size, seed, epoch):
-    """Shuffled batches, the order fixed by (seed, epoch) so a resumed run sees the same."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 10007 + epoch))
+    order = epoch_order(len(dataset), seed, epoch)
     return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, drop_last=True)
 
 
@@ -330,27 +341,29 @@ def make_classifier(cfg, info, device):
 
 
 def make_optimizer(classifier, lr=5e-4):
-    """Authors' classifier optimizer: AdamW(5e-4, betas (0.9, 0.995)), wd 1e-5 on weights/gains only."""
+    """Authors' classifier optimizer: AdamW(lr 5e-4, betas (0.9, 0.995), eps 1e-8), weight
+    decay 1e-5 on weights and gains only, none on biases."""
     decay = [p for n, p in classifier.named_parameters() if "weight" in n or "gain" in n]
     rest = [p for n, p in classifier.named_parameters() if not ("weight" in n or "gain" in n)]
-    return torch.optim.AdamW([dict(params=decay, weight_decay=1e-5), dict(params=rest, weight_decay=0.0)],
-                             lr=lr, betas=(0.9, 0.995), eps=1e-8)
+    groups = [dict(params=decay, weight_decay=1e-5), dict(params=rest, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8)
 
 
 def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase):
-    """Fig. 5: train f on the stored simplified training images; returns test metrics."""
+    """Fig. 5: train f on the stored simplified training images (uint8), with the same
+    augmentation and optimizer as joint training; returns its test accuracies."""
     optimizer = make_optimizer(classifier, cfg.lr)
     for epoch in range(1, cfg.retrain_epochs + 1):
-        order = torch.randperm(len(train_sim), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        order = epoch_order(len(train_sim), cfg.seed, epoch)
         losses = []
         for idx in order[:len(order) // cfg.batch_size * cfg.batch_size].split(cfg.batch_size):
             x, y = train_sim[idx].to(device).float() / 255, train_labels[idx].to(device)
             aug = sample_augmentation(len(x), flip, device)
-            losses.append(classifier_step(classifier, optimizer, augment(x, aug), y)[0].item())
+            losses.append(classifier_step(classifier, optimizer, augment(x, aug), y)[0])
         orig, _ = evaluate(classifier, None, *test["orig"], device)
         sim, _ = evaluate(classifier, None, *test["sim"], device)
-        row = dict(phase=phase, epoch=epoch, train_loss=float(np.mean(losses)), test_acc=orig["acc"],
-                   test_acc_simplified=sim["acc"])
+        row = dict(phase=phase, epoch=epoch, train_loss=torch.stack(losses).mean().item(),
+                   test_acc=orig["acc"], test_acc_simplified=sim["acc"])
         nets.append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), row)
         print(f"{phase} epoch {epoch}/{cfg.retrain_epochs}  loss {row['train_loss']:.3f}  "
               f"test_acc {orig['acc']:.3f}  test_acc_simplified {sim['acc']:.3f}", flush=True)
@@ -368,9 +381,9 @@ def test_metrics(classifier, simplify, glow_model, test_x, test_y, device):
 
 
 def save_checkpoint(path, epoch, models, optimizers, history, skipped, args):
-    """Everything --resume needs, in one atomic file (models as {"kind", "config", "state_dict"})."""
-    state = {name: {"kind": type(m).__name__, "config": dict(m.config), "state_dict": m.state_dict()}
-             for name, m in models.items()}
+    """Everything --resume needs in one atomic file; models as {"kind", "config", "state_dict"}."""
+    state = {name: {"kind": type(m).__name__, "config": dict(m.config),
+                    "state_dict": m.state_dict()} for name, m in models.items()}
     state.update({name: opt.state_dict() for name, opt in optimizers.items()})
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
     nets.atomic_save(dict(state, epoch=epoch, history=history, skipped=skipped, args=vars(args),
@@ -378,7 +391,7 @@ def save_checkpoint(path, epoch, models, optimizers, history, skipped, args):
 
 
 def load_checkpoint(path, models, optimizers):
-    """Restore models, optimizers and RNG from save_checkpoint; returns (epoch, history, skipped)."""
+    """Restore what save_checkpoint wrote; returns (epoch, metrics history, skipped steps)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     for name, model in models.items():
         if ckpt[name]["config"] != model.config:
@@ -399,13 +412,14 @@ def main(args):
     print(vars(cfg), flush=True)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
-    nets.write_json(os.path.join(cfg.out, "args.json"), vars(args))
-    ckpt_path, metrics_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "metrics.jsonl")
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
 
     # data: training items are read per epoch (composites re-draw their distractors);
     # the test set is fixed and held in memory
     def load(train, size):
-        return datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=train), size, cfg.seed)
+        dataset = datasets.load_dataset(cfg.dataset, cfg.data_root, train=train)
+        return datasets.subset(dataset, size, cfg.seed)
     train_set, test_set = load(True, cfg.train_size), load(False, cfg.test_size)
     info, (test_x, test_y) = train_set.info, datasets.to_tensors(test_set)
     flip = info.name in ("cifar10", "cifar100")  # authors: flips for CIFAR only (§2.7)
@@ -413,14 +427,18 @@ def main(args):
     # models: simplifier (S2.2), classifier f (S2.1), frozen Glow G (Eq. 1)
     simplifier = nets.UNetSimplifier(num_down=5, ngf=cfg.ngf).to(device)
     classifier = make_classifier(cfg, info, device)
-    glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set, os.path.join(cfg.out, "glow-quick.pt"), device)
+    glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
+                               os.path.join(cfg.out, "glow-quick.pt"), device)
     nets.seed_everything(cfg.seed)  # the run must not depend on whether the quick Glow was cached
     simplify = make_simplify(cfg, simplifier)
+    nets.write_json(os.path.join(cfg.out, "args.json"), vars(args))
 
     # optimizers: the authors' code (the paper text says AdamW, wd 1e-5, for both)
     opt_clf = make_optimizer(classifier, cfg.lr)
-    opt_simp = torch.optim.Adam(simplifier.parameters(), lr=cfg.lr, betas=(0.5, 0.99), weight_decay=5e-5)
-    models, optimizers = dict(classifier=classifier, simplifier=simplifier), dict(opt_clf=opt_clf, opt_simp=opt_simp)
+    opt_simp = torch.optim.Adam(simplifier.parameters(), lr=cfg.lr, betas=(0.5, 0.99),
+                                weight_decay=5e-5)
+    models = dict(classifier=classifier, simplifier=simplifier)
+    optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
 
     # bpd of the original test images never changes: computed once, before --resume
     # restores the RNG, so a resumed run draws the same numbers as an uninterrupted one
@@ -442,10 +460,11 @@ def main(args):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             if cfg.simplifier == "unet":
-                parts, n_skip = simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model,
-                                                x, y, cfg.lambda_sim, flip)
+                parts, n_skip = simplebits_step(simplifier, classifier, opt_simp, opt_clf,
+                                                glow_model, x, y, cfg.lambda_sim, flip)
             else:  # l2 baseline: the simplifier alone, no classifier, no augmentation (S7)
-                loss, parts = l2_simplifier_loss(glow_model, x, glow.quantize(simplifier(x)), cfg.lambda_sim)
+                x_sim = glow.quantize(simplifier(x))
+                loss, parts = l2_simplifier_loss(glow_model, x, x_sim, cfg.lambda_sim)
                 n_skip = int(finite_step(opt_simp, loss, list(simplifier.parameters())))
             skipped += n_skip
             for k, v in parts.items():  # summed on the device: no GPU sync per step
@@ -454,7 +473,9 @@ def main(args):
         progress.close()
         skipped_total += skipped
 
-        metrics, test_sim, sim_bpd = test_metrics(classifier, simplify, glow_model, test_x, test_y, device)
+        # evaluate on the test set, write the metrics, a Fig. 3-style grid, the checkpoints
+        metrics, test_sim, sim_bpd = test_metrics(classifier, simplify, glow_model, test_x,
+                                                  test_y, device)
         row = dict(phase="train", epoch=epoch, **{f"train_{k}": float(v) for k, v in sums.items()},
                    skipped_steps=skipped, test_bpd=test_bpd.mean().item(), **metrics,
                    time_s=time.time() - t_start)
@@ -462,29 +483,33 @@ def main(args):
         nets.append_jsonl(metrics_path, row)
         save_grid(os.path.join(cfg.out, f"simplified_epoch{epoch:03d}.png"), test_x, test_sim,
                   test_bpd, sim_bpd)
-        print(f"epoch {epoch}/{epochs}  loss {row['train_loss']:.3f}  test_acc {row['test_acc']:.3f}  "
-              f"test_acc_simplified {row['test_acc_simplified']:.3f}  bpd {row['test_bpd']:.2f} -> "
-              f"{row['test_bpd_simplified']:.2f}  skipped {skipped}  {row['time_s']:.0f}s", flush=True)
+        print(f"epoch {epoch}/{epochs}  loss {row['train_loss']:.3f}  acc {row['test_acc']:.3f}"
+              f"  (simplified {row['test_acc_simplified']:.3f})"
+              f"  bpd {row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  "
+              f"skipped {skipped}  {row['time_s']:.0f}s", flush=True)
         nets.save_model(simplifier, os.path.join(cfg.out, "simplifier.pt"), epoch=epoch)
         nets.save_model(classifier, os.path.join(cfg.out, "classifier.pt"), epoch=epoch)
         save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total, args)
 
     # final evaluation (S5: PNG sizes of the 8-bit test images)
-    metrics, test_sim, sim_bpd = test_metrics(classifier, simplify, glow_model, test_x, test_y, device)
-    results = dict(dataset=info.name, simplifier=cfg.simplifier, lambda_sim=cfg.lambda_sim, epochs=epochs,
-                   test_bpd=test_bpd.mean().item(), **metrics, png_bytes=png_bytes(to_uint8(test_x)),
-                   png_bytes_simplified=png_bytes(test_sim), skipped_steps=skipped_total)
+    metrics, test_sim, sim_bpd = test_metrics(classifier, simplify, glow_model, test_x, test_y,
+                                              device)
+    results = dict(dataset=info.name, simplifier=cfg.simplifier, lambda_sim=cfg.lambda_sim,
+                   epochs=epochs, test_bpd=test_bpd.mean().item(), **metrics,
+                   png_bytes=png_bytes(to_uint8(test_x)), png_bytes_simplified=png_bytes(test_sim),
+                   skipped_steps=skipped_total)
     save_grid(os.path.join(cfg.out, "simplified.png"), test_x, test_sim, test_bpd, sim_bpd, n=32)
 
     # retraining / finetuning on the simplified training images (Fig. 5); the baselines
     # are always retrained: their only classifier is the one trained on their outputs
     if cfg.retrain or cfg.finetune or cfg.save_simplified or cfg.simplifier != "unet":
         train_x, train_y = datasets.to_tensors(train_set)  # dataset order
-        train_sim = simplify_all(simplify, train_x, device)  # uint8, stored once (authors)
+        train_sim = simplify_all(simplify, train_x, device)  # uint8, computed once (authors)
         del train_x
     if cfg.save_simplified:
-        nets.atomic_save(dict(images=test_sim, labels=test_y), os.path.join(cfg.out, "simplified_test.pt"))
-        nets.atomic_save(dict(images=train_sim, labels=train_y), os.path.join(cfg.out, "simplified_train.pt"))
+        for name, images, labels in (("test", test_sim, test_y), ("train", train_sim, train_y)):
+            nets.atomic_save(dict(images=images, labels=labels),
+                             os.path.join(cfg.out, f"simplified_{name}.pt"))
     test = {"orig": (test_x, test_y), "sim": (test_sim, test_y)}
     if cfg.retrain or cfg.simplifier != "unet":
         fresh = make_classifier(cfg, info, device)

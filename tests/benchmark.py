@@ -3,19 +3,27 @@
     python tests/benchmark.py                 # every benchmark on the default device
     python tests/benchmark.py glow --device cuda --full
 
-glow: images/second of Glow scoring (bpd forward, and forward + backward to the input) at
-batch 32, for a small and (with --full) the released K=32/hidden 512 configuration.
+glow:         images/second of Glow scoring (bpd forward, and forward + backward to the
+              input) at batch 32, small and (--full) the released K=32/hidden 512 Glow.
+per_instance: one SimpleBits step split into Glow scoring and the rest, against one plain
+              classifier step (paper networks; tiny or --full Glow).
+condense:     seconds per outer iteration for ipc 1 and 10, with and without the bpd term.
+posthoc:      seconds per Alg. 2 step; torch.func per-example gate gradients vs a loop.
 """
 import argparse
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import condense  # noqa: E402
 import glow  # noqa: E402
 import nets  # noqa: E402
+import per_instance  # noqa: E402
+import posthoc  # noqa: E402
 
 
 def timed(fn, device, repeats):
@@ -66,7 +74,148 @@ def bench_glow(device, full=False, batch=32, repeats=5):
                   f"forward+backward to input {both:8.1f} img/s  [{device}, batch {batch}]")
 
 
-BENCHMARKS = {"glow": bench_glow}
+def bench_per_instance(device, full=False, batch=32, repeats=5):
+    """The paper's networks (WRN-16-2 classifier, UNet ngf 64 simplifier) at batch 32.
+    Glow: the quick tiny one (full=False) or the released size L3 K32 hidden 512 (full=True),
+    at init (ActNorm data-initialised) -- its speed does not depend on its weights.
+    "rest" = the SimpleBits step with λ = 0, where Glow is never called."""
+    glow_cfg = dict(levels=3, steps=32, hidden=512) if full else dict(glow.QUICK_GLOW)
+    torch.manual_seed(0)
+    g = glow.Glow(**glow_cfg).to(device)
+    with torch.no_grad():
+        g(glow.to_glow_range(torch.rand(64, 3, 32, 32, device=device)))  # ActNorm data init
+    g = glow.freeze(g)
+    classifier = nets.NFWideResNet(10).to(device)
+    simplifier = nets.UNetSimplifier().to(device)
+    opt_clf = per_instance.make_optimizer(classifier)
+    opt_simp = torch.optim.Adam(simplifier.parameters(), lr=5e-4, betas=(0.5, 0.99), weight_decay=5e-5)
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def plain():
+        aug = per_instance.sample_augmentation(batch, True, device)
+        per_instance.classifier_step(classifier, opt_clf, per_instance.augment(x, aug), y)
+
+    def step(lambda_sim):
+        return lambda: per_instance.simplebits_step(simplifier, classifier, opt_simp, opt_clf, g,
+                                                    x, y, lambda_sim, True)
+
+    def glow_scoring():  # bpd forward + backward to the input, as inside Eq. 5
+        x_sim = x.clone().requires_grad_()
+        glow.bits_per_dim(g, x_sim).mean().backward()
+
+    t_plain = timed(plain, device, repeats)
+    t_rest = timed(step(0.0), device, repeats)
+    t_glow = timed(glow_scoring, device, repeats)
+    t_full = timed(step(2.0), device, repeats)
+    print(f"per_instance [{device}, batch {batch}, threads {torch.get_num_threads()}, "
+          f"Glow {glow_cfg}]")
+    print(f"  plain classifier step        {t_plain * 1e3:9.1f} ms")
+    print(f"  SimpleBits step, λ = 2       {t_full * 1e3:9.1f} ms")
+    print(f"    Glow scoring (fwd+bwd)     {t_glow * 1e3:9.1f} ms")
+    print(f"    rest (same step, λ = 0)    {t_rest * 1e3:9.1f} ms  = {t_rest / t_plain:.1f}x plain "
+          f"(target <= 8x)")
+    return dict(plain=t_plain, full=t_full, glow=t_glow, rest=t_rest, ratio=t_rest / t_plain)
+
+
+def bench_condense(device, full=False, repeats=2):
+    """full=False: CPU-sized (5 classes, ConvNet width 32, 32 real images per class and
+    step, the quick tiny Glow); full=True: the paper's setting (10 classes, width 128,
+    batch_real 256, Glow L3 K32 hidden 512). Loop counts are DC's (ipc 10: 10 × 50)."""
+    if full:
+        classes, width, batch_real, glow_cfg = 10, 128, 256, dict(levels=3, steps=32, hidden=512)
+    else:
+        classes, width, batch_real, glow_cfg = 5, 32, 32, dict(glow.QUICK_GLOW)
+    torch.manual_seed(0)
+    g = glow.Glow(**glow_cfg).to(device)
+    with torch.no_grad():
+        g(glow.to_glow_range(torch.rand(64, 3, 32, 32, device=device)))  # ActNorm data init
+    g = glow.freeze(g)
+    real = [torch.rand(500, 3, 32, 32, device=device) for _ in range(classes)]
+    results = {}
+    for ipc in (1, 10):
+        outer_loop, inner_loop = condense.get_loops(ipc)
+        for lambda_sim in (0.0, 1.0):
+            alpha = (0.2 * torch.randn(classes * ipc, 3, 32, 32, device=device)).requires_grad_()
+            opt = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
+
+            def iteration():
+                condense.outer_iteration(alpha, opt, real, g, lambda_sim, ipc, batch_real, width,
+                                         outer_loop, inner_loop, 256)
+
+            iteration()  # warm-up
+            times = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                iteration()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            results[ipc, lambda_sim] = sorted(times)[len(times) // 2]
+        plain, simple = results[ipc, 0.0], results[ipc, 1.0]
+        print(f"condense ipc {ipc:2d} (loops {outer_loop}x{inner_loop}, {classes} classes, width "
+              f"{width}, batch_real {batch_real}, Glow {glow_cfg}): plain DC {plain:7.3f} s/iter, "
+              f"with bpd term {simple:7.3f} s/iter (+{100 * (simple / plain - 1):.0f}%)  [{device}]")
+    return results
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_posthoc(device, full=False):
+    configs = [("quick: NF-WRN-10-1, Glow L3 K4 h32, 8 images", dict(depth=10, widen=1), dict(glow.QUICK_GLOW), 8),
+               ("paper: NF-WRN-16-2, Glow L3 K32 h512, 32 images", dict(depth=16, widen=2),
+                dict(levels=3, steps=32, hidden=512), 32)][:2 if full else 1]
+    step_args = SimpleNamespace(scale_min=0.8, scale_max=0.95, algorithm=2, lambda_sim=1.0)
+    for name, clf_cfg, glow_cfg, batch in configs:
+        torch.manual_seed(0)
+        model = nets.NFWideResNet(10, **clf_cfg).to(device).eval().requires_grad_(False)
+        g = glow.Glow(**glow_cfg).to(device)
+        with torch.no_grad():
+            g(glow.to_glow_range(torch.rand(batch, 3, 32, 32, device=device)))  # ActNorm init
+        g = glow.freeze(g)
+        x = torch.rand(batch, 3, 32, 32, device=device)
+        with torch.no_grad():
+            h, z_orig = model(x), glow.encode(g, x)
+        z_sim = [torch.zeros_like(z, requires_grad=True) for z in z_orig]
+        optimizer = torch.optim.Adam(z_sim, lr=1e-2)
+        posthoc.simplify_step(model, g, z_sim, z_orig, x, h, optimizer, step_args)  # warm-up
+        repeats = 5 if device.type == "cuda" or batch <= 8 else 2
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            posthoc.simplify_step(model, g, z_sim, z_orig, x, h, optimizer, step_args)
+        _sync(device)
+        per_step = (time.perf_counter() - start) / repeats
+        print(f"posthoc {name} on {device}: {per_step:.3f} s/step "
+              f"(5000 steps: {5000 * per_step / 60:.1f} min)", flush=True)
+
+        # per-example gate gradients: torch.func (vmap over grad) vs a Python loop
+        params = {n: p.detach() * 0.9 for n, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+        times = {}
+        for method in ("vmap", "loop"):
+            _sync(device)
+            start = time.perf_counter()
+            if method == "vmap":
+                posthoc.gate_gradients(model, params, buffers, x, h)
+            else:
+                for i in range(batch):
+                    p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
+                    out = torch.func.functional_call(model, (p, buffers), (x[i:i + 1],))
+                    torch.autograd.grad(posthoc.kl_divergence(h[i:i + 1], out).sum(), list(p.values()))
+            _sync(device)
+            times[method] = time.perf_counter() - start
+        print(f"  gate gradients of {batch} images: vmap {times['vmap']:.3f} s, loop {times['loop']:.3f} s",
+              flush=True)
+
+
+BENCHMARKS = {"glow": bench_glow, "per_instance": bench_per_instance, "condense": bench_condense,
+              "posthoc": bench_posthoc}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SimpleBits speed benchmarks")

@@ -79,7 +79,8 @@ def test_meta_gradient_matches_finite_differences():
     classifier, simplifier, optimizer, x, y, aug = meta_setup()
 
     def loss_of(weight):
-        x_sim = torch.sigmoid(torch.logit(x.clamp(1e-3, 1 - 1e-3)) + F.conv2d(x, weight, simplifier.conv.bias))
+        logit = torch.logit(x.clamp(1e-3, 1 - 1e-3))
+        x_sim = torch.sigmoid(logit + F.conv2d(x, weight, simplifier.conv.bias))
         return pi.simplifier_loss(classifier, optimizer, None, x, x_sim, y, aug, 0.0)[0]
 
     w = simplifier.conv.weight.detach().clone().requires_grad_()
@@ -97,7 +98,7 @@ def test_meta_gradient_matches_finite_differences():
 
 def test_lambda_zero_is_classification_only_and_sim_term_uses_ramp(monkeypatch):
     """λ = 0: no Glow needed, L = (10·l(f'(X̃)) + l(f(X̃_sim)) + l(f'(X̃_sim)))/12. λ > 0 adds
-    λ·mean_i w_i·bpd_i/(12+λ) with w_i = max(0, 1 − l_i(f'(X̃_i))/0.1), not differentiated."""
+    λ·mean_i w_i·bpd_i/(12+λ), w_i = max(0, 1 − l_i(f'(X̃_i))/τ), not differentiated."""
     classifier, simplifier, optimizer, x, y, aug = meta_setup()
     x_sim = simplifier(x).detach().requires_grad_()
     loss0, parts = pi.simplifier_loss(classifier, optimizer, None, x, x_sim, y, aug, 0.0)
@@ -119,6 +120,18 @@ def test_lambda_zero_is_classification_only_and_sim_term_uses_ramp(monkeypatch):
     torch.testing.assert_close(parts2["sim_weight"], w.mean())
     sim_grad = ((12 + lam) * grad2 - 12 * grad0) / lam  # gradient of L_sim alone
     torch.testing.assert_close(sim_grad, (w / len(x)).view(-1, 1, 1, 1).expand_as(sim_grad))
+
+
+def test_non_finite_steps_are_skipped():
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.tensor([[1.0, float("nan"), 0.0]])).sum()
+    assert pi.finite_step(optimizer, loss, list(model.parameters())) is True
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    loss = model(torch.ones(1, 3)).sum()
+    assert pi.finite_step(optimizer, loss, list(model.parameters())) is False
+    assert not torch.equal(before[0], model.weight)
 
 
 def test_augment_crop_and_flip():
