@@ -191,7 +191,7 @@ def simplifier_loss(classifier, optimizer, glow_model, x, x_sim, y, aug, lambda_
     loss_f1_orig_i = F.cross_entropy(functional_call(classifier, params, (x_aug,)), y,
                                      reduction="none")  # (B,) per example, for w_i
     loss_cls = ORIG_WEIGHT * loss_f1_orig_i.mean() + loss_f_sim + loss_f1_sim  # Eq. S3
-    # S3: an example whose original image f' misclassifies gets no simplification pressure
+    # S3: no simplification pressure on examples f' does not yet get right (loss >= τ)
     weight = (1 - loss_f1_orig_i.detach() / TAU).clamp_min(0)  # (B,) w_i ∈ [0, 1]
     if lambda_sim > 0:
         bpd = glow.bits_per_dim(glow_model, x_sim)  # (B,) Eq. 1, un-augmented (authors)
@@ -287,18 +287,19 @@ def simplify_all(simplify, images, device):
 
 @torch.no_grad()
 def evaluate(classifier, glow_model, images, labels, device):
-    """Accuracy and loss of f, and per-image bpd (Eq. 1) if glow_model is given."""
-    classifier.eval()
+    """Accuracy and loss of f (if given), and per-image bpd (Eq. 1) if glow_model is given."""
     correct, loss, bpd = 0, 0.0, []
     for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH)):
         x, y = x.to(device).float(), y.to(device)
         x = x / 255 if images.dtype == torch.uint8 else x
-        logits = classifier(x)
-        correct += (logits.argmax(1) == y).sum().item()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        if classifier is not None:
+            logits = classifier.eval()(x)  # no dropout
+            correct += (logits.argmax(1) == y).sum().item()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
         if glow_model is not None:
             bpd.append(glow.bits_per_dim(glow_model, x).cpu())
-    classifier.train()
+    if classifier is not None:
+        classifier.train()
     bpd = torch.cat(bpd) if bpd else None
     return dict(acc=correct / len(labels), loss=loss / len(labels)), bpd
 
@@ -371,12 +372,14 @@ def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase)
 
 
 def test_metrics(classifier, simplify, glow_model, test_x, test_y, device):
-    """f on original and simplified test images, bpd of the simplified ones (Fig. 5, S6)."""
+    """bpd of the simplified test images and, given a classifier, its accuracy on the
+    original and on the simplified ones (Fig. 5, S6)."""
     test_sim = simplify_all(simplify, test_x, device)  # uint8 (N, 3, 32, 32)
-    orig, _ = evaluate(classifier, None, test_x, test_y, device)
     sim, sim_bpd = evaluate(classifier, glow_model, test_sim, test_y, device)
-    metrics = dict(test_acc=orig["acc"], test_acc_simplified=sim["acc"],
-                   test_bpd_simplified=sim_bpd.mean().item())
+    metrics = dict(test_bpd_simplified=sim_bpd.mean().item())
+    if classifier is not None:
+        metrics.update(test_acc=evaluate(classifier, None, test_x, test_y, device)[0]["acc"],
+                       test_acc_simplified=sim["acc"])
     return metrics, test_sim, sim_bpd
 
 
@@ -442,7 +445,7 @@ def main(args):
 
     # bpd of the original test images never changes: computed once, before --resume
     # restores the RNG, so a resumed run draws the same numbers as an uninterrupted one
-    _, test_bpd = evaluate(classifier, glow_model, test_x, test_y, device)  # (N,)
+    _, test_bpd = evaluate(None, glow_model, test_x, test_y, device)  # (N,)
     done, history, skipped_total = 0, [], 0
     if cfg.resume and os.path.exists(ckpt_path):
         done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
@@ -474,8 +477,9 @@ def main(args):
         skipped_total += skipped
 
         # evaluate on the test set, write the metrics, a Fig. 3-style grid, the checkpoints
-        metrics, test_sim, sim_bpd = test_metrics(classifier, simplify, glow_model, test_x,
-                                                  test_y, device)
+        joint = classifier if cfg.simplifier == "unet" else None  # l2: no classifier (S7)
+        metrics, test_sim, sim_bpd = test_metrics(joint, simplify, glow_model, test_x, test_y,
+                                                  device)
         row = dict(phase="train", epoch=epoch, **{f"train_{k}": float(v) for k, v in sums.items()},
                    skipped_steps=skipped, test_bpd=test_bpd.mean().item(), **metrics,
                    time_s=time.time() - t_start)
@@ -483,17 +487,18 @@ def main(args):
         nets.append_jsonl(metrics_path, row)
         save_grid(os.path.join(cfg.out, f"simplified_epoch{epoch:03d}.png"), test_x, test_sim,
                   test_bpd, sim_bpd)
-        print(f"epoch {epoch}/{epochs}  loss {row['train_loss']:.3f}  acc {row['test_acc']:.3f}"
-              f"  (simplified {row['test_acc_simplified']:.3f})"
-              f"  bpd {row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  "
-              f"skipped {skipped}  {row['time_s']:.0f}s", flush=True)
+        accuracy = "" if joint is None else \
+            f"  test acc {row['test_acc']:.3f} (simplified {row['test_acc_simplified']:.3f})"
+        print(f"epoch {epoch}/{epochs}  loss {row['train_loss']:.3f}{accuracy}  test bpd "
+              f"{row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  skipped {skipped}  "
+              f"{row['time_s']:.0f}s", flush=True)
         nets.save_model(simplifier, os.path.join(cfg.out, "simplifier.pt"), epoch=epoch)
         nets.save_model(classifier, os.path.join(cfg.out, "classifier.pt"), epoch=epoch)
         save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total, args)
 
     # final evaluation (S5: PNG sizes of the 8-bit test images)
-    metrics, test_sim, sim_bpd = test_metrics(classifier, simplify, glow_model, test_x, test_y,
-                                              device)
+    joint = classifier if cfg.simplifier == "unet" else None
+    metrics, test_sim, sim_bpd = test_metrics(joint, simplify, glow_model, test_x, test_y, device)
     results = dict(dataset=info.name, simplifier=cfg.simplifier, lambda_sim=cfg.lambda_sim,
                    epochs=epochs, test_bpd=test_bpd.mean().item(), **metrics,
                    png_bytes=png_bytes(to_uint8(test_x)), png_bytes_simplified=png_bytes(test_sim),
