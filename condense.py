@@ -42,7 +42,8 @@ def get_args(argv=None):
                         "and no --glow a tiny Glow is pretrained and cached in --out")
     p.add_argument("--out", default=None,
                    help="output directory (default runs/condense-<dataset>-ipc<ipc>-lam<λ>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (auto: cuda if available)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds python, numpy and torch once (α₀, networks, real batches)")
     p.add_argument("--quick", action="store_true",

@@ -26,9 +26,9 @@ import per_instance  # noqa: E402
 import posthoc  # noqa: E402
 
 
-def timed(fn, device, repeats):
-    """Median seconds per call after two warm-up calls."""
-    for _ in range(2):
+def timed(fn, device, repeats, warmup=2):
+    """Median seconds per call after `warmup` warm-up calls."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
@@ -143,17 +143,7 @@ def bench_condense(device, full=False, repeats=2):
                 condense.outer_iteration(alpha, opt, real, g, lambda_sim, ipc, batch_real, width,
                                          outer_loop, inner_loop, 256)
 
-            iteration()  # warm-up
-            times = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                iteration()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            results[ipc, lambda_sim] = sorted(times)[len(times) // 2]
+            results[ipc, lambda_sim] = timed(iteration, device, repeats, warmup=1)
         plain, simple = results[ipc, 0.0], results[ipc, 1.0]
         print(f"condense ipc {ipc:2d} (loops {outer_loop}x{inner_loop}, {classes} classes, width "
               f"{width}, batch_real {batch_real}, Glow {glow_cfg}): plain DC {plain:7.3f} s/iter, "
