@@ -58,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--ipc", type=int, default=10,
                    help="synthetic images per class (paper: 1 and 10)")
     p.add_argument("--iterations", type=int, default=None,
-                   help="outer iterations, each with a fresh random ConvNet (1000; quick: 200)")
+                   help="outer iterations, each with a fresh random ConvNet (1000; quick: 400)")
     p.add_argument("--outer-loop", type=int, default=None,
                    help="image updates per fresh ConvNet (DC get_loops: ipc 1 -> 1, 10 -> 10, "
                         "50 -> 50; quick: 1)")
@@ -69,7 +69,7 @@ def get_args(argv=None):
                    help="simplification weight λ in L = Σ_c D_c + λ·mean bpd(X_syn), Eq. 7 "
                         "(ours = authors' λ·max(N//50,1)/(5C))")
     p.add_argument("--batch-real", type=int, default=None,
-                   help="real images of one class per matching step, Eq. 6 (256; quick: 32)")
+                   help="real images of one class per matching step, Eq. 6 (256; quick: 64)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="batch size when training ConvNets on the synthetic set (DC: 256)")
     p.add_argument("--width", type=int, default=None,
@@ -95,8 +95,8 @@ def get_config(args):
     cfg = SimpleNamespace(
         train_size=pick(args.train_size, None, 2000),
         test_size=pick(args.test_size, None, 1000),
-        iterations=pick(args.iterations, 1000, 200),
-        batch_real=pick(args.batch_real, 256, 32),
+        iterations=pick(args.iterations, 1000, 400),
+        batch_real=pick(args.batch_real, 256, 64),
         width=pick(args.width, 128, 32),
         num_eval=pick(args.num_eval, 5, 3),
         eval_epochs=pick(args.eval_epochs, 300, 100),
@@ -332,6 +332,7 @@ def main(args):
     # models: the frozen Glow that scores bpd, and the synthetic images X = sigmoid(α)
     glow_model = glow.get_glow(args.glow, args.quick, train_set, cfg.out / "glow-quick.pt",
                                device)
+    nets.seed_everything(args.seed)  # the run must not depend on whether the quick Glow was cached
     nets.write_json(cfg.out / "args.json", vars(args))  # after the expected failures
     C, ipc = info.num_classes, args.ipc
     alpha = (0.2 * torch.randn(C * ipc, 3, 32, 32)).to(device).requires_grad_()  # grey ≈ 0.5

@@ -251,12 +251,17 @@ def make_shapes(n, seed):
     Classes: disk, square, triangle, cross, ring (balanced), with random centre, radius
     6.5-10 px and saturated hue. The background (smooth 4×4 colour field + pixel noise, in
     [0.25, 0.75]) is drawn independently of the label: a simplifier can drop all of it.
+    One image in five has a plain background (the colour field without the noise), as
+    photos sometimes do; a Glow trained on these images then learns that plain backgrounds
+    are cheap, the way a Glow trained on natural images rates smooth images (Fig. 2).
     """
     g = torch.Generator().manual_seed(seed)
     labels = (torch.arange(n) % len(SHAPES))[torch.randperm(n, generator=g)]
     smooth = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear",
                            align_corners=False)  # (n, 3, 32, 32) low-frequency colour
-    bg = 0.25 + 0.5 * (0.5 * smooth + 0.5 * torch.rand(n, 3, 32, 32, generator=g))
+    noise = torch.rand(n, 3, 32, 32, generator=g)
+    plain = torch.rand(n, 1, 1, 1, generator=g) < 0.2  # no pixel noise on one image in five
+    bg = 0.25 + 0.5 * (0.5 * smooth + 0.5 * torch.where(plain, 0.5, noise))
     # Saturated colour from a random hue (HSV with S = 1, V in [0.8, 1]).
     hue, value = torch.rand(n, 1, generator=g), 0.8 + 0.2 * torch.rand(n, 1, generator=g)
     rgb = torch.cat([(6 * hue - 3).abs() - 1, 2 - (6 * hue - 2).abs(), 2 - (6 * hue - 4).abs()], 1)

@@ -644,13 +644,15 @@ def get_glow(path, quick, train_set, cache_path, device, log=print):
         return load_glow(cache_path, map_location=device)
     log(f"pretraining a tiny Glow {QUICK_GLOW} on {len(train_set)} images -> {cache_path}")
     glow = Glow(**QUICK_GLOW).to(device)
-    train_glow(glow, train_set, device, epochs=1000, max_steps=QUICK_STEPS, warmup_steps=50,
-               log=log)
+    train_glow(glow, train_set, device, epochs=1000, max_steps=QUICK_STEPS, lr=QUICK_LR,
+               warmup_steps=50, log=log)
     save_glow(glow, cache_path)
     return freeze(glow)
 
 
-QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow: about a minute on 2 idle CPU cores
+QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow: about 30 s on 2 idle CPU cores
+QUICK_LR = 5e-3  # 10x the full-size rate: within 300 steps the tiny Glow learns that plain
+                 # backgrounds are cheap (shapes: plain-background images 38% fewer bits)
 
 
 # ----------------------------------------------------------------------------------------
@@ -673,7 +675,8 @@ def get_args(argv=None):
     train.add_argument("--epochs", type=int, default=None, help="training epochs (100)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     train.add_argument("--batch-size", type=int, default=64, help="batch size (64, authors §1.3)")
-    train.add_argument("--lr", type=float, default=5e-4, help="Adamax learning rate (5e-4)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="Adamax learning rate (5e-4; quick %g)" % QUICK_LR)
     train.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up steps (4000)")
     train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     train.add_argument("--train-size", type=int, default=None, help="train on a fixed random subset of N images")
@@ -731,7 +734,8 @@ def main(args):
                    epochs=args.epochs or (1000 if args.quick else 100),
                    test_set=load_many(name, args.data_root, False, args.test_size, args.seed),
                    batch_size=args.batch_size,
-                   lr=args.lr, warmup_steps=args.warmup_steps or (50 if args.quick else 4000),
+                   lr=args.lr or (QUICK_LR if args.quick else 5e-4),
+                   warmup_steps=args.warmup_steps or (50 if args.quick else 4000),
                    max_steps=args.max_steps or (QUICK_STEPS if args.quick else None), out=out)
         print(f"wrote {out}")
     else:

@@ -37,7 +37,7 @@ EVAL_BATCH = 256  # evaluation batch (authors' test loader)
 # a larger λ (measured on shapes, see the README). Any flag given explicitly wins.
 FULL = dict(epochs=100, batch_size=32, lambda_sim=2.0, lr=5e-4, depth=16, widen=2, ngf=64,
             train_size=None, test_size=None)
-QUICK = dict(epochs=6, batch_size=16, lambda_sim=10.0, lr=5e-3, depth=10, widen=1, ngf=16,
+QUICK = dict(epochs=6, batch_size=16, lambda_sim=50.0, lr=5e-3, depth=10, widen=1, ngf=16,
              train_size=2000, test_size=500)
 
 

@@ -343,6 +343,7 @@ def main(args):
                                    f"{args.dataset} has {info.num_classes}; give one trained on it.")
     model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
     glow_model = glow.get_glow(args.glow, args.quick, train_set, cfg.out / "glow-quick.pt", device)
+    nets.seed_everything(args.seed)  # the run must not depend on whether the quick Glow was cached
     print(f"Glow ready ({time.time() - start:.0f} s)")
 
     # the images to explain (Fig. 8: confidently misclassified test images)

@@ -307,8 +307,10 @@ def test_shapes_background_carries_no_label_but_shape_does():
     class_means = torch.stack([feat[labels == c].mean(0) for c in range(5)])
     stderr = feat.std(0) / math.sqrt(1000)
     assert ((class_means - class_means.mean(0)).abs() < 4 * stderr).all()
-    # The background is busy (pixel noise), the shape is a flat saturated colour.
-    assert (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean() > 0.05
+    # The background is busy (pixel noise) on about four images in five, plain on the rest;
+    # the shape is a flat saturated colour.
+    busy = (border[:, :, 1:] - border[:, :, :-1]).abs().mean((1, 2)) > 0.05  # (N,)
+    assert 0.75 < busy.float().mean() < 0.85
     chroma = x.amax(1) - x.amin(1)  # background <= 0.5, shape >= 0.8
     mask = chroma > 0.65  # (N, 32, 32)
     rows, cols = mask.any(2), mask.any(1)

@@ -350,6 +350,22 @@ def test_tiny_glow_trained_on_shapes_ranks_images_like_fig2(tmp_path):
     assert bpd_constant < bpd_shapes < bpd_noise, (bpd_constant, bpd_shapes, bpd_noise)
 
 
+def test_quick_glow_rates_plain_backgrounds_cheap(tmp_path):
+    """The tiny Glow of --quick (get_glow, ~25 s) must score the plain-background fifth of
+    shapes well below the noisy rest, or the quick demos cannot show simplification."""
+    torch.manual_seed(0)
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 2000, seed=0)
+    model = glow.get_glow(None, True, train, str(tmp_path / "glow.pt"), torch.device("cpu"),
+                          log=lambda *a: None)
+    x, _ = datasets.to_tensors(datasets.subset(datasets.load_dataset("shapes", train=False), 200, 0))
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2)  # (N, 3, 128)
+    busy = (border[:, :, 1:] - border[:, :, :-1]).abs().mean((1, 2)) > 0.05  # pixel noise
+    with torch.no_grad():
+        bpd = glow.bits_per_dim(model, x)
+    assert 20 < int((~busy).sum()) < 60
+    assert bpd[~busy].mean() < 0.75 * bpd[busy].mean(), (bpd[~busy].mean(), bpd[busy].mean())
+
+
 def test_train_cli_resumes_and_bpd_cli_writes_grid(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(glow, "QUICK_GLOW", dict(levels=2, steps=1, hidden=8))
     out = str(tmp_path / "g.pt")
