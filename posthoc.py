@@ -7,7 +7,7 @@ what it forgot about that image. The simplified image is optimised in Glow's lat
 space (z_sim, initialised at 0) with Adam; Alg. 2 also interpolates z_sim with the
 original's latents z.
 
-    # CPU, ~3 min: trains a small classifier and a tiny Glow on the synthetic shapes set
+    # CPU, ~2 min: trains a small classifier and a tiny Glow on the synthetic shapes set
     python posthoc.py --dataset shapes --quick
     # the paper's Fig. 8: confidently misclassified CIFAR-10 test images, Alg. 2
     python posthoc.py --dataset cifar10 --glow glow-cifar10.pt \

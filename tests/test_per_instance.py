@@ -186,6 +186,18 @@ def test_smoke_simplebits_resume_retrain_save(tmp_path):
     assert train["images"].shape == (32, 3, 32, 32) and train["labels"].shape == (32,)
 
 
+def test_convnet_classifier_and_quick_preset(tmp_path):
+    """--classifier convnet trains the DC ConvNet as f (the --quick default) with a fresh one
+    for --retrain; --quick changes only defaults."""
+    results = run(tmp_path, "conv", "--classifier", "convnet", "--width", "8", "--epochs", "1",
+                  "--retrain", "--retrain-epochs", "1")
+    assert 0 <= results["retrain_test_acc"] <= 1 and results["test_bpd_simplified"] > 0
+    assert nets.load_model(str(tmp_path / "conv" / "classifier.pt"), kind="ConvNet").config["width"] == 8
+    cfg = pi.resolve_config(pi.get_args(["--quick", "--classifier", "wrn"]))
+    assert (cfg.classifier, cfg.width, cfg.epochs) == ("wrn", 32, pi.QUICK["epochs"])
+    assert pi.resolve_config(pi.get_args([])).classifier == "wrn"  # the paper's f by default
+
+
 @pytest.mark.parametrize("kind", ["l2", "blur", "jpeg"])
 def test_smoke_baselines(tmp_path, kind):
     results = run(tmp_path, kind, "--simplifier", kind, "--epochs", "1", "--retrain-epochs", "1")
