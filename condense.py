@@ -41,15 +41,17 @@ def get_args(argv=None):
                    help="frozen Glow checkpoint p_G that scores bpd (Eq. 1, 7); with --quick "
                         "and no --glow a tiny Glow is pretrained and cached in --out")
     p.add_argument("--out", default=None,
-                   help="output directory (default runs/condense-<dataset>-ipc<ipc>-lam<λ>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to run (auto: cuda if available)")
+                   help="output directory (default runs/condense-<dataset>-ipc<ipc>-lam<λ>-"
+                        "seed<seed>[-quick])")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds python, numpy and torch once (α₀, networks, real batches)")
     p.add_argument("--quick", action="store_true",
                    help="CPU preset: small subset, narrow ConvNet, few iterations, tiny Glow")
     p.add_argument("--resume", action="store_true",
-                   help="continue from --out/checkpoint.pt (α, Adam state, RNG, iteration)")
+                   help="continue the run in --out from its checkpoint.pt (α, Adam state, RNG, "
+                        "iteration); same flags, --iterations and --eval-at may change")
     p.add_argument("--train-size", type=int, default=None,
                    help="fixed random subset of N training images (quick: 2000)")
     p.add_argument("--test-size", type=int, default=None,
@@ -65,7 +67,7 @@ def get_args(argv=None):
     p.add_argument("--inner-loop", type=int, default=None,
                    help="ConvNet epochs on the synthetic set between image updates (DC: ipc 1 -> "
                         "1, 10 -> 50, 50 -> 10; quick: 1)")
-    p.add_argument("--lambda-sim", type=float, default=50.0,
+    p.add_argument("--lambda-sim", type=nets.finite_float, default=50.0,
                    help="simplification weight λ in L = Σ_c D_c + λ·mean bpd(X_syn), Eq. 7 "
                         "(ours = authors' λ·max(N//50,1)/(5C))")
     p.add_argument("--batch-real", type=int, default=None,
@@ -103,7 +105,7 @@ def get_config(args):
         eval_at=pick(args.eval_at, "0,500,1000", ""),
     )
     if args.ipc < 1 or args.batch_size < 1:
-        raise ValueError("--ipc and --batch-size must be at least 1.")
+        raise nets.RunError("--ipc and --batch-size must be at least 1.")
     # quick: one image update per fresh net, as DC does for ipc 1; DC's (10, 50) for
     # ipc 10 costs ~15x more per iteration, too slow for a CPU demo
     outer_loop, inner_loop = get_loops(args.ipc)
@@ -112,16 +114,17 @@ def get_config(args):
     for name in ["batch_real", "width", "num_eval", "eval_epochs", "outer_loop",
                  "inner_loop"]:
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1.")
+            raise nets.RunError(f"--{name.replace('_', '-')} must be at least 1.")
     if cfg.iterations < 0 or args.lambda_sim < 0:
-        raise ValueError("--iterations and --lambda-sim must not be negative.")
+        raise nets.RunError("--iterations and --lambda-sim must not be negative.")
     try:
         at = {int(s) for s in cfg.eval_at.split(",") if s.strip()}
     except ValueError:
-        raise ValueError(f"--eval-at must be comma-separated integers, got {cfg.eval_at!r}.")
+        raise nets.RunError(f"--eval-at must be comma-separated integers, got {cfg.eval_at!r}.") from None
     cfg.eval_at = {i for i in at if 0 <= i <= cfg.iterations} | {cfg.iterations}
     name = Path(args.dataset).name
-    cfg.out = Path(args.out or f"runs/condense-{name}-ipc{args.ipc}-lam{args.lambda_sim:g}")
+    cfg.out = Path(args.out or f"runs/condense-{name}-ipc{args.ipc}-lam{args.lambda_sim:g}"
+                               f"-seed{args.seed}" + ("-quick" if quick else ""))
     return cfg
 
 
@@ -313,6 +316,8 @@ def save_grid(images, class_names, ipc, path):
 def main(args):
     cfg = get_config(args)
     print(json.dumps(vars(args)))
+    resuming = nets.check_out(cfg.out, vars(args), args.resume,
+                              may_change=("iterations", "eval_at"))
     nets.seed_everything(args.seed)
     device = nets.resolve_device(args.device)
 
@@ -327,22 +332,29 @@ def main(args):
     real_by_class = [x_train[y_train == c].to(device) for c in range(info.num_classes)]
     empty = [info.class_names[c] for c, x in enumerate(real_by_class) if len(x) == 0]
     if empty:
-        raise ValueError(f"class {empty[0]} has no training images; raise --train-size.")
+        raise nets.RunError(f"class {empty[0]} has no training images; raise --train-size.")
 
     # models: the frozen Glow that scores bpd, and the synthetic images X = sigmoid(α)
-    glow_model = glow.get_glow(args.glow, args.quick, train_set, cfg.out / "glow-quick.pt",
-                               device)
-    nets.seed_everything(args.seed)  # the run must not depend on whether the quick Glow was cached
+    made_from = dict(dataset=info.name, train_size=len(train_set), seed=args.seed)
+    glow_model = glow.get_glow(args.glow, args.quick, train_set,
+                               glow.quick_glow_path(cfg.out, made_from), device, made_from)
     nets.write_json(cfg.out / "args.json", vars(args))  # after the expected failures
     C, ipc = info.num_classes, args.ipc
     alpha = (0.2 * torch.randn(C * ipc, 3, 32, 32)).to(device).requires_grad_()  # grey ≈ 0.5
     labels = torch.arange(C, device=device).repeat_interleave(ipc)  # class-major
     # optimizer of the images (authors: Adam lr 0.1, betas (0.5, 0.99), eps 1e-6)
     optimizer = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
-    start = 0
+    start, history = 0, []  # history: every metrics.jsonl row up to the checkpoint
     ckpt_path = cfg.out / "checkpoint.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if resuming and ckpt_path.exists():
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as e:  # truncated, empty, or not a torch file
+            raise nets.CheckpointError(f"--resume: cannot read {ckpt_path} ({type(e).__name__}); "
+                                       "delete it to restart, or choose another --out.") from None
+        if not isinstance(ckpt, dict) or "alpha" not in ckpt or "history" not in ckpt:
+            raise nets.CheckpointError(f"--resume: {ckpt_path} is not a checkpoint of "
+                                       "condense.py; choose another --out.")
         if ckpt["alpha"].shape != alpha.shape:
             raise nets.CheckpointError(f"{ckpt_path} holds {len(ckpt['alpha'])} synthetic "
                                        f"images, not {len(alpha)}; use another --out.")
@@ -352,17 +364,21 @@ def main(args):
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if device.type == "cuda" and "rng_cuda" in ckpt:
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
-        start = ckpt["iteration"]
+        start, history = ckpt["iteration"], ckpt["history"]
         if start > cfg.iterations:
-            raise ValueError(f"{ckpt_path} is at iteration {start}, beyond --iterations "
-                             f"{cfg.iterations}; raise --iterations to continue it.")
+            raise nets.RunError(f"{ckpt_path} is at iteration {start}, beyond --iterations "
+                                f"{cfg.iterations}; raise --iterations to continue it.")
         print(f"resumed from {ckpt_path} at iteration {start}")
-    elif args.resume:
-        print(f"no checkpoint at {ckpt_path}; starting a new run")
+    nets.write_jsonl(cfg.out / "metrics.jsonl", history)  # rows after the checkpoint are dropped
+
+    def log(row):
+        history.append(row)
+        nets.append_jsonl(cfg.out / "metrics.jsonl", row)
 
     def save_checkpoint(iteration):
         state = {"alpha": alpha.detach(), "optimizer": optimizer.state_dict(),
-                 "iteration": iteration, "rng_cpu": torch.get_rng_state(), "args": vars(args)}
+                 "iteration": iteration, "rng_cpu": torch.get_rng_state(), "args": vars(args),
+                 "history": history}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
         nets.atomic_save(state, ckpt_path)
@@ -385,8 +401,7 @@ def main(args):
             bpd = mean_bpd(glow_model, x_syn, args.seed)
             print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
                   f"({cfg.num_eval} nets), bpd {bpd:.3f}")
-            nets.append_jsonl(cfg.out / "metrics.jsonl", {"iteration": it, "test_acc_mean": acc,
-                                                         "test_acc_std": std, "bpd": bpd})
+            log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "bpd": bpd})
             save_grid(x_syn, info.class_names, ipc, cfg.out / "synthetic.png")
         if it == cfg.iterations:
             break
@@ -394,8 +409,7 @@ def main(args):
         metrics = outer_iteration(alpha, optimizer, real_by_class, glow_model, args.lambda_sim,
                                   ipc, cfg.batch_real, cfg.width, cfg.outer_loop,
                                   cfg.inner_loop, args.batch_size)
-        nets.append_jsonl(cfg.out / "metrics.jsonl",
-                          {"iteration": it + 1, **metrics, "seconds": time.time() - t0})
+        log({"iteration": it + 1, **metrics, "seconds": time.time() - t0})
         progress.update(1, **{k: v for k, v in metrics.items() if v is not None})
         if (it + 1) % 10 == 0 or it + 1 == cfg.iterations:
             save_checkpoint(it + 1)
@@ -428,6 +442,7 @@ def main(args):
     save_grid(x_syn, info.class_names, ipc, cfg.out / "synthetic.png")
     save_grid(x_random, info.class_names, ipc, cfg.out / "random_real.png")
     nets.write_json(cfg.out / "results.json", results)
+    nets.check_finite(results, f"the run in {cfg.out}")
     print(f"condensed ({ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "
           f"{results['bpd_synthetic']:.3f} | random real: {100 * random_acc:.2f} ± "
           f"{100 * random_std:.2f}%, bpd {results['bpd_random_real']:.3f} | "
@@ -439,6 +454,10 @@ if __name__ == "__main__":
     try:
         main(get_args())
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
-            ValueError) as e:
-        print(f"condense.py: {e}", file=sys.stderr)
+            nets.RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue from the last "
+              "checkpoint (every 10 iterations).", file=sys.stderr)
+        sys.exit(130)

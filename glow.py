@@ -29,6 +29,9 @@ import nets
 LOGSCALE_FACTOR = 3.0  # Conv2dZeros output gain exp(3·logs): fixed in y0ast, not stored (spec §7.7)
 N_BINS = 256  # 8-bit images: bins of width 1/256 in the Glow input space (spec §3.1)
 QUICK_GLOW = dict(levels=3, steps=4, hidden=32)  # the tiny Glow that --quick pretrains on CPU
+QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow: about 30 s on 2 idle CPU cores
+QUICK_LR = 5e-3  # 10x the full-size rate: within 300 steps the tiny Glow learns that plain
+                 # backgrounds are cheap (shapes: plain-background images 38% fewer bits)
 
 
 class GlowCheckpointError(Exception):
@@ -446,6 +449,18 @@ def bits_per_dim(glow, x, noise=True):
     return (-log_p + dims * math.log(N_BINS)) / (dims * math.log(2.0))
 
 
+@torch.no_grad()
+def prior_mode(glow, n):
+    """Latents of the simplest image the priors describe, for n images: the top latent at
+    its prior mean, then each split's z₂ at its conditional prior mean given the levels
+    above (sampling at temperature 0). With learned, conditional priors z = 0 is not this
+    point. Sec. 5 starts post-hoc simplification from such "a very simple image"."""
+    mean, _ = glow.top_prior()  # (1, C_top, S, S)
+    levels = glow.config["levels"]
+    x_glow = glow.reverse([None] * (levels - 1) + [mean.expand(n, -1, -1, -1)], temperature=0.0)
+    return glow(x_glow)[1]  # the latents of that image, [z₂ of each split, top z]
+
+
 def encode(glow, x):
     """[0,1] images -> list of latents (no dequantization noise)."""
     return glow(to_glow_range(x))[1]
@@ -472,14 +487,19 @@ def save_glow(glow, path, **extra):
                       **extra}, path)
 
 
-def load_glow(path, map_location="cpu", frozen=True):
-    """Rebuild a Glow from its config and load its weights; frozen for scoring by default."""
+def load_glow(path, device="cpu", frozen=True, made_from=None):
+    """Rebuild a Glow from its config, load its weights and move it to `device`; frozen for
+    scoring by default. The checkpoint is read on the CPU; every parameter and buffer of
+    the returned model lives on `device`. With `made_from`, a Glow that was pretrained on
+    other data (its stored "made_from") is refused."""
     if not os.path.isfile(path):
         raise GlowCheckpointError(f"Glow checkpoint {path} does not exist: {HOW_TO_GET_A_GLOW}.")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise GlowCheckpointError(f"cannot read {path} as a torch checkpoint ({error}).")
+        raise GlowCheckpointError(f"cannot read {path} as a torch checkpoint "
+                                  f"({type(error).__name__}: empty, truncated or not a checkpoint); "
+                                  f"{HOW_TO_GET_A_GLOW}.") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "glow":
         if isinstance(checkpoint, dict) and any(str(k).startswith("flow.layers.") for k in checkpoint):
             raise GlowCheckpointError(
@@ -487,12 +507,16 @@ def load_glow(path, map_location="cpu", frozen=True):
                 f"with `python glow.py import-y0ast {path} --out glow-cifar10.pt`.")
         kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise GlowCheckpointError(f"{path} holds a {kind!r}, not a Glow: {HOW_TO_GET_A_GLOW}.")
+    if made_from is not None and checkpoint.get("made_from") != made_from:
+        raise GlowCheckpointError(f"{path} was pretrained on {checkpoint.get('made_from')}, not "
+                                  f"on {made_from}; delete it or choose another --out.")
     glow = Glow(**checkpoint["config"])
     try:
         glow.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1].strip()
         raise GlowCheckpointError(f"{path}: the weights do not match its config ({first_line}).")
+    glow = glow.to(device)
     return freeze(glow) if frozen else glow
 
 
@@ -570,11 +594,13 @@ def score_dataset(glow, dataset, device, batch_size=256, noise=True):
 
 
 def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr=5e-4,
-               warmup_steps=200, max_steps=None, out=None, init_images=512, log=print):
+               warmup_steps=200, max_steps=None, out=None, init_images=512, settings=None,
+               log=print):
     """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up,
     ActNorm data-dependent init on `init_images` augmented images, and skipping of steps
-    with non-finite gradients. Saves `out` atomically after every epoch and resumes from it
-    when it holds an unfinished run of the same model."""
+    with non-finite gradients. Saves `out` atomically after every epoch (with `settings`,
+    the run's flags) and resumes from it when it holds an unfinished run of the same model.
+    A run that diverges (non-finite weights or test bpd) raises instead of saving."""
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
                                          drop_last=len(train_set) >= batch_size)
     optimizer = torch.optim.Adamax(glow.parameters(), lr=lr, weight_decay=5e-5)  # y0ast/authors
@@ -618,12 +644,16 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
                 break
         progress.close()
         line = f"glow epoch {epoch + 1}: train bpd {total.item() / max(count, 1):.3f}"
+        test_bpd = 0.0 if test_set is None else score_dataset(glow, test_set, device).mean().item()
         if test_set is not None:
-            line += f", test bpd {score_dataset(glow, test_set, device).mean().item():.3f}"
+            line += f", test bpd {test_bpd:.3f}"
         log(line + (f", {skipped} non-finite steps skipped" if skipped else ""))
+        if not (math.isfinite(test_bpd) and all(bool(p.isfinite().all()) for p in glow.parameters())):
+            raise GlowCheckpointError(f"Glow training diverged in epoch {epoch + 1} (non-finite "
+                                      "weights or test bpd), so it was not saved; lower --lr.")
         done = epoch + 1 == epochs or (max_steps and step >= max_steps)
         if out:
-            save_glow(glow, out, **({} if done else dict(
+            save_glow(glow, out, settings=settings, **({} if done else dict(
                 optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),
                 epoch=epoch + 1, step=step, rng=torch.get_rng_state())))
         if done:
@@ -631,28 +661,38 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
     return glow
 
 
-def get_glow(path, quick, train_set, cache_path, device, log=print):
-    """The scoring Glow of a mode script: `path` if given; with `quick`, a tiny Glow
-    pretrained on `train_set` and cached at `cache_path`; otherwise a clear error."""
+def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=print):
+    """The scoring Glow of a mode script, on `device`: `path` if given; with `quick`, the
+    tiny Glow of the --quick presets, pretrained here on `train_set` (~30 s on a CPU) and
+    cached at `cache_path`, or taken from there if it was made from the same data
+    (`made_from`, e.g. {"dataset": ..., "train_size": ..., "seed": ...}); otherwise a clear
+    error. The pretraining draws from its own random stream seeded with made_from["seed"],
+    so it neither depends on nor changes the caller's: a run gives the same numbers whether
+    the Glow was cached or not, and runs of a λ grid share one Glow."""
+    device = torch.device(device)
     if path:
-        return load_glow(path, map_location=device)
+        return load_glow(path, device)
     if not quick:
         raise GlowCheckpointError(f"no Glow given: pass --glow PATH ({HOW_TO_GET_A_GLOW}), "
                                   f"or use --quick to pretrain a tiny one.")
     if os.path.isfile(cache_path):
         log(f"using the cached quick Glow {cache_path}")
-        return load_glow(cache_path, map_location=device)
+        return load_glow(cache_path, device, made_from=made_from)
     log(f"pretraining a tiny Glow {QUICK_GLOW} on {len(train_set)} images -> {cache_path}")
-    glow = Glow(**QUICK_GLOW).to(device)
-    train_glow(glow, train_set, device, epochs=1000, max_steps=QUICK_STEPS, lr=QUICK_LR,
-               warmup_steps=50, log=log)
-    save_glow(glow, cache_path)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed((made_from or {}).get("seed", 0))
+        glow = Glow(**QUICK_GLOW).to(device)
+        train_glow(glow, train_set, device, epochs=1000, max_steps=QUICK_STEPS, lr=QUICK_LR,
+                   warmup_steps=50, log=log)
+    save_glow(glow, cache_path, made_from=made_from)
     return freeze(glow)
 
 
-QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow: about 30 s on 2 idle CPU cores
-QUICK_LR = 5e-3  # 10x the full-size rate: within 300 steps the tiny Glow learns that plain
-                 # backgrounds are cheap (shapes: plain-background images 38% fewer bits)
+def quick_glow_path(out, made_from):
+    """Where the quick Glow of `made_from` is cached: a quick-glow/ folder beside the run's
+    output folder, shared by all runs on the same data (e.g. every λ of a grid)."""
+    name = "-".join(str(v) for v in made_from.values()).replace(os.sep, "_")
+    return os.path.join(os.path.dirname(os.path.abspath(out)), "quick-glow", f"glow-{name}.pt")
 
 
 # ----------------------------------------------------------------------------------------
@@ -668,19 +708,19 @@ def get_args(argv=None):
                        help="dataset name(s) from datasets.py or ImageFolder path(s), comma-"
                             "separated to combine (default cifar10; shapes with --quick)")
     train.add_argument("--out", default=None, help="checkpoint path (default runs/glow-<dataset>.pt)")
-    train.add_argument("--levels", type=int, default=None, help="levels L of the multi-scale Glow (3)")
-    train.add_argument("--steps", type=int, default=None, help="flow steps K per level (32)")
-    train.add_argument("--hidden", type=int, default=None, help="coupling-network width (512)")
+    train.add_argument("--levels", type=nets.positive_int, default=None, help="levels L of the multi-scale Glow (3)")
+    train.add_argument("--steps", type=nets.positive_int, default=None, help="flow steps K per level (32)")
+    train.add_argument("--hidden", type=nets.positive_int, default=None, help="coupling-network width (512)")
     train.add_argument("--additive", action="store_true", help="additive instead of affine coupling")
-    train.add_argument("--epochs", type=int, default=None, help="training epochs (100)")
-    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    train.add_argument("--batch-size", type=int, default=64, help="batch size (64, authors §1.3)")
-    train.add_argument("--lr", type=float, default=None,
+    train.add_argument("--epochs", type=nets.positive_int, default=None, help="training epochs (100)")
+    train.add_argument("--max-steps", type=nets.positive_int, default=None, help="stop after this many steps")
+    train.add_argument("--batch-size", type=nets.positive_int, default=64, help="batch size (64, as y0ast and the authors)")
+    train.add_argument("--lr", type=nets.finite_float, default=None,
                        help="Adamax learning rate (5e-4; quick %g)" % QUICK_LR)
-    train.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up steps (4000)")
+    train.add_argument("--warmup-steps", type=nets.positive_int, default=None, help="linear lr warm-up steps (4000)")
     train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
-    train.add_argument("--train-size", type=int, default=None, help="train on a fixed random subset of N images")
-    train.add_argument("--test-size", type=int, default=None, help="report test bpd on a fixed random subset")
+    train.add_argument("--train-size", type=nets.positive_int, default=None, help="train on a fixed random subset of N images")
+    train.add_argument("--test-size", type=nets.positive_int, default=None, help="report test bpd on a fixed random subset")
     train.add_argument("--quick", action="store_true",
                        help="CPU preset: the tiny Glow of the mode scripts' --quick, on shapes")
     imp = commands.add_parser("import-y0ast", help="convert y0ast/Glow-PyTorch's checkpoint")
@@ -690,11 +730,12 @@ def get_args(argv=None):
     bpd.add_argument("--glow", required=True, help="Glow checkpoint of this project")
     bpd.add_argument("--dataset", required=True, help="comma-separated dataset names or folders")
     bpd.add_argument("--split", choices=["train", "test"], default="test", help="which split to score")
-    bpd.add_argument("--test-size", type=int, default=None, help="score a fixed random subset of N images")
+    bpd.add_argument("--test-size", type=nets.positive_int, default=None, help="score a fixed random subset of N images")
     bpd.add_argument("--out", default="runs/glow-bpd", help="output folder for bpd.json and the grids")
-    bpd.add_argument("--batch-size", type=int, default=256, help="scoring batch size")
+    bpd.add_argument("--batch-size", type=nets.positive_int, default=256, help="scoring batch size")
     for sub in (train, imp, bpd):
-        sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
+        sub.add_argument("--device", default="auto",
+                         help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
         sub.add_argument("--data-root", default="data", help="where datasets are (downloaded)")
         sub.add_argument("--seed", type=int, default=0, help="random seed")
     return parser.parse_args(argv)
@@ -710,6 +751,25 @@ def load_many(names, root, train, size, seed):
     return datasets.subset(data, size, seed)
 
 
+def check_resume_settings(path, settings):
+    """`glow.py train --resume` continues only a run of the same flags (more epochs or steps
+    allowed); a foreign, truncated or finished checkpoint is one sentence."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise GlowCheckpointError(f"--resume: cannot read {path} ({type(error).__name__}); "
+                                  "it is not an unfinished `glow.py train` run.") from None
+    if not isinstance(state, dict) or "optimizer" not in state or "settings" not in state:
+        raise GlowCheckpointError(f"--resume: {path} is not an unfinished `glow.py train` run "
+                                  "(finished, imported, or foreign); choose another --out.")
+    free = set(nets.ALWAYS_MAY_CHANGE) | {"epochs", "max_steps"}
+    changed = [k for k in settings if k not in free and state["settings"].get(k) != settings[k]]
+    if changed:
+        raise GlowCheckpointError(f"--resume: {path} was started with other settings ("
+                                  + ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)!r}"
+                                              for k in changed[:4]) + "); rerun with those flags.")
+
+
 def main(args):
     print(vars(args))
     nets.seed_everything(args.seed)
@@ -718,28 +778,44 @@ def main(args):
         if not os.path.isfile(args.checkpoint):
             raise GlowCheckpointError(f"{args.checkpoint} does not exist: download glow.zip from "
                                       f"the y0ast/Glow-PyTorch README and unzip it.")
-        glow = import_y0ast(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as error:  # text, empty, truncated, or a pickled module
+            raise GlowCheckpointError(f"cannot read {args.checkpoint} as a y0ast state dict "
+                                      f"({type(error).__name__}); use glow_affine_coupling.pt "
+                                      "from y0ast's glow.zip.") from None
+        if not isinstance(state, dict):
+            raise GlowCheckpointError(f"{args.checkpoint} holds a {type(state).__name__}, not a "
+                                      "y0ast state dict.")
+        glow = import_y0ast(state)
         save_glow(glow, args.out)
         print(f"wrote {args.out}: {glow.config}")
     elif args.command == "train":
-        name = args.dataset or ("shapes" if args.quick else "cifar10")
-        size = QUICK_GLOW if args.quick else dict(levels=3, steps=32, hidden=512)
-        config = dict(levels=args.levels or size["levels"], steps=args.steps or size["steps"],
-                      hidden=args.hidden or size["hidden"], affine=not args.additive)
+        def pick(value, full, quick):  # an explicit flag wins over the preset
+            return value if value is not None else (quick if args.quick else full)
+        name = pick(args.dataset, "cifar10", "shapes")
+        config = dict(levels=pick(args.levels, 3, QUICK_GLOW["levels"]),
+                      steps=pick(args.steps, 32, QUICK_GLOW["steps"]),
+                      hidden=pick(args.hidden, 512, QUICK_GLOW["hidden"]), affine=not args.additive)
+        if 32 % 2 ** config["levels"]:
+            raise nets.RunError(f"--levels {config['levels']}: 32×32 images allow at most 5 levels.")
+        if args.lr is not None and args.lr <= 0:
+            raise nets.RunError(f"--lr must be positive, got {args.lr}.")
         out = args.out or f"runs/glow-{name.replace(',', '+').replace(os.sep, '_')}.pt"
         if os.path.isfile(out) and not args.resume:
             raise GlowCheckpointError(f"{out} exists: pass --resume to continue it or another --out.")
+        if os.path.isfile(out):
+            check_resume_settings(out, vars(args))
         glow = Glow(**config).to(device)
         train_glow(glow, load_many(name, args.data_root, True, args.train_size, args.seed), device,
-                   epochs=args.epochs or (1000 if args.quick else 100),
+                   epochs=pick(args.epochs, 100, 1000),
                    test_set=load_many(name, args.data_root, False, args.test_size, args.seed),
-                   batch_size=args.batch_size,
-                   lr=args.lr or (QUICK_LR if args.quick else 5e-4),
-                   warmup_steps=args.warmup_steps or (50 if args.quick else 4000),
-                   max_steps=args.max_steps or (QUICK_STEPS if args.quick else None), out=out)
+                   batch_size=args.batch_size, lr=pick(args.lr, 5e-4, QUICK_LR),
+                   warmup_steps=pick(args.warmup_steps, 4000, 50),
+                   max_steps=pick(args.max_steps, None, QUICK_STEPS), out=out, settings=vars(args))
         print(f"wrote {out}")
     else:
-        glow = load_glow(args.glow, map_location=device)
+        glow = load_glow(args.glow, device)
         means = {}
         for name in args.dataset.split(","):
             data = load_many(name, args.data_root, args.split == "train", args.test_size, args.seed)
@@ -759,6 +835,10 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (GlowCheckpointError, datasets.DatasetError, nets.CheckpointError, ValueError) as error:
+    except (GlowCheckpointError, datasets.DatasetError, nets.CheckpointError, nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue from the last "
+              "saved epoch.", file=sys.stderr)
+        sys.exit(130)

@@ -14,11 +14,14 @@ mode scripts (device, seeding, atomic files, progress lines).
 
     python3 -c "import nets; print(nets.NFWideResNet(10))"
 """
+import argparse
 import json
+import math
 import os
 import random
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -192,8 +195,9 @@ class UNetSimplifier(nn.Module):
         if x.shape[-2] % size or x.shape[-1] % size:
             raise ValueError(f"UNetSimplifier with num_down={len(self.down)} needs image sides "
                              f"divisible by {size}, got {tuple(x.shape[-2:])}.")
-        x = x.clamp(1e-3, 1 - 1e-3)  # keeps logit finite; 1e-3 from the authors' code
-        return torch.sigmoid(torch.logit(x) + self.merge_weight * self.unet(2 * x - 1))
+        clamped = x.clamp(1e-3, 1 - 1e-3)  # keeps logit finite; 1e-3 from the authors' code
+        # the UNet sees the unclamped image, as in the authors' WrapResidualIdentityUnet
+        return torch.sigmoid(torch.logit(clamped) + self.merge_weight * self.unet(2 * x - 1))
 
 
 class ConvNet(nn.Module):
@@ -255,11 +259,13 @@ def save_model(model, path, **extra):
                  "state_dict": _strip_prefixes(model.state_dict()), **extra}, path)
 
 
-def load_model(path, kind=None, map_location="cpu"):
+def load_model(path, kind=None, map_location="cpu", expect=None):
     """Rebuild a model saved by `save_model` from its config; returned in eval mode.
 
     Raises CheckpointError when the file is missing or unreadable, holds another kind of
-    model than `kind`, or its weights do not fit the architecture its config describes.
+    model than `kind` (a name or a tuple of names), was saved with other `expect`ed extras
+    (e.g. {"dataset": "cifar10"}), or its weights do not fit the architecture its config
+    describes.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint {path} does not exist; "
@@ -272,10 +278,15 @@ def load_model(path, kind=None, map_location="cpu"):
     if not isinstance(ckpt, dict) or not {"kind", "config", "state_dict"} <= ckpt.keys():
         raise CheckpointError(f"Checkpoint {path} lacks kind/config/state_dict; "
                               "save it with nets.save_model.")
-    if ckpt["kind"] not in MODEL_KINDS or (kind is not None and ckpt["kind"] != kind):
-        wanted = kind or " or ".join(MODEL_KINDS)
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind or MODEL_KINDS)
+    if ckpt["kind"] not in MODEL_KINDS or ckpt["kind"] not in kinds:
+        wanted = " or ".join(kinds)
         raise CheckpointError(f"Checkpoint {path} holds a {ckpt['kind']}, "
                               f"but a {wanted} is needed here.")
+    for key, value in (expect or {}).items():
+        if key in ckpt and ckpt[key] != value:
+            raise CheckpointError(f"Checkpoint {path} was made for {key} {ckpt[key]!r}, not "
+                                  f"{value!r}; give one made for {value!r}.")
     try:
         model = MODEL_KINDS[ckpt["kind"]](**ckpt["config"])
         model.load_state_dict(_strip_prefixes(ckpt["state_dict"]))
@@ -287,16 +298,35 @@ def load_model(path, kind=None, map_location="cpu"):
     return model.to(map_location).eval()
 
 
+class RunError(Exception):
+    """An expected failure of a run (bad flag value, unusable device, output folder of
+    another run); the message is one sentence that says what to do."""
+
+
 def resolve_device(name):
-    """Map --device auto|cpu|cuda to a torch.device; "cuda" without a GPU is a ValueError."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"Unknown device {name!r}; use auto, cpu or cuda.")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA GPU is available; "
-                         "use --device cpu or auto.")
+    """--device: `auto` (cuda, then mps, then cpu) or any torch device (cpu, cuda, cuda:1, mps).
+    A device this machine does not have is a RunError."""
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RunError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N "
+                       "or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name} was requested but no CUDA GPU is available; "
+                       "use --device cpu or auto.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                       "GPU(s), numbered from 0.")
+    if device.type == "mps" and not mps_ok:
+        raise RunError(f"--device {name} was requested but Apple's MPS is not available here; "
+                       "use --device cpu or auto.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise RunError(f"--device {name}: only cpu, cuda, cuda:N and mps are supported.")
+    return device
 
 
 def seed_everything(seed):
@@ -342,11 +372,95 @@ def write_json(path, obj):
     _atomic_write(path, write)
 
 
+def write_jsonl(path, rows):
+    """Write `rows` as a JSON-lines file, atomically (a resumed run rewrites its history)."""
+    text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
 def append_jsonl(path, obj):
     """Append `obj` as one JSON line (metrics.jsonl)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(obj, default=_json_default) + "\n")
+
+
+def finite_float(text):
+    """argparse type for real-valued flags: refuses nan and inf like any other bad number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text):
+    """argparse type for counts and sizes: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+ALWAYS_MAY_CHANGE = ("resume", "device", "data_root", "out")  # never change a run's numbers
+
+
+def check_out(out, settings, resume, may_change=()):
+    """Make sure the folder `out` may receive this run; nothing is written here.
+
+    A new run needs a missing or empty folder: a folder with another run's files is
+    refused, so nothing is ever appended to or overwritten in them. `--resume` continues
+    the run whose args.json is in `out`, and is refused when any setting differs from it
+    except those in `may_change` (e.g. more epochs). Temporary files left by an atomic save
+    that was killed are removed. Returns True when an earlier run is continued.
+    """
+    out = Path(out)
+    for tmp in out.glob(".tmp-*") if out.is_dir() else ():
+        tmp.unlink()  # a killed atomic save; the file it was writing is intact
+    files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not resume:
+        if files:
+            raise RunError(f"{out} already holds a run ({', '.join(files[:3])}"
+                           f"{', ...' if len(files) > 3 else ''}); pass --resume to continue "
+                           "it, or choose another --out.")
+        return False
+    if not (out / "args.json").is_file():
+        if files:
+            raise RunError(f"--resume: {out} holds files but no args.json of a run; "
+                           "choose another --out.")
+        print(f"--resume: nothing to resume in {out}; starting a new run", flush=True)
+        return False
+    try:
+        stored = json.loads((out / "args.json").read_text())
+    except (OSError, ValueError):
+        raise RunError(f"--resume: {out / 'args.json'} is unreadable; choose another --out.") from None
+    current = json.loads(json.dumps(settings, default=_json_default))
+    free = set(ALWAYS_MAY_CHANGE) | set(may_change)
+    changed = [k for k in sorted(set(stored) | set(current))
+               if k not in free and stored.get(k) != current.get(k)]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current.get(k)!r}"
+                          for k in changed[:4])
+        raise RunError(f"--resume: {out} was started with other settings ({diffs}); rerun "
+                       "with the original flags or choose another --out.")
+    return True
+
+
+def check_finite(results, what):
+    """A run whose numbers are NaN or infinite has failed: say which, as a RunError."""
+    bad = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise RunError(f"{what} ended with non-finite {', '.join(bad)}: the run diverged "
+                       "(lower the learning rate or λ and start again).")
 
 
 class Progress:

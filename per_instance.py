@@ -52,30 +52,35 @@ def get_args(argv=None):
     p.add_argument("--glow", default=None, help="Glow checkpoint G that scores bpd (Eq. 1)")
     p.add_argument("--out", default=None, help="output folder (default "
                    "runs/per_instance-<dataset>-<simplifier>-lam<λ>-seed<seed>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs of joint training (Sec. 3; paper 100, quick %d)" % QUICK["epochs"])
+                   help="epochs of joint training (Sec. 3; paper 100, L2 baseline 50 as the "
+                        "authors, quick %d)" % QUICK["epochs"])
     p.add_argument("--batch-size", type=int, default=None, help="batch size (authors: 32)")
     p.add_argument("--quick", action="store_true", help="CPU preset: small subsets, tiny "
                    "networks, few epochs, a tiny Glow pretrained on the fly")
     p.add_argument("--train-size", type=int, default=None, help="use N training images")
     p.add_argument("--test-size", type=int, default=None, help="use N test images")
-    p.add_argument("--lambda-sim", type=float, default=None,
+    p.add_argument("--lambda-sim", type=nets.finite_float, default=None,
                    help="weight λ_sim of L_sim in bits/dim (Eq. 5; default 2, paper grid 0-2)")
     p.add_argument("--simplifier", default="unet", choices=["unet", "l2", "blur", "jpeg"],
                    help="unet: SimpleBits (Sec. 3); l2, blur, jpeg: the baselines of S7")
-    p.add_argument("--blur-sigma", type=float, default=1.0, help="σ of the blur baseline (S7)")
+    p.add_argument("--blur-sigma", type=nets.finite_float, default=1.0, help="σ of the blur baseline (S7)")
     p.add_argument("--jpeg-quality", type=int, default=20, help="quality of the JPEG baseline (S7)")
     p.add_argument("--retrain", action="store_true",
                    help="train a fresh classifier on the simplified training images (Fig. 5)")
     p.add_argument("--finetune", action="store_true",
                    help="finetune the joint classifier on the simplified images (Fig. 5)")
     p.add_argument("--retrain-epochs", type=int, default=None,
-                   help="epochs of retraining / finetuning (Fig. 5; default --epochs)")
+                   help="epochs of retraining / finetuning (Fig. 5; 100 as the authors, quick %d)"
+                        % QUICK["epochs"])
     p.add_argument("--save-simplified", action="store_true",
                    help="write simplified_{train,test}.pt (uint8 images in dataset order; S5)")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.pt (same flags; --epochs "
+                        "may grow)")
     p.add_argument("--classifier", default=None, choices=["wrn", "convnet"],
                    help="classifier f: wrn = the paper's NF-WideResNet (S2.1, default); convnet "
                         "= the DC ConvNet of Sec. 4 (quick default, faster on a CPU)")
@@ -84,7 +89,7 @@ def get_args(argv=None):
     p.add_argument("--width", type=int, default=None,
                    help="channels of the ConvNet f (--classifier convnet; DC 128, quick 32)")
     p.add_argument("--ngf", type=int, default=None, help="UNet width ngf (S2.2; 64, quick 16)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of f and the simplifier "
+    p.add_argument("--lr", type=nets.finite_float, default=None, help="learning rate of f and the simplifier "
                    "(Sec. 3 Implementation: 5e-4; quick %g)" % QUICK["lr"])
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "train_size", "test_size", "retrain_epochs", "depth",
@@ -102,10 +107,14 @@ def resolve_config(args):
     """Quick-sensitive defaults, resolved once into a new namespace; args is never changed."""
     preset = QUICK if args.quick else FULL
     cfg = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()}
-    cfg["retrain_epochs"] = args.retrain_epochs or cfg["epochs"]
+    if args.epochs is None and args.simplifier == "l2" and not args.quick:
+        cfg["epochs"] = 50  # the authors' L2 baseline ran 50 epochs (S7)
+    cfg["retrain_epochs"] = args.retrain_epochs or preset["epochs"]
     name = os.path.basename(os.path.normpath(args.dataset))
-    cfg["out"] = args.out or \
-        f"runs/per_instance-{name}-{args.simplifier}-lam{cfg['lambda_sim']:g}-seed{args.seed}"
+    knob = {"blur": f"sigma{args.blur_sigma:g}", "jpeg": f"q{args.jpeg_quality}"}.get(
+        args.simplifier, f"lam{cfg['lambda_sim']:g}")
+    cfg["out"] = args.out or (f"runs/per_instance-{name}-{args.simplifier}-{knob}-seed{args.seed}"
+                              + ("-quick" if args.quick else ""))
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
@@ -405,7 +414,14 @@ def save_checkpoint(path, epoch, models, optimizers, history, skipped, args):
 
 def load_checkpoint(path, models, optimizers):
     """Restore what save_checkpoint wrote; returns (epoch, metrics history, skipped steps)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, or not a torch file
+        raise nets.CheckpointError(f"--resume: cannot read {path} ({type(e).__name__}); "
+                                   "delete it to restart the run, or choose another --out.") from None
+    if not isinstance(ckpt, dict) or not {*models, *optimizers, "epoch"} <= ckpt.keys():
+        raise nets.CheckpointError(f"--resume: {path} is not a checkpoint of per_instance.py; "
+                                   "choose another --out.")
     for name, model in models.items():
         if ckpt[name]["config"] != model.config:
             raise nets.CheckpointError(f"{path} was written with other network settings; "
@@ -423,6 +439,9 @@ def load_checkpoint(path, models, optimizers):
 def main(args):
     cfg = resolve_config(args)
     print(vars(cfg), flush=True)
+    # a resumed run may train longer and add the phases after joint training (Fig. 5)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=(
+        "epochs", "retrain", "finetune", "retrain_epochs", "save_simplified"))
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -435,16 +454,19 @@ def main(args):
         return datasets.subset(dataset, size, cfg.seed)
     train_set, test_set = load(True, cfg.train_size), load(False, cfg.test_size)
     info, (test_x, test_y) = train_set.info, datasets.to_tensors(test_set)
-    flip = info.name in ("cifar10", "cifar100")  # authors: flips for CIFAR only (§2.7)
+    flip = info.name in ("cifar10", "cifar100")  # authors: flips for CIFAR only
+    if len(train_set) < cfg.batch_size:
+        raise nets.RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} "
+                            "training images; lower it or raise --train-size.")
 
     # models: simplifier (S2.2), classifier f (S2.1), frozen Glow G (Eq. 1)
     simplifier = nets.UNetSimplifier(num_down=5, ngf=cfg.ngf).to(device)
     classifier = make_classifier(cfg, info, device)
+    made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
-                               os.path.join(cfg.out, "glow-quick.pt"), device)
-    nets.seed_everything(cfg.seed)  # the run must not depend on whether the quick Glow was cached
+                               glow.quick_glow_path(cfg.out, made_from), device, made_from)
     simplify = make_simplify(cfg, simplifier)
-    nets.write_json(os.path.join(cfg.out, "args.json"), vars(args))
+    nets.write_json(os.path.join(cfg.out, "args.json"), vars(args))  # the run starts here
 
     # optimizers: the authors' code (the paper text says AdamW, wd 1e-5, for both)
     opt_clf = make_optimizer(classifier, cfg.lr)
@@ -457,12 +479,9 @@ def main(args):
     # restores the RNG, so a resumed run draws the same numbers as an uninterrupted one
     _, test_bpd = evaluate(None, glow_model, test_x, test_y, device)  # (N,)
     done, history, skipped_total = 0, [], 0
-    if cfg.resume and os.path.exists(ckpt_path):
+    if resuming and os.path.exists(ckpt_path):
         done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)  # rewritten from the checkpoint's history: no duplicate lines
-    for row in history:
-        nets.append_jsonl(metrics_path, row)
+        nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
 
     epochs = cfg.epochs if cfg.simplifier in ("unet", "l2") else 0  # blur/jpeg: nothing to train
     t_start = time.time()
@@ -502,8 +521,10 @@ def main(args):
         print(f"epoch {epoch}/{epochs}  loss {row['train_loss']:.3f}{accuracy}  test bpd "
               f"{row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  skipped {skipped}  "
               f"{row['time_s']:.0f}s", flush=True)
-        nets.save_model(simplifier, os.path.join(cfg.out, "simplifier.pt"), epoch=epoch)
-        nets.save_model(classifier, os.path.join(cfg.out, "classifier.pt"), epoch=epoch)
+        nets.save_model(simplifier, os.path.join(cfg.out, "simplifier.pt"), epoch=epoch,
+                        dataset=info.name)
+        nets.save_model(classifier, os.path.join(cfg.out, "classifier.pt"), epoch=epoch,
+                        dataset=info.name)
         save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total, args)
 
     # final evaluation (S5: PNG sizes of the 8-bit test images)
@@ -532,12 +553,13 @@ def main(args):
         results.update(retrain_test_acc=acc, retrain_test_acc_simplified=acc_sim)
         if cfg.simplifier != "unet":
             results.update(test_acc=acc, test_acc_simplified=acc_sim)
-            nets.save_model(fresh, os.path.join(cfg.out, "classifier.pt"))
+            nets.save_model(fresh, os.path.join(cfg.out, "classifier.pt"), dataset=info.name)
     if cfg.finetune:
         acc, acc_sim = retrain(classifier, train_sim, train_y, test, cfg, flip, device, "finetune")
         results.update(finetune_test_acc=acc, finetune_test_acc_simplified=acc_sim)
     results["time_s"] = time.time() - t_start
     nets.write_json(os.path.join(cfg.out, "results.json"), results)
+    nets.check_finite(results, f"the run in {cfg.out}")
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}, flush=True)
     return results
 
@@ -545,6 +567,11 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError, ValueError) as e:
+    except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
+            nets.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue from the last "
+              "finished epoch.", file=sys.stderr)
+        sys.exit(130)

@@ -4,17 +4,18 @@ Explains a trained classifier f on single images. f "forgets" when all its param
 scaled down by s < 1; we synthesise the simplest image (lowest Glow bpd) whose gradients
 on those scaling gates match the original image's: the bits that f needs to relearn
 what it forgot about that image. The simplified image is optimised in Glow's latent
-space (z_sim, initialised at 0) with Adam; Alg. 2 also interpolates z_sim with the
-original's latents z.
+space with Adam, starting from the priors' mode (the simplest image Glow describes);
+Alg. 2 also interpolates z_sim with the original's latents z.
 
     # CPU, ~2 min: trains a small classifier and a tiny Glow on the synthetic shapes set
     python posthoc.py --dataset shapes --quick
-    # the paper's Fig. 8: confidently misclassified CIFAR-10 test images, Alg. 2
-    python posthoc.py --dataset cifar10 --glow glow-cifar10.pt \
-        --classifier runs/per_instance-cifar10/classifier.pt --select misclassified
-    # Alg. 1 (no interpolation) on chosen test images, reusing the classifier of a run
+    # the paper's Fig. 8: confidently misclassified CIFAR-10 test images, Alg. 2, for the
+    # classifier of `python per_instance.py --dataset cifar10 --lambda-sim 0 --glow ...`
+    python posthoc.py --dataset cifar10 --glow glow-cifar10.pt --select misclassified \
+        --classifier runs/per_instance-cifar10-unet-lam0-seed0/classifier.pt
+    # Alg. 1 (no interpolation) on chosen test images, with the classifier of the quick run
     python posthoc.py --dataset shapes --quick --algorithm 1 --indices 3 14 15 \
-        --classifier runs/posthoc-shapes-alg2-quick/classifier.pt
+        --classifier runs/posthoc-shapes-alg2-seed0-quick/classifier.pt
 """
 import argparse
 import json
@@ -41,13 +42,18 @@ def get_args(argv=None):
     p.add_argument("--data-root", default="data", help="where datasets are stored")
     p.add_argument("--glow", default=None,
                    help="frozen Glow G of Alg. 2 (decodes latents, scores bpd, Eq. 1); with "
-                        "--quick and no path a tiny Glow is pretrained and cached in --out")
+                        "--quick and no path a tiny Glow is pretrained and cached beside --out")
     p.add_argument("--classifier", default=None,
-                   help="trained classifier f (an NFWideResNet saved by nets.save_model, e.g. "
-                        "by per_instance.py); without it f is trained first (or reused from "
-                        "--out/classifier.pt)")
-    p.add_argument("--out", default=None, help="output folder (default runs/posthoc-<dataset>-alg<k>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+                   help="trained classifier f: the classifier.pt of a per_instance.py run "
+                        "(NF-WRN or ConvNet) or of an earlier posthoc.py run; without it an "
+                        "NF-WRN f is trained first and saved in --out")
+    p.add_argument("--out", default=None, help="output folder (default "
+                   "runs/posthoc-<dataset>-alg<k>-seed<seed>[-quick])")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (same flags): reuse the classifier it "
+                        "trained, then simplify again")
     p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
     p.add_argument("--quick", action="store_true",
                    help="CPU preset: small f, tiny Glow, 8 images, 300 steps (explicit flags win)")
@@ -59,7 +65,7 @@ def get_args(argv=None):
     # the classifier f, when it is trained here (S2.1 architecture, authors' optimizer)
     p.add_argument("--train-epochs", type=int, default=None,
                    help="epochs of training f when --classifier is not given (30; quick: 5)")
-    p.add_argument("--train-lr", type=float, default=None,
+    p.add_argument("--train-lr", type=nets.finite_float, default=None,
                    help="AdamW learning rate of f (authors: 5e-4; quick: 2e-3, to train in 5 epochs)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of training f (authors: 32)")
     p.add_argument("--depth", type=int, default=None,
@@ -71,18 +77,18 @@ def get_args(argv=None):
                    help="Alg. 2: z_mix = α·z_sim + (1−α)·z with α ~ U(0,1]; "
                         "Alg. 1: α = 1 (x_mix = x_sim)")
     p.add_argument("--steps", type=int, default=None, help="Adam steps on z_sim (S4: 5000; quick: 300)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate on z_sim (S4: 1e-2)")
-    p.add_argument("--lambda-sim", type=float, default=1.0,
+    p.add_argument("--lr", type=nets.finite_float, default=1e-2, help="Adam learning rate on z_sim (S4: 1e-2)")
+    p.add_argument("--lambda-sim", type=nets.finite_float, default=1.0,
                    help="λ_sim, weight of bpd(x_sim) in Alg. 2's loss (authors: 1)")
-    p.add_argument("--scale-min", type=float, default=0.8,
+    p.add_argument("--scale-min", type=nets.finite_float, default=0.8,
                    help="s ~ U(scale-min, scale-max), the forgetting factor of Alg. 2 (authors: 0.8)")
-    p.add_argument("--scale-max", type=float, default=0.95, help="upper end of s (authors: 0.95)")
+    p.add_argument("--scale-max", type=nets.finite_float, default=0.95, help="upper end of s (authors: 0.95)")
     # which images (Fig. 8, S17/S18)
     p.add_argument("--indices", type=int, nargs="+", default=None,
                    help="indices into the (--test-size) test set to explain; overrides --select")
     p.add_argument("--select", default="misclassified", choices=["misclassified", "correct"],
                    help="confidently misclassified (Fig. 8, S17) or correct (S18) test images")
-    p.add_argument("--confidence", type=float, default=0.99,
+    p.add_argument("--confidence", type=nets.finite_float, default=0.99,
                    help="confident means max softmax > this (authors: 0.99)")
     p.add_argument("--num-images", type=int, default=8, help="number of images, simplified as one batch")
     p.add_argument("--log-every", type=int, default=None,
@@ -97,6 +103,10 @@ def get_args(argv=None):
         p.error("the forgetting factor needs 0 < --scale-min <= --scale-max < 1")
     if args.lambda_sim < 0 or not 0 <= args.confidence < 1:
         p.error("--lambda-sim must be >= 0 and --confidence in [0, 1)")
+    if args.lr <= 0 or (args.train_lr is not None and args.train_lr <= 0):
+        p.error("--lr and --train-lr must be positive")
+    if args.indices is not None and min(args.indices) < 0:
+        p.error("--indices must not be negative")
     return args
 
 
@@ -110,7 +120,8 @@ def get_config(args):
         train_epochs=pick(args.train_epochs, 30, 5), train_lr=pick(args.train_lr, 5e-4, 2e-3),
         depth=pick(args.depth, 16, 10), widen=pick(args.widen, 2, 1),
         steps=pick(args.steps, 5000, 300), log_every=pick(args.log_every, 250, 50),
-        out=Path(args.out or f"runs/posthoc-{name}-alg{args.algorithm}" + ("-quick" if args.quick else "")))
+        out=Path(args.out or f"runs/posthoc-{name}-alg{args.algorithm}-seed{args.seed}"
+                 + ("-quick" if args.quick else "")))
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,7 +260,7 @@ def augment(x, flip):
     return out
 
 
-def train_classifier(train_set, cfg, args, device):
+def train_classifier(train_set, cfg, args, device, log):
     """An NF-WRN (S2.1) trained with the authors' classifier optimizer: AdamW, betas
     (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases (§2.4)."""
     info = train_set.info
@@ -283,7 +294,7 @@ def train_classifier(train_set, cfg, args, device):
                        train_acc=correct / count)
         print(f"classifier epoch {epoch}/{cfg.train_epochs}: train loss {metrics['train_loss']:.4f}, "
               f"train acc {metrics['train_acc']:.4f}", flush=True)
-        nets.append_jsonl(cfg.out / "metrics.jsonl", metrics)
+        log(metrics)
     return model.eval()
 
 
@@ -295,7 +306,7 @@ def select_images(probs, labels, args):
     if args.indices is not None:
         outside = [i for i in args.indices if not 0 <= i < len(labels)]
         if outside:
-            raise ValueError(f"--indices {outside} are outside the test set of {len(labels)} images.")
+            raise nets.RunError(f"--indices {outside} are outside the test set of {len(labels)} images.")
         return torch.tensor(args.indices), "given by --indices"
     confidence, pred = probs.max(dim=1)
     wanted = (pred != labels) if args.select == "misclassified" else (pred == labels)
@@ -305,7 +316,7 @@ def select_images(probs, labels, args):
         return confident[:args.num_images], f"{args.select}, confidence > {args.confidence}"
     if len(candidates) == 0:
         other = "correct" if args.select == "misclassified" else "misclassified"
-        raise ValueError(f"the classifier has no {args.select} test images; "
+        raise nets.RunError(f"the classifier has no {args.select} test images; "
                          f"use --select {other} or --indices.")
     chosen = candidates[confidence[candidates].argsort(descending=True)][:args.num_images]
     return chosen, (f"only {len(confident)} {args.select} images have confidence > {args.confidence}; "
@@ -315,10 +326,9 @@ def select_images(probs, labels, args):
 def main(args):
     cfg = get_config(args)
     print(json.dumps(vars(args)))
+    resuming = nets.check_out(cfg.out, vars(args), args.resume)
     nets.seed_everything(args.seed)
     device = nets.resolve_device(args.device)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    nets.write_json(cfg.out / "args.json", vars(args))
     start = time.time()
 
     # data: training images (for f and the quick Glow) and the test images to explain
@@ -327,24 +337,39 @@ def main(args):
     test_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=False),
                                cfg.test_size, args.seed)
     info = train_set.info
+    if args.indices is not None and max(args.indices) >= len(test_set):
+        raise nets.RunError(f"--indices {max(args.indices)} is outside the test set of "
+                            f"{len(test_set)} images.")
 
-    # models: the classifier f (given, reused from --out, or trained now) and the Glow G
-    classifier_path = Path(args.classifier) if args.classifier else cfg.out / "classifier.pt"
-    if args.classifier or classifier_path.exists():
-        model = nets.load_model(classifier_path, kind="NFWideResNet", map_location=device)
+    # models: the Glow G, and the classifier f (given, trained earlier in this run, or now)
+    made_from = dict(dataset=info.name, train_size=len(train_set), seed=args.seed)
+    glow_model = glow.get_glow(args.glow, args.quick, train_set,
+                               glow.quick_glow_path(cfg.out, made_from), device, made_from)
+    print(f"Glow ready ({time.time() - start:.0f} s)")
+    own_path = cfg.out / "classifier.pt"
+    classifier_path = Path(args.classifier) if args.classifier else own_path
+    history = []  # metrics.jsonl rows
+    if args.classifier or (resuming and own_path.exists()):
+        model = nets.load_model(classifier_path, kind=("NFWideResNet", "ConvNet"),
+                                map_location=device, expect=dict(dataset=info.name))
+        if not args.classifier:  # the rows of the training that made it
+            history = torch.load(own_path, map_location="cpu", weights_only=True).get("history", [])
         print(f"classifier f: loaded {classifier_path}")
-    else:
+    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
+    nets.write_jsonl(cfg.out / "metrics.jsonl", history)
+
+    def log(row):
+        history.append(row)
+        nets.append_jsonl(cfg.out / "metrics.jsonl", row)
+    if not (args.classifier or (resuming and own_path.exists())):
         print(f"== train the classifier f: NF-WRN-{cfg.depth}-{cfg.widen}, {cfg.train_epochs} epochs ==")
-        model = train_classifier(train_set, cfg, args, device)
-        nets.save_model(model, classifier_path, dataset=args.dataset)
-        print(f"classifier f: saved {classifier_path} ({time.time() - start:.0f} s)")
+        model = train_classifier(train_set, cfg, args, device, log)
+        nets.save_model(model, own_path, dataset=info.name, history=list(history))
+        print(f"classifier f: saved {own_path} ({time.time() - start:.0f} s)")
     if model.config["num_classes"] != info.num_classes:
         raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes but "
                                    f"{args.dataset} has {info.num_classes}; give one trained on it.")
     model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
-    glow_model = glow.get_glow(args.glow, args.quick, train_set, cfg.out / "glow-quick.pt", device)
-    nets.seed_everything(args.seed)  # the run must not depend on whether the quick Glow was cached
-    print(f"Glow ready ({time.time() - start:.0f} s)")
 
     # the images to explain (Fig. 8: confidently misclassified test images)
     test_x, test_y = datasets.to_tensors(test_set)
@@ -356,15 +381,18 @@ def main(args):
     print(f"images {indices.tolist()}: {selection}")
     x, labels = test_x[indices].to(device), test_y[indices]  # (B, 3, 32, 32), (B,)
 
-    # latents: z of the originals (no noise); z_sim starts at 0 (authors) with Adam (S4)
+    # latents: z of the originals (no noise); z_sim starts at the priors' mode, the simplest
+    # image G describes (Sec. 5), and is optimised with Adam (S4)
     with torch.no_grad():
         h = model(x)  # (B, K), f(x) is fixed
         z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
-    z_sim = [torch.zeros_like(z, requires_grad=True) for z in z_orig]
+    z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
+    start_point = evaluate(model, glow_model, x, z_sim)
     optimizer = torch.optim.Adam(z_sim, lr=args.lr)
 
     print(f"== simplify {len(indices)} images: Alg. {args.algorithm}, {cfg.steps} steps, "
-          f"λ = {args.lambda_sim:g}, device {device} ==")
+          f"λ = {args.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f}, "
+          f"device {device} ==")
     progress = nets.Progress(cfg.steps, "simplify")
     for step in range(1, cfg.steps + 1):
         # update z_sim: one Adam step on Alg. 2's loss (posthoc_loss)
@@ -374,46 +402,58 @@ def main(args):
             print(f"step {step}/{cfg.steps}: loss {parts['loss']:.4f}, L_grad {parts['l_grad']:.4f}, "
                   f"L_pred {parts['l_pred']:.4f}, bpd(x_sim) {parts['bpd']:.3f} "
                   f"(s {parts['s']:.3f}, α {parts['alpha']:.3f})", flush=True)
-            nets.append_jsonl(cfg.out / "metrics.jsonl", dict(phase="simplify", step=step, **parts))
+            log(dict(phase="simplify", step=step, **parts))
     progress.close()
 
-    # final evaluation: predictions and bpd of the originals vs the simplified 8-bit images
+    # final evaluation: predictions and bpd of the originals, the start point and the
+    # simplified 8-bit images
     result = evaluate(model, glow_model, x, z_sim)
     names = info.class_names
     images = [dict(index=i, label=int(labels[k]), label_name=names[int(labels[k])],
                    pred_original=int(result["pred_original"][k]),
+                   pred_start=int(start_point["pred_simplified"][k]),
                    pred_simplified=int(result["pred_simplified"][k]),
                    bpd_original=float(result["bpd_original"][k]),
+                   bpd_start=float(start_point["bpd_simplified"][k]),
                    bpd_simplified=float(result["bpd_simplified"][k]))
               for k, i in enumerate(indices.tolist())]
     results = dict(
         kept_prediction_rate=sum(im["pred_original"] == im["pred_simplified"] for im in images) / len(images),
         mean_bpd_original=sum(im["bpd_original"] for im in images) / len(images),
+        mean_bpd_start=sum(im["bpd_start"] for im in images) / len(images),
         mean_bpd_simplified=sum(im["bpd_simplified"] for im in images) / len(images),
         classifier_test_acc=test_acc, algorithm=args.algorithm, steps=cfg.steps,
         lambda_sim=args.lambda_sim, selection=selection, class_names=names,
         seconds=time.time() - start, images=images)
 
-    # save: results.json, simplified.pt and a PNG of (original, simplified) pairs
+    # save: results.json, simplified.pt and a PNG of (original, start, simplified) triples
     nets.write_json(cfg.out / "results.json", results)
+    nets.check_finite(results, f"the run in {cfg.out}")
     to_uint8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # noqa: E731
     nets.atomic_save(dict(indices=indices, labels=labels, originals=to_uint8(x),
                           images=to_uint8(result["x_sim"]), latents=[z.detach().cpu() for z in z_sim],
                           class_names=names), cfg.out / "simplified.pt")
-    pairs = torch.stack([x.cpu(), result["x_sim"].cpu()], dim=1).flatten(0, 1)  # (2B, 3, 32, 32)
-    pairs = F.interpolate(pairs, scale_factor=5, mode="nearest")  # 160-px tiles so captions fit
-    captions = [f"pred {names[im['pred_' + kind]]} / bpd {im['bpd_' + kind]:.2f}"
-                for im in images for kind in ("original", "simplified")]
-    datasets.save_image_grid(pairs, cfg.out / "simplified.png", nrow=min(8, len(pairs)), captions=captions)
+    kinds = ("original", "start", "simplified")
+    tiles = torch.stack([x.cpu(), start_point["x_sim"].cpu(), result["x_sim"].cpu()], dim=1)
+    tiles = F.interpolate(tiles.flatten(0, 1), scale_factor=5, mode="nearest")  # (3B, 3, 160, 160)
+    captions = [f"{kind[:5]} {names[im['pred_' + kind]]} {im['bpd_' + kind]:.2f}bpd"
+                for im in images for kind in kinds]
+    datasets.save_image_grid(tiles, cfg.out / "simplified.png", nrow=6 if len(images) > 1 else 3,
+                             captions=captions)
     print(f"kept prediction {results['kept_prediction_rate']:.2f}, mean bpd original "
           f"{results['mean_bpd_original']:.3f} -> simplified {results['mean_bpd_simplified']:.3f} "
-          f"({results['seconds']:.0f} s) -> {cfg.out}")
+          f"(start {results['mean_bpd_start']:.3f}; {results['seconds']:.0f} s) -> {cfg.out}")
     return results
 
 
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError, ValueError) as error:
+    except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
+            nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to reuse the classifier "
+              "trained so far.", file=sys.stderr)
+        sys.exit(130)
