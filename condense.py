@@ -411,9 +411,10 @@ def main(args):
                                   cfg.inner_loop, args.batch_size)
         log({"iteration": it + 1, **metrics, "seconds": time.time() - t0})
         progress.update(1, **{k: v for k, v in metrics.items() if v is not None})
-        if (it + 1) % 10 == 0 or it + 1 == cfg.iterations:
+        if (it + 1) % 10 == 0:
             save_checkpoint(it + 1)
     progress.close()
+    save_checkpoint(cfg.iterations)  # with the last evaluation: a longer rerun keeps its row
 
     # final evaluation: the same number of random real images per class, same protocol
     gen = torch.Generator().manual_seed(args.seed)

@@ -1,0 +1,265 @@
+"""How runs behave where users run them: the device every model lands on, output folders
+that are never mixed, --resume that checks its settings, and bad input, interrupts and
+corrupt files answered with one sentence. Tiny settings throughout (seconds each)."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import condense
+import glow
+import nets
+import per_instance
+import posthoc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_glow_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("glow") / "tiny.pt"
+    torch.manual_seed(0)
+    glow.save_glow(glow.Glow(levels=1, steps=1, hidden=8), path)
+    return str(path)
+
+
+def per_instance_argv(out, glow_path, *extra):
+    return ["--dataset", "shapes", "--train-size", "32", "--test-size", "16", "--epochs", "1",
+            "--batch-size", "16", "--classifier", "convnet", "--width", "4", "--ngf", "2",
+            "--glow", glow_path, "--device", "cpu", "--out", str(out), *extra]
+
+
+def condense_argv(out, glow_path, *extra):
+    return ["--dataset", "shapes", "--train-size", "60", "--test-size", "40", "--ipc", "1",
+            "--batch-real", "8", "--width", "8", "--num-eval", "1", "--eval-epochs", "1",
+            "--iterations", "2", "--lambda-sim", "1", "--glow", glow_path, "--device", "cpu",
+            "--out", str(out), *extra]
+
+
+def posthoc_argv(out, glow_path, *extra):
+    return ["--dataset", "shapes", "--train-size", "64", "--test-size", "40", "--steps", "2",
+            "--num-images", "2", "--log-every", "1", "--train-epochs", "1", "--depth", "10",
+            "--widen", "1", "--glow", glow_path, "--device", "cpu", "--out", str(out), *extra]
+
+
+SCRIPTS = {"per_instance": (per_instance, per_instance_argv, "--lambda-sim", "5"),
+           "condense": (condense, condense_argv, "--lambda-sim", "5"),
+           "posthoc": (posthoc, posthoc_argv, "--lambda-sim", "5")}
+
+
+def run(module, argv):
+    return module.main(module.get_args(argv))
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file below folder."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def all_devices(*modules):
+    return {t.device.type for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
+# ----------------------------------------------------------------------------- devices
+def test_load_glow_and_get_glow_put_every_tensor_on_the_requested_device(tmp_path, tiny_glow_path):
+    """`meta` stands in for a GPU: a model left on the CPU shows up as device "cpu"."""
+    meta = torch.device("meta")
+    assert all_devices(glow.load_glow(tiny_glow_path, meta)) == {"meta"}
+    assert all_devices(glow.load_glow(tiny_glow_path, meta, frozen=False)) == {"meta"}
+    assert all_devices(glow.get_glow(tiny_glow_path, False, None, None, meta)) == {"meta"}
+    # a cached quick Glow takes the same path
+    made_from = dict(dataset="shapes", train_size=10, seed=0)
+    cache = tmp_path / "cached.pt"
+    glow.save_glow(glow.load_glow(tiny_glow_path, frozen=False), cache, made_from=made_from)
+    cached = glow.get_glow(None, True, None, str(cache), meta, made_from, log=lambda *a: None)
+    assert all_devices(cached) == {"meta"}
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")  # loading into meta copies nothing
+def test_classifier_checkpoints_and_resume_land_on_the_device(tmp_path):
+    clf = nets.ConvNet(3, width=4)
+    nets.save_model(clf, tmp_path / "clf.pt", dataset="shapes")
+    assert all_devices(nets.load_model(tmp_path / "clf.pt", map_location="meta")) == {"meta"}
+    # per_instance's --resume: optimizer moments restored onto the models' device
+    simplifier = nets.UNetSimplifier(num_down=5, ngf=2)
+    opt_clf = per_instance.make_optimizer(clf)
+    opt_simp = torch.optim.Adam(simplifier.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    torch.nn.functional.cross_entropy(clf(simplifier(x)), torch.tensor([0, 1])).backward()
+    opt_clf.step()
+    opt_simp.step()
+    models = dict(classifier=clf, simplifier=simplifier)
+    optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
+    args = per_instance.get_args(["--out", str(tmp_path)])
+    per_instance.save_checkpoint(tmp_path / "ck.pt", 1, models, optimizers, [], 0, args)
+    meta_models = {k: type(m)(**m.config).to("meta") for k, m in models.items()}
+    meta_opts = dict(opt_clf=per_instance.make_optimizer(meta_models["classifier"]),
+                     opt_simp=torch.optim.Adam(meta_models["simplifier"].parameters()))
+    per_instance.load_checkpoint(tmp_path / "ck.pt", meta_models, meta_opts)
+    assert all_devices(*meta_models.values()) == {"meta"}
+    states = [t for opt in meta_opts.values() for s in opt.state.values()
+              for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert states and {t.device.type for t in states} == {"meta"}
+
+
+# ----------------------------------------------------------------------------- output folders
+def test_default_out_names_every_result_changing_setting():
+    a = per_instance.resolve_config(per_instance.get_args(["--dataset", "shapes", "--seed", "1"]))
+    b = per_instance.resolve_config(per_instance.get_args(["--dataset", "shapes", "--seed", "2"]))
+    q = per_instance.resolve_config(per_instance.get_args(["--dataset", "shapes", "--quick"]))
+    blur = per_instance.resolve_config(per_instance.get_args(
+        ["--dataset", "shapes", "--simplifier", "blur", "--blur-sigma", "1.5"]))
+    assert len({a.out, b.out, q.out}) == 3 and "seed1" in a.out and "lam2" in a.out
+    assert "sigma1.5" in blur.out
+    c1 = condense.get_config(condense.get_args(["--seed", "1", "--ipc", "1", "--lambda-sim", "3"]))
+    c2 = condense.get_config(condense.get_args(["--seed", "2", "--ipc", "1", "--lambda-sim", "3"]))
+    assert c1.out != c2.out and "ipc1" in str(c1.out) and "lam3" in str(c1.out)
+    p1 = posthoc.get_config(posthoc.get_args(["--seed", "1"]))
+    p2 = posthoc.get_config(posthoc.get_args(["--seed", "2"]))
+    assert p1.out != p2.out
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_rerun_without_resume_is_refused_and_resume_checks_settings(tmp_path, tiny_glow_path, name):
+    module, argv, flag, other = SCRIPTS[name]
+    out = tmp_path / "run"
+    run(module, argv(out, tiny_glow_path))
+    before = snapshot(out)
+    assert {"args.json", "results.json", "metrics.jsonl"} <= set(before)
+    with pytest.raises(nets.RunError, match="already holds a run"):
+        run(module, argv(out, tiny_glow_path))  # the same command again
+    with pytest.raises(nets.RunError, match="other settings.*lambda-sim"):
+        run(module, argv(out, tiny_glow_path, "--resume", flag, other))
+    with pytest.raises(nets.RunError, match="other settings.*seed"):
+        run(module, argv(out, tiny_glow_path, "--resume", "--seed", "3"))
+    assert snapshot(out) == before  # not one byte of the earlier run changed
+
+
+def test_resume_rewrites_metrics_without_duplicates_and_removes_stale_temp_files(
+        tmp_path, tiny_glow_path):
+    out = tmp_path / "c"
+    run(condense, condense_argv(out, tiny_glow_path))
+    # a run killed after its last checkpoint: a row the checkpoint does not know, and a
+    # temporary file of an atomic save that never finished
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": 3, "loss": 1.0}) + "\n")
+    (out / ".tmp-checkpoint.ptabc").write_bytes(b"half")
+    run(condense, condense_argv(out, tiny_glow_path, "--resume", "--iterations", "4"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["iteration"] for r in rows if "loss" in r]
+    evals = [r["iteration"] for r in rows if "test_acc_mean" in r]
+    assert steps == [1, 2, 3, 4] and evals == [0, 2, 4]
+    assert [r for r in rows if r["iteration"] == 3][0]["loss"] != 1.0
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_cached_quick_glow_and_classifier_of_other_data_are_refused(tmp_path, tiny_glow_path):
+    cache = tmp_path / "quick.pt"
+    model = glow.load_glow(tiny_glow_path, frozen=False)
+    glow.save_glow(model, cache, made_from=dict(dataset="mnist", train_size=2000, seed=0))
+    with pytest.raises(glow.GlowCheckpointError, match="pretrained on"):
+        glow.get_glow(None, True, None, str(cache), "cpu",
+                      dict(dataset="shapes", train_size=2000, seed=0), log=lambda *a: None)
+    # two runs on other data never share a cache file
+    paths = {glow.quick_glow_path(tmp_path / "run", dict(dataset=d, train_size=n, seed=s))
+             for d, n, s in [("shapes", 2000, 0), ("mnist", 2000, 0), ("shapes", 500, 0),
+                             ("shapes", 2000, 1)]}
+    assert len(paths) == 4
+    clf = tmp_path / "clf.pt"
+    nets.save_model(nets.ConvNet(5, width=4), clf, dataset="cifar-stripes")
+    with pytest.raises(nets.CheckpointError, match="made for dataset 'cifar-stripes'"):
+        run(posthoc, posthoc_argv(tmp_path / "p", tiny_glow_path, "--classifier", str(clf)))
+    assert not (tmp_path / "p").exists()  # refused before anything was written
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv", [
+    ["per_instance.py", "--lambda-sim", "nan"], ["per_instance.py", "--lr", "inf"],
+    ["condense.py", "--lambda-sim", "inf"], ["posthoc.py", "--lr", "-1"],
+    ["posthoc.py", "--lambda-sim", "nan"], ["glow.py", "train", "--epochs", "0"],
+    ["glow.py", "train", "--hidden", "-4"], ["glow.py", "train", "--lr", "nan"],
+])
+def test_non_finite_and_nonsense_flags_are_refused_by_the_parser(argv, capsys):
+    module = {"per_instance.py": per_instance, "condense.py": condense, "posthoc.py": posthoc,
+              "glow.py": glow}[argv[0]]
+    with pytest.raises(SystemExit) as exit_info:
+        module.get_args(argv[1:])
+    assert exit_info.value.code == 2
+    assert argv[-2] in capsys.readouterr().err  # the message names the flag
+
+
+def test_non_finite_result_is_an_error(tmp_path, tiny_glow_path, monkeypatch):
+    real = posthoc.evaluate
+
+    def diverged(*args):
+        result = real(*args)
+        return dict(result, bpd_simplified=torch.full_like(result["bpd_simplified"], float("nan")))
+    monkeypatch.setattr(posthoc, "evaluate", diverged)
+    with pytest.raises(nets.RunError, match="non-finite .*mean_bpd_simplified"):
+        run(posthoc, posthoc_argv(tmp_path / "p", tiny_glow_path))
+
+
+def test_diverged_glow_training_is_not_saved(tmp_path):
+    out = tmp_path / "g.pt"
+    with pytest.raises(glow.GlowCheckpointError, match="diverged"):
+        glow.main(glow.get_args(["train", "--dataset", "shapes", "--levels", "1", "--steps", "1",
+                                 "--hidden", "4", "--train-size", "64", "--test-size", "16",
+                                 "--epochs", "1", "--lr", "1e6", "--warmup-steps", "1",
+                                 "--device", "cpu", "--out", str(out)]))
+    assert not out.exists()
+
+
+def test_batch_larger_than_the_training_set_is_one_sentence(tmp_path, tiny_glow_path):
+    with pytest.raises(nets.RunError, match="--batch-size 64 is larger than the 32"):
+        run(per_instance, per_instance_argv(tmp_path / "r", tiny_glow_path, "--batch-size", "64"))
+
+
+def cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_corrupt_and_foreign_checkpoints_are_one_sentence(tmp_path, tiny_glow_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(Path(tiny_glow_path).read_bytes()[:200])
+    cases = [["import-y0ast", str(text), "--out", str(tmp_path / "x.pt")],
+             ["bpd", "--glow", str(truncated), "--dataset", "shapes", "--out", str(tmp_path / "b")],
+             ["train", "--dataset", "shapes", "--resume", "--out", tiny_glow_path]]  # finished
+    for argv in cases:
+        with pytest.raises(glow.GlowCheckpointError) as error:
+            glow.main(glow.get_args(argv + ["--device", "cpu"]))
+        message = str(error.value)
+        assert "\n" not in message and "Traceback" not in message
+    # a mode script's --resume on a truncated checkpoint of its own run, through __main__
+    out = tmp_path / "pi"
+    run(per_instance, per_instance_argv(out, tiny_glow_path))
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:100])
+    proc = cli("per_instance.py", *per_instance_argv(out, tiny_glow_path, "--resume"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume: cannot read"), proc.stderr
+
+
+def test_ctrl_c_prints_one_line_that_says_how_to_resume(tmp_path, tiny_glow_path):
+    argv = per_instance_argv(tmp_path / "r", tiny_glow_path)
+    argv[argv.index("--epochs") + 1] = "1000"
+    proc = subprocess.Popen([sys.executable, "per_instance.py", *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc.stdout.readline()  # the settings line: imports are done, the run has started
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == [err.strip()] and "--resume" in err
+    assert "Traceback" not in err
