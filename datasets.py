@@ -19,6 +19,7 @@ import argparse
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,14 +144,21 @@ def _list_images(directory, classes):
 
 
 def _read_images(paths):
-    """Decode every image as RGB, resize to 32×32 (PIL bilinear): uint8 (N, 3, 32, 32)."""
+    """Decode every image as RGB (grayscale repeated), resize to 32×32 (PIL bilinear), as the
+    paper did for MIMIC-CXR: uint8 (N, 3, 32, 32). Non-square images are squashed, with a
+    warning."""
     out = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
+    non_square = 0
     for k, p in enumerate(paths):
         try:
             with Image.open(p) as img:
+                non_square += img.width != img.height
                 out[k] = np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR))
         except Exception as e:
             raise DatasetError(f"Cannot read image file '{p}' ({type(e).__name__}).") from None
+    if non_square:
+        warnings.warn(f"{non_square} of {len(paths)} images are not square; they are resized to "
+                      "32×32 without cropping, which changes their aspect ratio.", stacklevel=2)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -178,6 +186,9 @@ def load_image_folder(path):
         raise DatasetError(
             f"Folder '{path}' holds no readable images for both splits: it needs one sub-folder "
             f"per class with image files, either directly or inside train/ and test/.")
+    if len(classes) < 2:
+        warnings.warn(f"Folder '{path}' has {len(classes)} class sub-folder(s); a classifier "
+                      "needs at least two classes.", stacklevel=2)
     images = {s: _read_images(files[s][0]) for s in files}
     pixels = images["train"].float().div(255).transpose(0, 1).reshape(3, -1)  # (3, N*32*32)
     info = DatasetInfo(os.path.basename(path), len(classes), classes,

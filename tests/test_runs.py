@@ -263,3 +263,17 @@ def test_ctrl_c_prints_one_line_that_says_how_to_resume(tmp_path, tiny_glow_path
     assert proc.returncode == 130
     assert err.strip().splitlines() == [err.strip()] and "--resume" in err
     assert "Traceback" not in err
+
+
+def test_one_class_and_non_square_folders_warn(tmp_path):
+    import datasets
+    from PIL import Image
+    for split in ("train", "test"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        for k in range(2):  # 40×24 grayscale, like a small radiograph
+            Image.new("L", (40, 24), color=30 * k).save(tmp_path / split / "only" / f"{k}.png")
+    with pytest.warns(UserWarning) as record:
+        data = datasets.load_dataset(str(tmp_path), train=True)
+    messages = " ".join(str(w.message) for w in record)
+    assert "1 class sub-folder" in messages and "not square" in messages
+    assert data[0][0].shape == (3, 32, 32)  # resized, grayscale repeated
