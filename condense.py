@@ -56,7 +56,7 @@ def get_args(argv=None):
                    help="fixed random subset of N training images (quick: 2000)")
     p.add_argument("--test-size", type=int, default=None,
                    help="fixed random subset of N test images (quick: 1000)")
-    # condensation (Sec. 4, authors-implementation §5)
+    # condensation (Sec. 4; the authors' repository, a fork of DC)
     p.add_argument("--ipc", type=int, default=10,
                    help="synthetic images per class (paper: 1 and 10)")
     p.add_argument("--iterations", type=int, default=None,
@@ -139,7 +139,7 @@ def get_loops(ipc):
 def make_convnet(num_classes, width, device):
     """A fresh randomly initialised DC ConvNet (depth 3, instance norm), seeded by the
     global RNG. mean 0.5, std 1 gives the input x − 0.5, the authors' glow-range input
-    x·255/256 − 0.5 up to 0.4% (authors-implementation §5, standardize_for_clf=False)."""
+    x·255/256 − 0.5 up to 0.4% (the authors' repository feeds the classifier that input)."""
     return nets.ConvNet(num_classes, width=width, depth=3,
                         mean=(0.5,) * 3, std=(1.0,) * 3).to(device)
 
@@ -188,7 +188,7 @@ def sample_real(real_by_class, c, batch_real):
 
 
 def condensation_loss(net, x_syn, real_by_class, ipc, batch_real, glow_model, lambda_sim):
-    """The condensation objective with simplification, Eq. 7 (our λ, DESIGN.md):
+    """The condensation objective with simplification, Eq. 7 (our λ, see the README):
 
         L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x)
 

@@ -7,7 +7,7 @@ and carries `.info` (class names and the mean/std the classifier normalizes with
     to 32×32 bilinearly and repeated to 3 channels);
   * any ImageFolder directory (`--dataset /path/to/dir`, with or without train/ and test/);
   * the composite distractor datasets of Sec. 3.1 / Fig. 4: mnist-fashion, mnist-noise,
-    mnist-cifar, cifar-stripes (constructions as in authors-implementation.md §3);
+    mnist-cifar, cifar-stripes (built as the paper and the authors' repository do);
   * `shapes`: an offline synthetic set of coloured shapes on a busy textured background
     that carries no label information (the data of the quick demos and the tests).
 
@@ -54,7 +54,7 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 SHAPES = ["disk", "square", "triangle", "cross", "ring"]
 
 # name -> (torchvision class, class names (None: take ds.classes), mean, std, where the
-# files go). Mean/std: the authors' values (lossy/wide_nf_net.py, §2.1) for mnist, fashion,
+# files go). Mean/std: the authors' values (their wide_nf_net.py) for mnist, fashion,
 # svhn, cifar10; the usual published values for cifar100 and usps.
 TORCHVISION = {
     "mnist": (torchvision.datasets.MNIST, DIGITS, (0.1307,) * 3, (0.3081,) * 3,
@@ -72,7 +72,7 @@ TORCHVISION = {
     "usps": (torchvision.datasets.USPS, DIGITS, (0.2459,) * 3, (0.2977,) * 3,
              "{root}/ (usps.bz2 and usps.t.bz2)"),
 }
-# Every composite uses Normalize(0.2, 0.3), hard-coded by the authors (§3).
+# Every composite uses Normalize(0.2, 0.3), hard-coded in the authors' repository.
 COMPOSITE_MEAN, COMPOSITE_STD = (0.2,) * 3, (0.3,) * 3
 
 
@@ -93,7 +93,7 @@ class TensorImages(Dataset):
 def to_uint8_32(images):
     """(N, C, H, W) uint8 -> (N, C, 32, 32) uint8: bilinear resize, rounded back to 8 bit.
 
-    Grayscale MNIST/Fashion 28→32 and USPS 16→32, like the authors' Resize(32) (§2.1);
+    Grayscale MNIST/Fashion 28→32 and USPS 16→32, like the authors' Resize(32);
     8-bit storage keeps 60k images in 60 MB and makes every epoch a memory read.
     """
     if images.shape[-2:] == (32, 32):
@@ -203,11 +203,11 @@ def index_generator(i):
 
 
 class Composite(Dataset):
-    """A distractor dataset of Sec. 3.1 / Fig. 4 built on the fly from 32×32 sources (§3).
+    """A distractor dataset of Sec. 3.1 / Fig. 4 built on the fly from 32×32 sources.
 
     Train sets draw fresh randomness on every access (torch's global RNG); test sets draw
     it from a generator seeded with the index, so they hold the same images every epoch
-    and run (DESIGN.md; the authors redrew the test stripes on every access).
+    and run (a fixed test set; the authors redrew the test stripes on every access).
     """
 
     def __init__(self, kind, target, other, train, info):
@@ -226,7 +226,7 @@ class Composite(Dataset):
             pair = torch.cat([f, x] if torch.rand((), generator=g) < 0.5 else [x, f], dim=2)
             x = F.interpolate(pair[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
         elif self.kind == "mnist-noise":
-            # 0.5·x + 0.5·U(0,1), per pixel and channel (paper text, DESIGN.md; the authors'
+            # 0.5·x + 0.5·U(0,1), per pixel and channel (the paper's text; the authors'
             # later code multiplied the noise by x).
             x = 0.5 * x + 0.5 * torch.rand(x.shape, generator=g)
         elif self.kind == "mnist-cifar":

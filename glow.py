@@ -4,8 +4,8 @@
 
 A canonical multi-scale Glow (Kingma & Dhariwal 2018) whose parameter names and maths
 match the public pretrained CIFAR-10 model of y0ast/Glow-PyTorch (3.39 bpd), so that
-checkpoint can be converted and used for scoring. See ../shared/glow-checkpoint-format.md
-(the "spec" below) for the exact semantics.
+checkpoint can be converted and used for scoring; "y0ast" below names that repository
+(y0ast/Glow-PyTorch, model.py and modules.py), whose conventions the comments point out.
 
     python glow.py train --quick                                  # tiny Glow, CPU, ~1 min
     python glow.py import-y0ast glow/glow_affine_coupling.pt --out glow-cifar10.pt
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import datasets
 import nets
 
-LOGSCALE_FACTOR = 3.0  # Conv2dZeros output gain exp(3·logs): fixed in y0ast, not stored (spec §7.7)
-N_BINS = 256  # 8-bit images: bins of width 1/256 in the Glow input space (spec §3.1)
+LOGSCALE_FACTOR = 3.0  # Conv2dZeros output gain exp(3·logs): fixed in y0ast, not stored
+N_BINS = 256  # 8-bit images: bins of width 1/256 in the Glow input space
 QUICK_GLOW = dict(levels=3, steps=4, hidden=32)  # the tiny Glow that --quick pretrains on CPU
 QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow: about 30 s on 2 idle CPU cores
 QUICK_LR = 5e-3  # 10x the full-size rate: within 300 steps the tiny Glow learns that plain
@@ -39,7 +39,7 @@ class GlowCheckpointError(Exception):
 
 
 def gaussian_log_p(x, mean, logs):
-    """Elementwise log N(x; mean, exp(logs)²), logs = log standard deviation (spec §3.8)."""
+    """Elementwise log N(x; mean, exp(logs)²), logs = log standard deviation (y0ast `gaussian_log_p`)."""
     return -0.5 * (2.0 * logs + (x - mean) ** 2 / torch.exp(2.0 * logs) + math.log(2 * math.pi))
 
 
@@ -51,11 +51,11 @@ def gaussian_log_p(x, mean, logs):
 
 
 class ActNorm(nn.Module):
-    """y = (x + bias)·exp(logs) per channel; log-det H·W·Σ logs (spec §3.4, pitfall 5).
+    """y = (x + bias)·exp(logs) per channel; log-det H·W·Σ logs (Glow Sec. 3.1).
 
-    Data-dependent init (spec §5): the first forward in training mode sets bias = −mean and
+    Data-dependent init (Glow Sec. 3.1, y0ast `ActNorm2d`): the first forward in training mode sets bias = −mean and
     logs = −log(std + 1e-6) from that batch. "initialized" is a buffer, so a loaded model
-    never re-initialises itself (STYLE.md anti-patterns).
+    never re-initialises itself (a python attribute would be lost on loading).
     """
 
     def __init__(self, channels):
@@ -92,17 +92,17 @@ class ActNorm(nn.Module):
 
 
 class InvConv1x1(nn.Module):
-    """Invertible 1×1 convolution, W = p·L·U in LU form (Glow Sec. 3.2; spec §3.4).
+    """Invertible 1×1 convolution, W = p·L·U in LU form (Glow Sec. 3.2).
 
     L = strict_lower(lower) + I and U = strict_upper(upper) + diag(sign_s·exp(log_s)); the
-    stored entries on/above (lower) and on/below (upper) the diagonal are ignored (spec
-    pitfall 4). log|det W| = Σ log_s per pixel.
+    stored entries on/above (lower) and on/below (upper) the diagonal are ignored (y0ast
+    masks them; its checkpoint holds junk there). log|det W| = Σ log_s per pixel.
     """
 
     def __init__(self, channels, lu=True):
         super().__init__()
         self.lu = lu
-        w = torch.linalg.qr(torch.randn(channels, channels))[0]  # random rotation (spec §9)
+        w = torch.linalg.qr(torch.randn(channels, channels))[0]  # random rotation (Glow Sec. 3.2)
         if lu:
             p, lower, upper = torch.linalg.lu(w)
             diag = torch.diagonal(upper)
@@ -126,7 +126,7 @@ class InvConv1x1(nn.Module):
     def logdet_per_pixel(self):
         if self.lu:
             return self.log_s.sum()
-        # float64 slogdet (spec pitfall 11: y0ast's float32 slogdet is imprecise)
+        # float64 slogdet: y0ast's float32 slogdet is imprecise
         return torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype)
 
     def forward(self, x):
@@ -161,13 +161,13 @@ class FusedConv(nn.Module):
 
 
 class ConvActNorm(FusedConv):
-    """Conv without bias, then ActNorm whose log-det is discarded (coupling NN, spec §3.5)."""
+    """Conv without bias, then ActNorm whose log-det is discarded (coupling NN, y0ast `Conv2d`)."""
 
     def __init__(self, in_channels, out_channels, kernel_size):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
                               padding=kernel_size // 2, bias=False)
-        nn.init.normal_(self.conv.weight, std=0.05)  # spec §9
+        nn.init.normal_(self.conv.weight, std=0.05)  # y0ast's init
         self.actnorm = ActNorm(out_channels)
 
     def unfused(self, x):
@@ -179,7 +179,7 @@ class ConvActNorm(FusedConv):
 
 
 class ZeroConv(FusedConv):
-    """y0ast's Conv2dZeros: (conv(x) + bias)·exp(3·logs), all zero at init (spec §3.5, §9).
+    """y0ast's Conv2dZeros: (conv(x) + bias)·exp(3·logs), all zero at init (Glow Sec. 3.3).
 
     Zero init makes every coupling start as a pure scaling by sigmoid(2) and every prior
     start as N(0, I): a deep flow that is well-conditioned from the first step.
@@ -201,10 +201,10 @@ class ZeroConv(FusedConv):
 
 
 class FlowStep(nn.Module):
-    """ActNorm → invertible 1×1 conv → affine (or additive) coupling (Glow Fig. 2a; spec §3.4).
+    """ActNorm → invertible 1×1 conv → affine (or additive) coupling (Glow Fig. 2a).
 
     Coupling: the first channel half x_a conditions, the second half x_b is transformed.
-    h = NN(x_a); shift = h[:, 0::2], raw = h[:, 1::2] (even/odd channels, spec pitfall 1);
+    h = NN(x_a); shift = h[:, 0::2], raw = h[:, 1::2] (even/odd channels, as y0ast `split_feature(h, "cross")`);
     σ = sigmoid(raw + 2): the +2 makes σ ≈ 0.88 at init, i.e. close to the identity while
     keeping σ in (0, 1) so the flow cannot blow up; y_b = (x_b + shift)·σ; log-det Σ log σ.
     """
@@ -257,7 +257,7 @@ class FlowStep(nn.Module):
         shift, scale = self.coupling_params(x_a)
         if scale is None:  # additive coupling: volume preserving
             return torch.cat([x_a, x_b + shift], dim=1), logdet
-        y_b = (x_b + shift) * scale  # add first, then scale (spec pitfall 6)
+        y_b = (x_b + shift) * scale  # add first, then scale (y0ast's order)
         return torch.cat([x_a, y_b], dim=1), logdet + torch.log(scale).sum(dim=(1, 2, 3))
 
     def reverse(self, y):
@@ -272,8 +272,8 @@ class FlowStep(nn.Module):
 
 class Split(nn.Module):
     """y0ast's Split2d: factor out the second channel half z₂ under a Gaussian prior whose
-    mean/log-std come from the kept half z₁ (learned conditional prior; spec §3.6).
-    Mean = even, log-std = odd output channels (spec pitfall 1)."""
+    mean/log-std come from the kept half z₁ (learned conditional prior).
+    Mean = even, log-std = odd output channels (y0ast's "cross" split)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -297,7 +297,7 @@ class Split(nn.Module):
 
 
 class Squeeze(nn.Module):
-    """(B, C, H, W) -> (B, 4C, H/2, W/2), out channel 4c + 2dy + dx (spec §3.3, pitfall 8)."""
+    """(B, C, H, W) -> (B, 4C, H/2, W/2), out channel 4c + 2dy + dx (y0ast `squeeze2d`)."""
 
     def forward(self, x):
         return F.pixel_unshuffle(x, 2)
@@ -307,7 +307,7 @@ class Squeeze(nn.Module):
 
 
 class FlowNet(nn.Module):
-    """Container whose `layers` indices match y0ast's state dict (spec §1 index formula)."""
+    """Container whose `layers` indices match y0ast's state dict (layer l·(K+2) opens level l)."""
 
     def __init__(self, layers):
         super().__init__()
@@ -316,7 +316,7 @@ class FlowNet(nn.Module):
 
 class Glow(nn.Module):
     """Multi-scale Glow: per level a squeeze, `steps` flow steps, then a split (not after
-    the last level); a learned Gaussian prior on the top latent (spec §1, §3.7).
+    the last level); a learned Gaussian prior on the top latent (Glow Sec. 3, y0ast `learn_top`).
 
     forward(x) takes glow-range images x ∈ [−0.5, 0.5) (already dequantized) and returns
     (log p(x) per image in nats, latents); latents = [z₂ of each split, top z] is the
@@ -346,7 +346,7 @@ class Glow(nn.Module):
         self.learn_top_fn = ZeroConv(2 * channels, 2 * channels) if learn_top else None
 
     def top_prior(self):
-        """(mean, log-std) of the top latent; first/second channel half (spec §3.7)."""
+        """(mean, log-std) of the top latent; first/second channel half (y0ast `prior`)."""
         h = self.prior_h if self.learn_top_fn is None else self.learn_top_fn(self.prior_h)
         return h[:, :self.top_channels], h[:, self.top_channels:]
 
@@ -402,7 +402,7 @@ class Glow(nn.Module):
 
 
 def freeze(glow):
-    """Frozen scoring mode (DESIGN.md): eval, no parameter gradients (gradients still flow to
+    """Frozen scoring mode: eval, no parameter gradients (gradients still flow to
     the input), and every per-channel affine folded into its convolution, so one flow step
     is four convolutions. Call again after changing the parameters."""
     glow.eval()
@@ -419,7 +419,7 @@ def freeze(glow):
 
 
 def to_glow_range(x):
-    """[0,1] image u = k/255 -> k/256 − 0.5 (spec §3.1: divide by 256, not 255)."""
+    """[0,1] image u = k/255 -> k/256 − 0.5 (y0ast `preprocess`: divide by 256, not 255)."""
     return x * (255.0 / N_BINS) - 0.5
 
 
@@ -429,7 +429,7 @@ def from_glow_range(x_glow):
 
 def quantize(x):
     """Straight-through 8-bit quantization: forward round(255x)/255, backward identity, so
-    Glow scores the code length of an actual 8-bit image (DESIGN.md)."""
+    Glow scores the code length of an actual 8-bit image."""
     return x + (torch.round(x * 255.0) / 255.0 - x).detach()
 
 
@@ -438,7 +438,7 @@ def bits_per_dim(glow, x, noise=True):
 
     bpd(x) = (−log p_G(x_g + u) + D·ln 256) / (D·ln 2),  u ~ U(0, 1/256),  D = C·H·W.
     The +D·ln 256 turns the density over bins of width 1/256 into a probability mass, so
-    bpd includes the "+8" of the authors' loss (DESIGN.md). The noise is added out of place
+    bpd includes the "+8" of the authors' loss. The noise is added out of place
     (x may require grad) and can be switched off for deterministic scores.
     """
     x_glow = to_glow_range(x)
@@ -521,7 +521,7 @@ def load_glow(path, device="cpu", frozen=True, made_from=None):
 
 
 def config_from_y0ast(state):
-    """Read levels, steps, hidden, coupling, LU and learn_top from the keys (spec §6)."""
+    """Read levels, steps, hidden, coupling, LU and learn_top from the keys and shapes."""
     def indices(pattern):
         return sorted(int(m.group(1)) for k in state if (m := re.fullmatch(pattern, k)))
 
@@ -535,7 +535,7 @@ def config_from_y0ast(state):
                                   "supported: their density depends on the label.")
     levels = len(splits) + 1
     k = len(steps) // levels
-    # y0ast's index formula (spec §1): level l starts at l·(K+2) with its squeeze
+    # y0ast's index formula: level l starts at l·(K+2) with its squeeze
     if steps != [l * (k + 2) + 1 + i for l in range(levels) for i in range(k)] or \
             splits != [l * (k + 2) + k + 1 for l in range(levels - 1)]:
         raise GlowCheckpointError("the flow.layers indices do not follow y0ast's layout "
@@ -552,7 +552,7 @@ def config_from_y0ast(state):
 def import_y0ast(state):
     """y0ast state dict (any K, L, hidden, LU or not, affine or additive, learn_top or not)
     -> our Glow. Tensor names are identical by construction; we add the ActNorm
-    "initialized" flags (y0ast keeps them out of the state dict, spec §5)."""
+    "initialized" flags (y0ast keeps them out of the state dict)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
     glow = Glow(**config_from_y0ast(state))
     ours = dict(state)
@@ -568,13 +568,13 @@ def import_y0ast(state):
 
 
 # ----------------------------------------------------------------------------------------
-# Pretraining (Kingma & Dhariwal 2018 / authors' §1.3 recipe) and scoring
+# Pretraining (Kingma & Dhariwal 2018, the recipe of y0ast and the authors) and scoring
 # ----------------------------------------------------------------------------------------
 
 
 def random_crop_flip(x, pad=3):
     """Per-image random translation by up to ±pad pixels (reflect padding) and horizontal
-    flip (authors §1.3: RandomCrop(32, padding=3, reflect) + flip)."""
+    flip (the authors' Glow training: RandomCrop(32, padding=3, reflect) + flip)."""
     b, _, h, w = x.shape
     x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     padded = F.pad(x, (pad,) * 4, mode="reflect")
@@ -618,7 +618,7 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         start_epoch, step = state["epoch"], state["step"]
         torch.set_rng_state(state["rng"].cpu())
         log(f"resumed {out} at epoch {start_epoch}")
-    else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1; spec §5)
+    else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1)
         init_loader = torch.utils.data.DataLoader(train_set, batch_size=init_images, shuffle=True)
         glow.train()
         with torch.no_grad():

@@ -240,23 +240,11 @@ class CheckpointError(Exception):
     """Expected failure reading a checkpoint; the message is one sentence for the user."""
 
 
-def _strip_prefixes(state_dict):
-    """Drop the `module.` (DataParallel) and `_orig_mod.` (torch.compile) key prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value.detach().cpu()
-    return out
-
-
 def save_model(model, path, **extra):
     """Atomically save {"kind", "config", "state_dict", **extra}; loadable with weights_only=True."""
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    model = getattr(model, "module", model)  # unwrap DataParallel
     atomic_save({"kind": type(model).__name__, "config": dict(model.config),
-                 "state_dict": _strip_prefixes(model.state_dict()), **extra}, path)
+                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 **extra}, path)
 
 
 def load_model(path, kind=None, map_location="cpu", expect=None):
@@ -289,7 +277,7 @@ def load_model(path, kind=None, map_location="cpu", expect=None):
                                   f"{value!r}; give one made for {value!r}.")
     try:
         model = MODEL_KINDS[ckpt["kind"]](**ckpt["config"])
-        model.load_state_dict(_strip_prefixes(ckpt["state_dict"]))
+        model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         detail = lines[1] if len(lines) > 1 else lines[0]  # line 0 is "Error(s) in loading state_dict"
@@ -389,6 +377,52 @@ def append_jsonl(path, obj):
         f.write(json.dumps(obj, default=_json_default) + "\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default: argparse's "(default: …)" for fixed defaults; flags whose
+    default comes from the --quick preset (None here) say both values in their own text."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_run_flags(parser, dataset_names, quick, out, may_change=()):
+    """The ten flags every mode script shares, with one meaning and one help text.
+
+    quick: the --quick preset (its train_size and test_size are shown); out: the default
+    output folder pattern; may_change: the flags --resume lets differ from the first run.
+    """
+    add = parser.add_argument
+    add("--dataset", default="cifar10",
+        help=f"dataset: {', '.join(dataset_names)}, or an ImageFolder path (images of any size "
+             "are resized to 32×32, grayscale repeated to 3 channels)")
+    add("--data-root", default="data",
+        help="folder where torchvision datasets are found, or downloaded to")
+    add("--glow", default=None,
+        help="Glow checkpoint G that scores bits per dimension (Eq. 1); with --quick and none "
+             "given, a tiny Glow is pretrained on the training images and cached in "
+             "quick-glow/ beside --out")
+    add("--out", default=None, help=f"output folder (default {out})")
+    add("--device", default="auto",
+        help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
+    add("--seed", type=int, default=0,
+        help="seed of python, numpy and torch: the same seed gives the same numbers on a CPU")
+    add("--quick", action="store_true",
+        help="CPU preset of a few minutes: subsets, small networks, a tiny Glow; a flag given "
+             "explicitly wins over the preset")
+    changeable = ", ".join("--" + k.replace("_", "-") for k in may_change) or "nothing else"
+    add("--resume", action="store_true",
+        help="continue the run in --out from its last checkpoint; refused when a setting "
+             f"differs from the first run (--device, --data-root and {changeable} may change)")
+    add("--train-size", type=positive_int, default=None,
+        help=f"use a fixed random subset of N training images (default all; quick "
+             f"{quick['train_size']})")
+    add("--test-size", type=positive_int, default=None,
+        help=f"use a fixed random subset of N test images (default all; quick "
+             f"{quick['test_size']})")
+
+
 def finite_float(text):
     """argparse type for real-valued flags: refuses nan and inf like any other bad number."""
     try:
@@ -463,6 +497,14 @@ def check_finite(results, what):
                        "(lower the learning rate or λ and start again).")
 
 
+def format_duration(seconds):
+    """3725 -> "01:02:05", 93784 -> "1 d 02:03:04" (no wrap at 24 h)."""
+    seconds = max(int(seconds), 0)
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days} d {text}" if days else text
+
+
 class Progress:
     """Prints "desc step/total, rate, ETA, metrics" at most every `every` seconds.
 
@@ -486,7 +528,7 @@ class Progress:
         rate = self.count / max(now - self.start, 1e-9)  # steps per second
         eta = (self.total - self.count) / rate if rate > 0 else 0.0
         parts = [f"{self.desc} {self.count}/{self.total}", f"{rate:.2f} it/s",
-                 "ETA " + time.strftime("%H:%M:%S", time.gmtime(max(eta, 0.0)))]
+                 "ETA " + format_duration(eta)]
         parts += [f"{k}={float(v):.4g}" for k, v in self.metrics.items()]
         print("  ".join(parts), flush=True)
         self.last_print, self.printed = now, True

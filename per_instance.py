@@ -30,7 +30,7 @@ import nets
 TAU = 0.1  # S3: L_sim is switched off (soft ramp, authors' code) where l(f'(x_orig)) > 0.1
 ORIG_WEIGHT = 10.0  # S3, Eq. S3: weight of l(f'(X_orig))
 MSE_WEIGHT = 10.0  # S7 L2 baseline: (10·MSE + λ·bpd)/(10 + λ), authors' mse_weight
-PAD = 4  # random-crop padding (authors' code, §2.7)
+PAD = 4  # random-crop padding, zeros (the authors' kornia RandomCrop)
 EVAL_BATCH = 256  # evaluation batch (authors' test loader)
 # Presets: the paper's setting (authors' code), and a CPU-sized one for --quick that shows
 # the effect in ~1500 steps instead of ~150k: the DC ConvNet as f (4x cheaper per step than

@@ -262,7 +262,7 @@ def augment(x, flip):
 
 def train_classifier(train_set, cfg, args, device, log):
     """An NF-WRN (S2.1) trained with the authors' classifier optimizer: AdamW, betas
-    (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases (§2.4)."""
+    (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases (the authors' repository)."""
     info = train_set.info
     model = nets.NFWideResNet(info.num_classes, cfg.depth, cfg.widen, mean=info.mean, std=info.std)
     model = model.to(device)
