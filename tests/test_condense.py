@@ -1,11 +1,16 @@
-"""condense.py: the Eq. 6 distance, its gradient, the Eq. 7 step, and a CPU smoke run."""
+"""condense.py (Sec. 4): the Eq. 6 distance by hand (DC `distance_wb`), Eq. 6-7 and their
+gradient against a written-out computation, one outer iteration and the DC evaluation
+protocol re-implemented with torch.optim, the authors' image optimizer and α init in main,
+and a CPU smoke run."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import condense
 import glow
@@ -35,15 +40,43 @@ def test_distance_zero_for_identical_and_row_scale_invariant():
 
 
 def test_distance_matches_row_cosines():
+    """D against DC `distance_wb` written out row by row in plain Python floats: for each
+    tensor with more than one dimension, Σ over output rows of 1 − ⟨r, s⟩/(‖r‖·‖s‖ + 1e-6)."""
     a, b = random_grads(1), random_grads(2)
-    expected = sum((1 - torch.nn.functional.cosine_similarity(x.flatten(1), y.flatten(1))).sum()
-                   for x, y in zip(a, b) if x.dim() > 1)
-    assert condense.gradient_match_loss(a, b).item() == pytest.approx(expected.item(), rel=1e-6)
+    expected = 0.0
+    for x, y in zip(a, b):
+        if x.dim() == 1:
+            continue
+        for r, s in zip(x.reshape(len(x), -1).tolist(), y.reshape(len(y), -1).tolist()):
+            dot = sum(u * v for u, v in zip(r, s))
+            norms = math.sqrt(sum(u * u for u in r)) * math.sqrt(sum(v * v for v in s))
+            expected += 1 - dot / (norms + 1e-6)
+    assert condense.gradient_match_loss(a, b).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_distance_by_hand():
+    """Eq. 6 on tiny tensors whose rows are computed by hand (DC `distance_wb`, 'ours'):
+    rows of the reshaped (out, rest) gradient, ε = 1e-6 added to the product of the norms,
+    a zero row counts 1, 1-D tensors count 0."""
+    real = [torch.tensor([[1.0, 0.0], [1e-3, 0.0], [0.0, 0.0]], dtype=torch.float64).view(3, 1, 2, 1),
+            torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64),  # a bias: ignored
+            torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.float64)]
+    syn = [torch.tensor([[0.0, 2.0], [1e-3, 0.0], [5.0, 5.0]], dtype=torch.float64).view(3, 1, 2, 1),
+           torch.tensor([-1.0, 2.0, -3.0], dtype=torch.float64),
+           torch.tensor([[6.0, 8.0], [1.0, -1.0]], dtype=torch.float64)]
+    rows = [1.0,                       # (1, 0) ⟂ (0, 2): cos 0
+            1 - 1e-6 / (1e-6 + 1e-6),  # parallel rows of norm 1e-3: ε halves the cosine
+            1.0,                       # a zero real row: 0 / (0 + ε)
+            1 - 50 / (50 + 1e-6),      # (3, 4) ∥ (6, 8): ⟨·,·⟩ = 50 = 5·10
+            1.0]                       # (1, 1) ⟂ (1, −1)
+    assert condense.gradient_match_loss(real, syn).item() == pytest.approx(sum(rows), rel=1e-12)
+    assert condense.gradient_match_loss(real, syn).item() == pytest.approx(3.5, abs=1e-7)
 
 
 def test_get_loops_follow_dc():
     assert [condense.get_loops(i) for i in (1, 10, 50)] == [(1, 1), (10, 50), (50, 10)]
     assert condense.get_loops(5) == (5, 100)
+    assert [condense.get_loops(i) for i in (20, 30, 40)] == [(20, 25), (30, 20), (40, 15)]
 
 
 def test_quick_changes_only_defaults():
@@ -53,8 +86,55 @@ def test_quick_changes_only_defaults():
     assert args.width is None  # args is never changed
     full = condense.get_config(condense.get_args(["--dataset", "shapes", "--ipc", "10"]))
     assert (full.width, full.batch_real, full.outer_loop, full.inner_loop) == (128, 256, 10, 50)
-    with pytest.raises(ValueError):
+    with pytest.raises(nets.RunError):
         condense.get_config(condense.get_args(["--eval-at", "1,x"]))
+
+
+@pytest.fixture
+def float64():
+    """Build every network of a test in float64, so that re-implementations agree to ~1e-10."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def dc_convnet(num_classes, width):
+    """The test's own statement of the DC ConvNet of Sec. 4: depth 3, input x − 0.5."""
+    return nets.ConvNet(num_classes, width=width, depth=3, mean=(0.5,) * 3, std=(1.0,) * 3)
+
+
+def reference_class_distance(net, x_real, x_syn, label):
+    """Eq. 6 for one class, written out: the cross-entropy of label c as −mean log-softmax,
+    its gradient on every parameter (real: a constant; synthetic: differentiable), and
+    DC `distance_wb` row by row."""
+    params = list(net.parameters())
+
+    def grads(x, create_graph):
+        ce = -torch.log_softmax(net(x), dim=1)[:, label].mean()
+        return torch.autograd.grad(ce, params, create_graph=create_graph)
+
+    distance = 0
+    for g_r, g_s in zip(grads(x_real, False), grads(x_syn, True)):
+        if g_r.dim() == 1:
+            continue
+        g_r, g_s = g_r.reshape(len(g_r), -1), g_s.reshape(len(g_s), -1)
+        for r, s in zip(g_r, g_s):
+            distance = distance + 1 - (r @ s) / (r.norm() * s.norm() + 1e-6)
+    return distance
+
+
+def reference_condensation_loss(net, x_syn, real, ipc, batch_real, glow_model, lambda_sim):
+    """Eq. 7 written out: Σ_c D_c over a random batch of ≤ batch_real real images of each
+    class (one torch.randperm per class, in class order) + λ·mean bpd of the synthetic set."""
+    match = 0
+    for c, x_c in enumerate(real):
+        batch = x_c[torch.randperm(len(x_c))[:batch_real]]
+        match = match + reference_class_distance(net, batch, x_syn[c * ipc:(c + 1) * ipc], c)
+    if lambda_sim == 0:
+        return match, match, None
+    bpd = glow.bits_per_dim(glow_model, x_syn).mean()
+    return match + lambda_sim * bpd, match, bpd
 
 
 def tiny_problem():
@@ -65,19 +145,40 @@ def tiny_problem():
     return net, real, x_syn
 
 
+def test_class_match_loss_matches_reference():
+    """class_match_loss = the written-out Eq. 6 for class c; the real gradient is a constant
+    (no gradient reaches the real images), the synthetic one is differentiable."""
+    net, real, x_syn = tiny_problem()
+    x_real = real[1].clone().requires_grad_()
+    x = x_syn[1:].clone().requires_grad_()
+    loss = condense.class_match_loss(net=net, x_real=x_real, x_syn=x, label=1)
+    expected = reference_class_distance(net, real[1], x_syn[1:], 1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    grad_real, grad_syn = torch.autograd.grad(loss, [x_real, x], allow_unused=True)
+    assert grad_real is None or not grad_real.any()  # gw_real is detached (DC)
+    assert grad_syn is not None and grad_syn.abs().sum() > 0  # gw_syn: create_graph=True
+    # the label of the class matters: class 0's cross-entropy gives another distance
+    other = reference_class_distance(net, real[1], x_syn[1:], 0)
+    assert abs(other.item() - loss.item()) > 1e-3
+
+
 def test_match_gradient_matches_finite_differences():
+    """∂(Σ_c D_c)/∂X_syn by autograd equals central differences of the written-out Eq. 6."""
     net, real, x_syn = tiny_problem()
 
-    def loss(x):  # Σ_c D_c; batch_real ≥ class size, so the real batches are fixed
-        return condense.condensation_loss(net, x, real, 1, 8, None, 0.0)[0]
+    def reference(x):  # batch_real ≥ class size: every real image of the class is used
+        return sum(reference_class_distance(net, real[c], x[c:c + 1], c) for c in range(2))
 
     x = x_syn.clone().requires_grad_()
-    grad = torch.autograd.grad(loss(x), x)[0]
+    loss = condense.condensation_loss(net=net, x_syn=x, real_by_class=real, ipc=1, batch_real=8,
+                                      glow_model=None, lambda_sim=0.0)[0]
+    assert loss.item() == pytest.approx(reference(x_syn).item(), rel=1e-10)
+    grad = torch.autograd.grad(loss, x)[0]
     g = torch.Generator().manual_seed(1)
     h = 1e-6
     for _ in range(3):  # directional derivatives along random directions
         v = torch.randn(x_syn.shape, generator=g, dtype=torch.float64)
-        numeric = (loss(x_syn + h * v) - loss(x_syn - h * v)).item() / (2 * h)
+        numeric = (reference(x_syn + h * v) - reference(x_syn - h * v)).item() / (2 * h)
         assert (grad * v).sum().item() == pytest.approx(numeric, rel=1e-5, abs=1e-8)
 
 
@@ -104,6 +205,200 @@ def test_lambda_step_lowers_bpd():
         x = condense.synthetic_images(alpha).detach()
         bpd[lam] = glow.bits_per_dim(g, x, noise=False).mean().item()
     assert bpd[1e4] < bpd[0.0] - 0.1
+
+
+def small_glow():
+    """A 2-level Glow, ActNorm initialised on random images, every parameter perturbed."""
+    torch.manual_seed(2)
+    g = glow.Glow(levels=2, steps=1, hidden=8)
+    with torch.no_grad():
+        g(glow.to_glow_range(torch.rand(8, 3, 32, 32)))  # data-dependent ActNorm init
+        for p in g.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return glow.freeze(g)
+
+
+def test_condensation_loss_matches_reference(float64, monkeypatch):
+    """Eq. 7: L = Σ_c D_c + λ·mean bpd(X_syn) with a random real batch of each class, against
+    the written-out computation under the same seed (sampling and dequantization noise)."""
+    torch.manual_seed(3)
+    net = dc_convnet(2, 4)
+    real = [torch.rand(5, 3, 32, 32) for _ in range(2)]
+    x_syn = torch.rand(4, 3, 32, 32)  # ipc 2, class-major
+    g = small_glow()
+    torch.manual_seed(4)
+    loss, match, bpd = condense.condensation_loss(net=net, x_syn=x_syn, real_by_class=real, ipc=2,
+                                                  batch_real=3, glow_model=g, lambda_sim=0.3)
+    torch.manual_seed(4)
+    ref_loss, ref_match, ref_bpd = reference_condensation_loss(net, x_syn, real, 2, 3, g, 0.3)
+    assert match.item() == pytest.approx(ref_match.item(), rel=1e-10)
+    assert bpd.item() == pytest.approx(ref_bpd.item(), rel=1e-10)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    # the real batch is a random subset: another draw gives another D
+    torch.manual_seed(5)
+    other = reference_condensation_loss(net, x_syn, real, 2, 3, g, 0.3)[1]
+    assert abs(other.item() - match.item()) > 1e-4
+    # λ = 0 is plain DC (no Glow needed); a non-finite bpd term is skipped (authors' code)
+    torch.manual_seed(4)
+    plain = condense.condensation_loss(net=net, x_syn=x_syn, real_by_class=real, ipc=2,
+                                       batch_real=3, glow_model=None, lambda_sim=0.0)
+    assert plain[0].item() == pytest.approx(ref_match.item(), rel=1e-10) and plain[2] is None
+    monkeypatch.setattr(condense.glow, "bits_per_dim", lambda g, x, *a, **k: torch.full((len(x),), math.inf))
+    torch.manual_seed(4)
+    skipped = condense.condensation_loss(net=net, x_syn=x_syn, real_by_class=real, ipc=2,
+                                         batch_real=3, glow_model=g, lambda_sim=0.3)
+    assert skipped[0].item() == pytest.approx(ref_match.item(), rel=1e-10) and skipped[2] is None
+
+
+def test_synthetic_images_by_hand():
+    """X_syn = quantize(sigmoid(α)): forward round(255·σ(α))/255, backward σ'(α) (STE)."""
+    values = [-10.0, 0.1, 0.3, 2.0, 10.0]
+    alpha = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    x = condense.synthetic_images(alpha)
+    sig = [1 / (1 + math.exp(-a)) for a in values]
+    assert x.tolist() == pytest.approx([round(255 * s) / 255 for s in sig], abs=1e-12)
+    assert [round(255 * s) for s in sig] == [0, 134, 146, 225, 255]  # 8-bit levels
+    (grad,) = torch.autograd.grad(x.sum(), alpha)
+    assert grad.tolist() == pytest.approx([s * (1 - s) for s in sig], rel=1e-10)
+
+
+def test_outer_iteration_matches_reference(float64):
+    """One outer iteration of DC with Eq. 7 (Sec. 4), re-implemented with torch.optim: a fresh
+    ConvNet; outer_loop Adam steps on α, and between them (not after the last) inner_loop
+    epochs of SGD (lr 0.01, momentum 0.5) of the net on the detached synthetic set in random
+    minibatches. Same seed, same draws: the same α, loss and RNG state afterwards."""
+    ipc, width, outer_loop, inner_loop, batch_size, lam = 2, 4, 3, 2, 3, 0.5
+    torch.manual_seed(6)
+    real = [torch.rand(4, 3, 32, 32) for _ in range(2)]
+    alpha0 = 0.2 * torch.randn(2 * ipc, 3, 32, 32)
+    g = small_glow()
+
+    alpha = alpha0.clone().requires_grad_()
+    optimizer = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
+    torch.manual_seed(7)
+    metrics = condense.outer_iteration(alpha=alpha, optimizer=optimizer, real_by_class=real,
+                                       glow_model=g, lambda_sim=lam, ipc=ipc, batch_real=3,
+                                       width=width, outer_loop=outer_loop, inner_loop=inner_loop,
+                                       batch_size=batch_size)
+    rng_after = torch.get_rng_state()
+
+    ref_alpha = alpha0.clone().requires_grad_()
+    ref_optimizer = torch.optim.Adam([ref_alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
+    labels = torch.tensor([0, 0, 1, 1])
+    torch.manual_seed(7)
+    net = dc_convnet(2, width)  # fresh random weights from the global RNG
+    net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
+    for step in range(outer_loop):
+        sig = torch.sigmoid(ref_alpha)
+        x_syn = sig + (torch.round(255 * sig) / 255 - sig).detach()  # 8-bit, straight-through
+        loss, match, bpd = reference_condensation_loss(net, x_syn, real, ipc, 3, g, lam)
+        ref_optimizer.zero_grad()
+        ref_alpha.grad = torch.autograd.grad(loss, ref_alpha)[0]
+        ref_optimizer.step()
+        if step == outer_loop - 1:
+            break  # no network training after the last image update
+        x_fixed = (torch.round(255 * torch.sigmoid(ref_alpha)) / 255).detach()
+        net.train()
+        for _ in range(inner_loop):
+            for idx in torch.randperm(len(x_fixed)).split(batch_size):
+                net_optimizer.zero_grad()
+                F.cross_entropy(net(x_fixed[idx]), labels[idx]).backward()
+                net_optimizer.step()
+
+    torch.testing.assert_close(alpha.detach(), ref_alpha.detach(), rtol=1e-9, atol=1e-11)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-9)
+    assert metrics["match"] == pytest.approx(match.item(), rel=1e-9)
+    assert metrics["bpd"] == pytest.approx(bpd.item(), rel=1e-9)
+    assert torch.equal(rng_after, torch.get_rng_state())  # the same random draws, no more
+    assert not torch.equal(alpha.detach(), alpha0)
+
+
+def test_evaluate_follows_dc_protocol(float64, monkeypatch):
+    """DC evaluation (Sec. 4), re-implemented: from the seed, `num_eval` fresh ConvNets, each
+    trained with SGD lr 0.01, momentum 0.9, weight decay 5e-4 in random minibatches, lr 0.001
+    from epoch ⌊epochs/2⌋ on; returns their test accuracies; the global RNG is untouched."""
+    torch.manual_seed(8)
+    x_train, y_train = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    x_test, y_test = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 1, 0, 1, 0])
+    trained = []
+    score = condense.test_accuracy
+
+    def record(net, x, y, *args, **kwargs):
+        trained.append({k: v.clone() for k, v in net.state_dict().items()})
+        return score(net, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(condense, "test_accuracy", record)
+    rng_before = torch.get_rng_state()
+    accs = condense.evaluate(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                             num_classes=2, num_eval=2, epochs=5, width=4, batch_size=3, seed=9)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert len(accs) == len(trained) == 2
+
+    torch.manual_seed(9)
+    for k in range(2):
+        net = dc_convnet(2, 4)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        for epoch in range(5):
+            for group in opt.param_groups:
+                group["lr"] = 0.01 if epoch < 2 else 0.001  # ÷10 at half of 5 epochs (5 // 2)
+            net.train()
+            for idx in torch.randperm(4).split(3):
+                opt.zero_grad()
+                F.cross_entropy(net(x_train[idx]), y_train[idx]).backward()
+                opt.step()
+        for name, value in net.state_dict().items():
+            torch.testing.assert_close(trained[k][name], value, rtol=1e-10, atol=1e-12, msg=name)
+        with torch.no_grad():
+            acc = (net.eval()(x_test).argmax(1) == y_test).double().mean().item()
+        assert accs[k] == pytest.approx(acc)
+    assert not torch.equal(trained[0]["classifier.weight"], trained[1]["classifier.weight"])
+
+
+def test_test_accuracy_and_population_std_by_hand():
+    class Fixed(torch.nn.Module):  # predicts class 1 iff the first pixel is > 0.5
+        def forward(self, x):
+            p = x[:, 0, 0, 0]
+            return torch.stack([0.5 - p, p - 0.5], dim=1)
+    x = torch.zeros(5, 3, 32, 32)
+    x[[0, 2, 3], 0, 0, 0] = 1.0
+    y = torch.tensor([1, 1, 1, 0, 0])
+    assert condense.test_accuracy(Fixed(), x, y, batch_size=2) == pytest.approx(3 / 5)
+    mean, std = condense.mean_std([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7) and std == pytest.approx(math.sqrt(0.08 / 3))  # np.std
+
+
+def test_mean_bpd_scores_8_bit_images_from_a_seeded_stream():
+    g = small_glow()
+    torch.manual_seed(10)
+    x = torch.rand(3, 3, 32, 32)
+    rng_before = torch.get_rng_state()
+    value = condense.mean_bpd(g, x, seed=11)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    torch.manual_seed(11)
+    expected = glow.bits_per_dim(g, torch.round(255 * x) / 255).mean().item()
+    assert value == pytest.approx(expected, rel=1e-6)
+
+
+def test_main_image_optimizer_and_alpha_init(tmp_path):
+    """main: Adam(lr 0.1, betas (0.5, 0.99), eps 1e-6) on α and α₀ = 0.2·N(0, 1) (authors'
+    condensation code), read back from the checkpoint after one image update: its Adam
+    state (m = (1 − β₁)·g, v = (1 − β₂)·g²) gives α₀ = α₁ + 0.1·m̂/(√v̂ + 1e-6)."""
+    glow_path = tmp_path / "glow.pt"
+    glow.save_glow(glow.Glow(levels=1, steps=1, hidden=8), glow_path)
+    run_main(tmp_path / "c", glow_path, "--iterations", "1", "--width", "4", "--num-eval", "1",
+             "--eval-epochs", "1")
+    ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["lr"] == 0.1 and tuple(group["betas"]) == (0.5, 0.99) and group["eps"] == 1e-6
+    assert group["weight_decay"] == 0 and not group["amsgrad"]
+    state = ckpt["optimizer"]["state"][0]
+    m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+    assert float(state["step"]) == 1
+    torch.testing.assert_close(v, 0.04 * m ** 2, rtol=1e-5, atol=1e-30)  # 0.01·g² = 0.04·(0.5·g)²
+    alpha0 = ckpt["alpha"].double() + 0.1 * (m / 0.5) / ((v / 0.01).sqrt() + 1e-6)  # (5, 3, 32, 32)
+    # 15360 draws of 0.2·N(0, 1): mean 0 ± 0.0016, std 0.2 ± 0.0011, 68.3% within one std
+    assert abs(alpha0.mean().item()) < 0.01 and alpha0.std().item() == pytest.approx(0.2, abs=0.006)
+    assert (alpha0.abs() < 0.2).double().mean().item() == pytest.approx(0.6827, abs=0.02)
 
 
 def run_main(out, glow_path, *extra):
