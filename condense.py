@@ -276,19 +276,20 @@ def evaluate(x_train, y_train, x_test, y_test, num_classes, num_eval, epochs, wi
              seed):
     """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
     (x_train, y_train) with SGD lr 0.01, momentum 0.9, wd 5e-4, lr ÷10 at half the
-    epochs; returns their test accuracies on the real test set. Every evaluation
-    (synthetic or random real, at any iteration) uses the same `seed`, hence the same
-    network initialisations and batch orders."""
+    epochs; returns their test accuracies on the real test set. As in DC's
+    `evaluate_synset`, the lr drop re-creates the optimizer, so the momentum restarts.
+    Every evaluation (synthetic or random real, at any iteration) uses the same `seed`,
+    hence the same network initialisations and batch orders."""
     device = x_train.device
     accs = []
     with isolated_rng(device, seed):
         for _ in range(num_eval):
             net = make_convnet(num_classes, width, device)
-            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], gamma=0.1)
-            for _ in range(epochs):
+            for epoch in range(epochs):
+                if epoch in (0, epochs // 2):  # a fresh optimizer at lr 0.01, then at 0.001
+                    lr = 0.01 if epoch == 0 else 0.001
+                    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
                 train_network(net, opt, x_train, y_train, 1, batch_size)
-                sched.step()
             accs.append(test_accuracy(net, x_test, y_test))
     return accs
 

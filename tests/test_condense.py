@@ -315,8 +315,9 @@ def test_outer_iteration_matches_reference(float64):
 
 def test_evaluate_follows_dc_protocol(float64, monkeypatch):
     """DC evaluation (Sec. 4), re-implemented: from the seed, `num_eval` fresh ConvNets, each
-    trained with SGD lr 0.01, momentum 0.9, weight decay 5e-4 in random minibatches, lr 0.001
-    from epoch ⌊epochs/2⌋ on; returns their test accuracies; the global RNG is untouched."""
+    trained with SGD lr 0.01, momentum 0.9, weight decay 5e-4 in random minibatches, from
+    epoch ⌊epochs/2⌋ on a new SGD at lr 0.001 (DC `evaluate_synset` re-creates it: the
+    momentum restarts); returns their test accuracies; the global RNG is untouched."""
     torch.manual_seed(8)
     x_train, y_train = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     x_test, y_test = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 1, 0, 1, 0])
@@ -339,8 +340,8 @@ def test_evaluate_follows_dc_protocol(float64, monkeypatch):
         net = dc_convnet(2, 4)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         for epoch in range(5):
-            for group in opt.param_groups:
-                group["lr"] = 0.01 if epoch < 2 else 0.001  # ÷10 at half of 5 epochs (5 // 2)
+            if epoch == 2:  # ÷10 at half of 5 epochs (5 // 2), momentum buffers dropped
+                opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
             net.train()
             for idx in torch.randperm(4).split(3):
                 opt.zero_grad()
