@@ -52,6 +52,25 @@ def resized(images28):
     return (x * 255).round() / 255
 
 
+def bilinear_matrix(n_in, n_out):
+    """(n_out, n_in) weights of 1-D bilinear resizing with half-pixel centres (align_corners
+    False, no antialiasing): output pixel j reads the input at s = (j + 0.5)·n_in/n_out − 0.5,
+    clamped at the first pixel, as (1 − w)·in[⌊s⌋] + w·in[⌊s⌋ + 1], w = s − ⌊s⌋."""
+    m = np.zeros((n_out, n_in))
+    for j in range(n_out):
+        s = max((j + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(math.floor(s)), n_in - 1)
+        w = s - i0
+        m[j, i0] += 1 - w
+        m[j, min(i0 + 1, n_in - 1)] += w
+    return m
+
+
+def index_draws(i):
+    """The test split of a composite draws its randomness from a generator seeded with i."""
+    return torch.Generator().manual_seed(i)
+
+
 class FakeCIFAR10:
     """Stands in for torchvision.datasets.CIFAR10: (N, 32, 32, 3) uint8 numpy data."""
 
@@ -92,6 +111,61 @@ def test_mnist_idx_files_resized_to_3x32x32(fake_root, download):
         assert torch.allclose(x[0], resized(images)[3, 0], atol=1e-6)
     assert ds.info.num_classes == 10 and ds.info.mean == (0.1307,) * 3
     assert ds.info.std == (0.3081,) * 3
+
+
+def test_grayscale_28_to_32_is_bilinear_written_out(fake_root):
+    """MNIST is resized 28→32 bilinearly (authors' Resize(32)), stored as 8 bit, and the
+    gray channel is repeated to 3 channels: every pixel lies within half a grey level of the
+    hand-computed bilinear value, and a nearest, align-corners or truncating resize does not."""
+    root, mnist, _ = fake_root
+    ds = load_dataset("mnist", root, train=True, download=False)
+    m = bilinear_matrix(28, 32)  # (32, 28)
+    # s_0 = −0.0625 → pixel 0; s_1 = 0.8125; s_2 = 1.6875 (scale 28/32 = 0.875)
+    assert np.allclose(m[:3, :3], [[1, 0, 0], [0.1875, 0.8125, 0], [0, 0.3125, 0.6875]])
+    for i, img in enumerate(mnist["train"][0]):
+        ref = torch.from_numpy(m @ img.astype(np.float64) @ m.T / 255)  # (32, 32) in [0, 1]
+        x = ds[i][0].double()
+        assert x.shape == (3, 32, 32)
+        assert (x - ref).abs().max() <= 0.5 / 255 + 1e-6
+        assert ((x * 255) - (x * 255).round()).abs().max() < 1e-4  # 8-bit levels k/255
+
+
+def test_normalisation_constants_of_every_dataset(fake_root, monkeypatch):
+    """The classifier's Normalize(mean, std): the authors' constants for MNIST, Fashion, SVHN
+    and CIFAR-10, the usual CIFAR-100 ones, and (0.2, 0.3) for every composite (Sec. 3.1)."""
+    root, _, _ = fake_root
+
+    class FakeSVHN:
+        def __init__(self, root, split="train", download=False):
+            self.data = np.zeros((2, 3, 32, 32), dtype=np.uint8)  # SVHN stores (N, 3, 32, 32)
+            self.labels = np.array([3, 7])
+
+    class FakeCIFAR100(FakeCIFAR10):
+        classes = [f"class{k}" for k in range(100)]
+
+        def __init__(self, root, train=True, download=False):
+            super().__init__(root, train, download)
+            self.classes = FakeCIFAR100.classes
+
+    for name, fake in (("svhn", FakeSVHN), ("cifar100", FakeCIFAR100)):
+        monkeypatch.setitem(datasets.TORCHVISION, name, (fake,) + datasets.TORCHVISION[name][1:])
+    expected = {
+        "mnist": ((0.1307,) * 3, (0.3081,) * 3),
+        "fashionmnist": ((0.2861,) * 3, (0.3530,) * 3),
+        "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+        "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+        "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        "mnist-fashion": ((0.2,) * 3, (0.3,) * 3),
+        "mnist-noise": ((0.2,) * 3, (0.3,) * 3),
+        "mnist-cifar": ((0.2,) * 3, (0.3,) * 3),
+        "cifar-stripes": ((0.2,) * 3, (0.3,) * 3),
+    }
+    for name, (mean, std) in expected.items():
+        for train in (True, False):
+            info = load_dataset(name, root, train=train, download=False).info
+            assert (info.mean, info.std) == (mean, std), name
+    assert load_dataset("svhn", root, download=False)[1][1] == 7
+    assert load_dataset("cifar100", root, download=False).info.num_classes == 100
 
 
 def test_fashion_info_and_usps_16_to_32(fake_root, tmp_path):
@@ -223,6 +297,8 @@ def test_mnist_fashion_side_by_side(fake_root):
         options = [(o[..., 0::2] + o[..., 1::2]) / 2 for o in options]
         match = [torch.allclose(x, o, atol=1e-5) for o in options]
         assert sum(match) == 1
+        fashion_first = bool(torch.rand((), generator=index_draws(i)) < 0.5)  # p = 0.5
+        assert match.index(True) == int(fashion_first)
         orders.add(match.index(True))
     train = load_dataset("mnist-fashion", root, train=True)
     torch.manual_seed(0)
@@ -238,6 +314,9 @@ def test_mnist_noise_formula_and_determinism(fake_root):
     noise = torch.stack([2 * (ds[i][0] - 0.5 * m[i]) for i in range(len(ds))])  # U(0,1)
     assert noise.min() >= -1e-6 and noise.max() <= 1 + 1e-6
     assert abs(noise.mean() - 0.5) < 0.02 and abs(noise.var() - 1 / 12) < 0.01
+    for i in range(len(ds)):  # 0.5·x + 0.5·U(0,1), one draw per pixel and channel
+        expected = 0.5 * m[i] + 0.5 * torch.rand((3, 32, 32), generator=index_draws(i))
+        torch.testing.assert_close(ds[i][0], expected, atol=1e-6, rtol=0)
     assert torch.equal(ds[1][0], ds[1][0]) and ds[1][1] == int(mnist["t10k"][1][1])
     train = load_dataset("mnist-noise", root, train=True)
     assert not torch.equal(train[1][0], train[1][0])  # fresh noise per access
@@ -256,11 +335,17 @@ def test_mnist_cifar_interpolation(fake_root):
             assert y == int(mnist[key][1][2]) and float(err.min()) < 1e-10
             partners.append(int(err.argmin()))
         assert (len(set(partners)) == 1) == (not train)  # fixed in test, random in train
+    m, c = resized(mnist["t10k"][0]).expand(-1, 3, -1, -1), cifar_images(False)
+    ds = load_dataset("mnist-cifar", root, train=False)
+    for i in range(len(ds)):  # x = 0.5·mnist[i] + 0.5·cifar[j], j uniform over CIFAR-10
+        j = int(torch.randint(len(c), (), generator=index_draws(i)))
+        torch.testing.assert_close(ds[i][0], 0.5 * m[i] + 0.5 * c[j], atol=1e-6, rtol=0)
 
 
 def test_cifar_stripes_orientation_matches_label(fake_root):
     root, _, _ = fake_root
-    s = 0.5 * torch.sin(torch.linspace(0, 11 * math.pi, 32)) + 0.5
+    # s(t) = 0.5·sin(t) + 0.5 at t_k = 11π·k/31, k = 0..31: 5.5 periods over 32 pixels
+    s = torch.tensor([0.5 * math.sin(11 * math.pi * k / 31) + 0.5 for k in range(32)])
     c = cifar_images(False)
     ds = load_dataset("cifar-stripes", root, train=False)
     assert ds.info.num_classes == 2 and ds.info.class_names == ["horizontal", "vertical"]
@@ -273,6 +358,7 @@ def test_cifar_stripes_orientation_matches_label(fake_root):
         else:  # vertical: constant along each column
             assert torch.allclose(stripes, s[None, :].expand(3, 32, 32), atol=1e-5)
         assert ds[i][1] == y and torch.equal(ds[i][0], x)  # fixed per index
+        assert y == int(torch.randint(2, (), generator=index_draws(i)))  # p = 0.5 each
         labels.append(y)
     train = load_dataset("cifar-stripes", root, train=True)
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
 """Tests for nets.py: NF-WRN signal propagation (S2.1), the identity-at-init simplifier
-(S2.2), the DC ConvNet (Sec. 4), double backward, checkpoints and the run utilities."""
+(S2.2), the DC ConvNet (Sec. 4), the forward pass of each written out by hand, double
+backward, checkpoints and the run utilities."""
 import json
+import math
 import os
 import random
 
@@ -159,6 +161,205 @@ def test_convnet_shapes():
     assert len(norms) == 3 and all(n.num_groups == n.num_channels == 128 and n.affine for n in norms)
 
 
+# ---------------------------------------------------------------- paper formulas written out
+# Each test below writes a forward pass out by hand with F.conv2d and the module's own
+# parameters (set to random values first, so every term matters) and compares in float64.
+
+ELU_GAMMA_BROCK = 1.2716004848480225  # Brock et al. 2021 (NF-ResNets), `_nonlin_gamma['elu']`
+
+
+def randomize_(model, seed=0):
+    """Every parameter to random non-trivial values (gains, affines and m included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype) + 0.3)
+    return model
+
+
+def elu(x):  # ELU with α = 1, written out
+    return torch.where(x > 0, x, torch.exp(x) - 1)
+
+
+def ws_weight(conv):
+    """Scaled Weight Standardization (S2.1, Eq. S1): Ŵ_i = gain_i·(W_i − μ_i)/((σ_i + 1e-5)·√N),
+    μ_i and σ_i² = (1/N)·Σ_j (W_ij − μ_i)² (population variance) over the N fan-in weights."""
+    w = conv.weight
+    rows = w.reshape(w.shape[0], -1)
+    n = rows.shape[1]
+    mu = rows.sum(1, keepdim=True) / n
+    sigma = (((rows - mu) ** 2).sum(1, keepdim=True) / n).sqrt()
+    return (conv.gain.reshape(-1, 1) * (rows - mu) / ((sigma + 1e-5) * math.sqrt(n))).reshape(w.shape)
+
+
+def nf_block_by_hand(block, h, in_ch, out_ch, stride, dropout_mask=None):
+    """S2.1: h' = shortcut + 0.2·f(h), a = γ·ELU(h), f = conv2(γ·ELU(dropout(conv1(a)))), stride
+    on conv2 (WRN layout); shortcut = h, or a strided 1×1 scaled-std conv of a when the
+    shape changes (NF-ResNet transition block of Brock et al.)."""
+    a = ELU_GAMMA_BROCK * elu(h)
+    t = F.conv2d(a, ws_weight(block.conv1), block.conv1.bias, padding=1)
+    if dropout_mask is not None:
+        t = t * dropout_mask
+    r = F.conv2d(ELU_GAMMA_BROCK * elu(t), ws_weight(block.conv2), block.conv2.bias,
+                 stride=stride, padding=1)
+    if stride == 1 and in_ch == out_ch:
+        assert block.shortcut is None
+        shortcut = h
+    else:
+        assert block.shortcut.weight.shape == (out_ch, in_ch, 1, 1)
+        shortcut = F.conv2d(a, ws_weight(block.shortcut), block.shortcut.bias, stride=stride)
+    return shortcut + 0.2 * r
+
+
+def test_gamma_elu_hand_values():
+    x = torch.tensor([1.0, -1.0, 0.0, 2.5], dtype=torch.float64)
+    expected = torch.tensor([1.2716004848480225, 1.2716004848480225 * (math.exp(-1.0) - 1), 0.0,
+                             1.2716004848480225 * 2.5], dtype=torch.float64)
+    torch.testing.assert_close(nets.gamma_elu(x), expected, rtol=1e-15, atol=0)
+
+
+def test_scaled_std_conv_hand_computed_weight():
+    """Two fan-in weights per row (N = 2): row [1, 3] has μ = 2, σ = 1; row [0, 2e-5] has
+    μ = σ = 1e-5, where the 1e-5 of (σ + 1e-5) and the population std both matter."""
+    conv = nets.ScaledStdConv2d(2, 2, 1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 3.0], [0.0, 2e-5]], dtype=torch.float64).view(2, 2, 1, 1))
+        conv.gain.copy_(torch.tensor([2.0, 1.0]).view(2, 1, 1, 1))
+    expected = torch.tensor([[2 * -1 / ((1 + 1e-5) * math.sqrt(2)), 2 * 1 / ((1 + 1e-5) * math.sqrt(2))],
+                             [-1 / (2 * math.sqrt(2)), 1 / (2 * math.sqrt(2))]], dtype=torch.float64)
+    torch.testing.assert_close(conv.standardized_weight().view(2, 2), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("in_ch,out_ch,stride", [(4, 4, 1), (3, 5, 2), (4, 6, 1)])
+def test_nf_block_forward_written_out(in_ch, out_ch, stride):
+    torch.manual_seed(0)
+    block = randomize_(nets.NFBlock(in_ch, out_ch, stride=stride, dropout=0.3).double()).eval()
+    with torch.no_grad():  # one conv with tiny weights (σ ≈ 1e-5), so the eps of Eq. S1 counts
+        block.conv1.weight.mul_(1e-5)
+    h = torch.randn(2, in_ch, 6, 6, dtype=torch.float64)
+    expected = nf_block_by_hand(block, h, in_ch, out_ch, stride)
+    torch.testing.assert_close(block(h), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_nf_block_dropout_acts_on_conv1_output():
+    """Dropout sits between conv1 and the second γ-ELU (WRN of Zagoruyko & Komodakis)."""
+    torch.manual_seed(0)
+    block = randomize_(nets.NFBlock(4, 4, stride=1, dropout=0.5).double()).train()
+    h = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    seen = []
+    block.dropout.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+    out = block(h)
+    (dropped_in, dropped_out), = seen
+    a = ELU_GAMMA_BROCK * elu(h)
+    torch.testing.assert_close(dropped_in, F.conv2d(a, ws_weight(block.conv1), block.conv1.bias,
+                                                    padding=1), rtol=1e-10, atol=1e-12)
+    mask = torch.where(dropped_in != 0, dropped_out / dropped_in, torch.zeros_like(dropped_in))
+    assert set(mask.unique().tolist()) == {0.0, 2.0}  # dropped or scaled by 1/(1 − 0.5)
+    torch.testing.assert_close(out, nf_block_by_hand(block, h, 4, 4, 1, mask), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("depth,widen", [(10, 3), (16, 2)])
+def test_nf_wrn_forward_written_out(depth, widen):
+    """S2.1: normalize, stem 3→16, stages of n = (depth − 4)/6 blocks with widths 16·widen,
+    32·widen, 64·widen and strides 1, 2, 2, no nonlinearity after the last block, global
+    average pool, Linear."""
+    mean, std = (0.125, 0.25, 0.375), (0.5, 0.625, 0.75)  # exact in float32 buffers
+    torch.manual_seed(0)
+    model = randomize_(nets.NFWideResNet(7, depth=depth, widen=widen, mean=mean, std=std).double()).eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    h = (x - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    assert model.stem.weight.shape == (16, 3, 3, 3)
+    h = F.conv2d(h, ws_weight(model.stem), model.stem.bias, padding=1)
+    blocks, in_ch = list(model.blocks), 16
+    n = (depth - 4) // 6
+    assert len(blocks) == 3 * n
+    for stage, (width, stride) in enumerate(((16 * widen, 1), (32 * widen, 2), (64 * widen, 2))):
+        for i in range(n):
+            block = blocks[stage * n + i]
+            assert block.conv1.weight.shape == (width, in_ch, 3, 3)
+            h = nf_block_by_hand(block, h, in_ch, width, stride if i == 0 else 1)
+            in_ch = width
+    assert h.shape[-2:] == (2, 2)  # 8 / (1·2·2)
+    logits = h.mean(dim=(2, 3)) @ model.fc.weight.T + model.fc.bias
+    torch.testing.assert_close(model(x), logits, rtol=1e-10, atol=1e-12)
+
+
+def test_unet_simplifier_forward_written_out():
+    """S2.2 for num_down = 3, ngf = 2 (channels 3 → 2 → 4 → 8), pix2pix UnetSkipConnectionBlock
+    wiring: down = [ELU] → Conv4×4/2 → [AffineOnChans (x + a)·f]; up = ELU → ConvT4×4/2 →
+    [affine]; each up path input is cat([skip, h]); no ELU before the first conv, no affine
+    after the outermost and innermost down conv nor after the outermost ConvT, which alone
+    has a bias. Output sigmoid(logit(clamp(x, 1e-3, 1 − 1e-3)) + m·UNet(2x − 1))."""
+    torch.manual_seed(0)
+    model = randomize_(nets.UNetSimplifier(num_down=3, ngf=2).double())
+    p = dict(model.named_parameters())
+    assert set(p) == {"down.0.0.weight", "down.1.1.weight", "down.1.2.add", "down.1.2.factor",
+                      "down.2.1.weight", "up.2.1.weight", "up.2.2.add", "up.2.2.factor",
+                      "up.1.1.weight", "up.1.2.add", "up.1.2.factor", "up.0.1.weight",
+                      "up.0.1.bias", "merge_weight"}
+    assert p["merge_weight"] != 0 and (p["up.1.2.add"] != 0).all() and (p["up.1.2.factor"] != 1).all()
+
+    def down(h, name):
+        return F.conv2d(h, p[name], stride=2, padding=1)
+
+    def up(h, name, bias=None):
+        return F.conv_transpose2d(h, p[name], bias, stride=2, padding=1)
+
+    def affine(h, name):
+        return (h + p[name + ".add"]) * p[name + ".factor"]
+
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    x[0, 0, 0, :4] = torch.tensor([0.0, 1.0, 1e-4, 1 - 1e-4])  # values the clamp changes
+    v = 2 * x - 1  # the UNet sees [-1, 1] images
+    d0 = down(v, "down.0.0.weight")  # (2, 2, 4, 4)
+    d1 = affine(down(elu(d0), "down.1.1.weight"), "down.1.2")  # (2, 4, 2, 2)
+    d2 = down(elu(d1), "down.2.1.weight")  # (2, 8, 1, 1) innermost
+    u2 = affine(up(elu(d2), "up.2.1.weight"), "up.2.2")  # (2, 4, 2, 2)
+    u1 = affine(up(elu(torch.cat([d1, u2], 1)), "up.1.1.weight"), "up.1.2")  # (2, 2, 4, 4)
+    u0 = up(elu(torch.cat([d0, u1], 1)), "up.0.1.weight", p["up.0.1.bias"])  # (2, 3, 8, 8)
+    low, high = torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1 - 1e-3, dtype=torch.float64)
+    xc = torch.minimum(torch.maximum(x, low), high)  # only the logit term is clamped
+    expected = 1 / (1 + torch.exp(-(torch.log(xc / (1 - xc)) + p["merge_weight"] * u0)))
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_affine_on_chans_adds_then_scales():
+    layer = nets.AffineOnChans(2).double()
+    with torch.no_grad():
+        layer.add.copy_(torch.tensor([1.0, -2.0]).view(1, 2, 1, 1))
+        layer.factor.copy_(torch.tensor([3.0, 0.5]).view(1, 2, 1, 1))
+    x = torch.tensor([[[[2.0]], [[4.0]]]], dtype=torch.float64)  # (1, 2, 1, 1)
+    assert layer(x).flatten().tolist() == [9.0, 1.0]  # (2 + 1)·3, (4 − 2)·0.5
+
+
+def test_convnet_forward_written_out():
+    """DC ConvNet (Zhao et al. 2021), Sec. 4: (x − mean)/std, then depth × [Conv3×3 with bias →
+    instance norm (per image and channel, biased variance, eps 1e-5, learned affine) →
+    ReLU → AvgPool 2], flatten, Linear."""
+    mean, std = (0.375, 0.5, 0.625), (0.25, 0.375, 0.875)  # exact in float32 buffers
+    torch.manual_seed(0)
+    model = randomize_(nets.ConvNet(5, width=4, depth=2, mean=mean, std=std).double())
+    p = dict(model.named_parameters())
+    assert set(p) == {"features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias",
+                      "features.4.weight", "features.4.bias", "features.5.weight", "features.5.bias",
+                      "classifier.weight", "classifier.bias"}
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    h = (x - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    for conv, norm in (("features.0", "features.1"), ("features.4", "features.5")):
+        h = F.conv2d(h, p[conv + ".weight"], p[conv + ".bias"], padding=1)
+        mu = h.mean(dim=(2, 3), keepdim=True)
+        var = ((h - mu) ** 2).mean(dim=(2, 3), keepdim=True)
+        h = (h - mu) / torch.sqrt(var + 1e-5) * p[norm + ".weight"].view(1, -1, 1, 1) \
+            + p[norm + ".bias"].view(1, -1, 1, 1)
+        h = torch.where(h > 0, h, torch.zeros_like(h))
+        h = (h[..., 0::2, 0::2] + h[..., 0::2, 1::2] + h[..., 1::2, 0::2] + h[..., 1::2, 1::2]) / 4
+    assert h.shape == (2, 4, 8, 8)
+    logits = h.reshape(2, -1) @ p["classifier.weight"].T + p["classifier.bias"]
+    torch.testing.assert_close(model(x), logits, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------- double backward
 
 def check_double_backward(model, x, names=None, fast_mode=True):
@@ -218,10 +419,10 @@ def test_save_load_round_trip(tmp_path, make):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # so that a fresh init would not pass
     path = tmp_path / "model.pt"
-    nets.save_model(torch.nn.DataParallel(model), path, epoch=3)  # wrapper adds "module."
+    nets.save_model(model, path, epoch=3)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["kind"] == type(model).__name__ and ckpt["config"] == model.config and ckpt["epoch"] == 3
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["state_dict"])
+    assert list(ckpt["state_dict"]) == list(model.state_dict())
     loaded = nets.load_model(path, kind=type(model).__name__)
     assert type(loaded) is type(model) and not loaded.training
     x = torch.rand(2, 3, 32, 32)
@@ -263,10 +464,14 @@ def test_resolve_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert nets.resolve_device("auto") == torch.device("cpu")
     assert nets.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="no CUDA GPU"):
+    with pytest.raises(nets.RunError, match="no CUDA GPU"):
         nets.resolve_device("cuda")
-    with pytest.raises(ValueError):
-        nets.resolve_device("tpu")
+    with pytest.raises(nets.RunError, match="no CUDA GPU"):
+        nets.resolve_device("cuda:1")
+    with pytest.raises(nets.RunError, match="not a torch device"):
+        nets.resolve_device("gpu0")
+    with pytest.raises(nets.RunError):
+        nets.resolve_device("meta")  # a torch device, but no place to run a model
 
 
 def test_progress_prints_rate_and_eta(capsys):
