@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -439,10 +440,13 @@ def bits_per_dim(glow, x, noise=True):
     bpd(x) = (−log p_G(x_g + u) + D·ln 256) / (D·ln 2),  u ~ U(0, 1/256),  D = C·H·W.
     The +D·ln 256 turns the density over bins of width 1/256 into a probability mass, so
     bpd includes the "+8" of the authors' loss. The noise is added out of place
-    (x may require grad) and can be switched off for deterministic scores.
+    (x may require grad); noise=False scores deterministically, and a tensor is used as u
+    itself (distributed training draws u for the whole batch on every process).
     """
     x_glow = to_glow_range(x)
-    if noise:
+    if torch.is_tensor(noise):
+        x_glow = x_glow + noise
+    elif noise:
         x_glow = x_glow + torch.rand_like(x_glow) / N_BINS
     log_p, _ = glow(x_glow)
     dims = x[0].numel()
@@ -572,16 +576,24 @@ def import_y0ast(state):
 # ----------------------------------------------------------------------------------------
 
 
-def random_crop_flip(x, pad=3):
+def crop_flip_params(n, pad, device):
+    """Random horizontal flips and crop offsets in [0, 2·pad] for n images: (n,) each."""
+    flips = torch.rand(n, device=device) < 0.5
+    rows = torch.randint(0, 2 * pad + 1, (n,), device=device)
+    cols = torch.randint(0, 2 * pad + 1, (n,), device=device)
+    return flips, rows, cols
+
+
+def random_crop_flip(x, pad=3, params=None):
     """Per-image random translation by up to ±pad pixels (reflect padding) and horizontal
-    flip (the authors' Glow training: RandomCrop(32, padding=3, reflect) + flip)."""
+    flip (the authors' Glow training: RandomCrop(32, padding=3, reflect) + flip). `params`
+    from crop_flip_params, or drawn here."""
     b, _, h, w = x.shape
-    x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    flips, rows, cols = crop_flip_params(b, pad, x.device) if params is None else params
+    x = torch.where(flips.view(b, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (pad,) * 4, mode="reflect")
-    rows = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device) + \
-        torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
-    cols = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device) + \
-        torch.arange(w, device=x.device).view(1, 1, w)  # (B, 1, W)
+    rows = rows.view(b, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
+    cols = cols.view(b, 1, 1) + torch.arange(w, device=x.device).view(1, 1, w)  # (B, 1, W)
     batch = torch.arange(b, device=x.device).view(b, 1, 1)
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
@@ -594,18 +606,46 @@ def score_dataset(glow, dataset, device, batch_size=256, noise=True):
 
 
 def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr=5e-4,
-               warmup_steps=200, max_steps=None, out=None, init_images=512, settings=None,
-               log=print):
-    """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up,
-    ActNorm data-dependent init on `init_images` augmented images, and skipping of steps
-    with non-finite gradients. Saves `out` atomically after every epoch (with `settings`,
-    the run's flags) and resumes from it when it holds an unfinished run of the same model.
-    A run that diverges (non-finite weights or test bpd) raises instead of saving."""
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
-                                         drop_last=len(train_set) >= batch_size)
+               warmup_steps=None, max_steps=None, out=None, init_images=512, settings=None,
+               seed=0, log=print):
+    """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up
+    (default: a tenth of the run, at most 4000 steps as the released model), ActNorm
+    data-dependent init on `init_images` augmented images, and skipping of steps with
+    non-finite gradients. Saves `out` atomically after every epoch (with `settings`, the
+    run's flags) and resumes from it when it holds an unfinished run of the same model.
+    A run that diverges (non-finite weights or test bpd) raises instead of saving.
+
+    Under torchrun (torch.distributed initialised) it trains with DistributedDataParallel:
+    `batch_size` is the global batch, each of the W processes takes every W-th image of
+    it, and the augmentation and dequantization noise are drawn for the whole batch on
+    every process, so N processes take the same steps as one (up to float rounding).
+    Only rank 0 logs, evaluates and writes `out`.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if batch_size % world:
+        raise nets.RunError(f"--batch-size {batch_size} (the global batch) does not divide "
+                            f"over {world} processes.")
+    # every process sees its share of each epoch; the order depends on (seed, epoch) only
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size // world,
+                                         sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise nets.RunError(f"the {len(train_set)} training images do not fill one batch of "
+                            f"{batch_size}; lower --batch-size.")
+    total_steps = min(epochs * len(loader), max_steps or math.inf)
+    if warmup_steps is None:
+        warmup_steps = max(1, min(4000, total_steps // 10))
+    log(f"Adamax lr {lr:g}, linear warm-up over {warmup_steps} of {total_steps} steps, global "
+        f"batch {batch_size} = {world} process(es) × {batch_size // world}")
+    if warmup_steps > total_steps:
+        log(f"warning: the warm-up ({warmup_steps} steps) is longer than the run "
+            f"({total_steps} steps): the learning rate never reaches {lr:g}")
+    model = glow if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        glow, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adamax(glow.parameters(), lr=lr, weight_decay=5e-5)  # y0ast/authors
     warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
     start_epoch, step = 0, 0
     if out and os.path.isfile(out):
         state = torch.load(out, map_location=device, weights_only=True)
@@ -618,20 +658,29 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         start_epoch, step = state["epoch"], state["step"]
         torch.set_rng_state(state["rng"].cpu())
         log(f"resumed {out} at epoch {start_epoch}")
-    else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1)
-        init_loader = torch.utils.data.DataLoader(train_set, batch_size=init_images, shuffle=True)
+    else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1), from the
+        # same images on every process
+        pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+        x = torch.stack([train_set[i][0] for i in pick[:init_images].tolist()]).to(device)
         glow.train()
         with torch.no_grad():
-            x = random_crop_flip(next(iter(init_loader))[0].to(device))
+            x = random_crop_flip(x)
             glow(to_glow_range(x) + torch.rand_like(x) / N_BINS)
     for epoch in range(start_epoch, epochs):
         glow.train()
+        sampler.set_epoch(epoch)
         total, count, skipped = torch.zeros((), device=device), 0, 0
-        progress = nets.Progress(len(loader), f"glow epoch {epoch + 1}/{epochs}")
-        for x, _ in loader:
-            loss = bits_per_dim(glow, random_crop_flip(x.to(device))).mean()
+        progress = nets.Progress(len(loader), f"glow epoch {epoch + 1}/{epochs}",
+                                 every=5.0 if rank == 0 else math.inf)
+        for x, _ in loader:  # x: this process's images of the global batch
+            # augmentation and noise for the whole global batch; this process takes its rows
+            flips, rows, cols = crop_flip_params(batch_size, 3, device)
+            noise = torch.rand(batch_size, *x.shape[1:], device=device) / N_BINS
+            mine = slice(rank, None, world)
+            x = random_crop_flip(x.to(device), params=(flips[mine], rows[mine], cols[mine]))
+            loss = bits_per_dim(model, x, noise=noise[mine]).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP averages the gradients over the processes
             grad_norm = torch.nn.utils.clip_grad_norm_(glow.parameters(), float("inf"))
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -643,19 +692,33 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
             if max_steps and step >= max_steps:
                 break
         progress.close()
+        if world > 1:
+            dist.all_reduce(total)
+            total = total / world
+        test_bpd = torch.zeros((), device=device)
+        if test_set is not None and rank == 0:  # on its own random stream: training draws
+            # the same numbers on every process, with or without a test set
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                test_bpd += score_dataset(glow, test_set, device).mean().to(device)
+        if world > 1:
+            dist.broadcast(test_bpd, 0)
         line = f"glow epoch {epoch + 1}: train bpd {total.item() / max(count, 1):.3f}"
-        test_bpd = 0.0 if test_set is None else score_dataset(glow, test_set, device).mean().item()
         if test_set is not None:
-            line += f", test bpd {test_bpd:.3f}"
+            line += f", test bpd {test_bpd.item():.3f}"
         log(line + (f", {skipped} non-finite steps skipped" if skipped else ""))
-        if not (math.isfinite(test_bpd) and all(bool(p.isfinite().all()) for p in glow.parameters())):
+        finite = math.isfinite(test_bpd.item()) and all(bool(p.isfinite().all())
+                                                        for p in glow.parameters())
+        if not finite:
             raise GlowCheckpointError(f"Glow training diverged in epoch {epoch + 1} (non-finite "
                                       "weights or test bpd), so it was not saved; lower --lr.")
         done = epoch + 1 == epochs or (max_steps and step >= max_steps)
-        if out:
+        if out and rank == 0:
             save_glow(glow, out, settings=settings, **({} if done else dict(
                 optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),
                 epoch=epoch + 1, step=step, rng=torch.get_rng_state())))
+        if world > 1:
+            dist.barrier()  # nobody runs ahead of the checkpoint
         if done:
             break
     return glow
@@ -683,7 +746,7 @@ def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=pri
         torch.manual_seed((made_from or {}).get("seed", 0))
         glow = Glow(**QUICK_GLOW).to(device)
         train_glow(glow, train_set, device, epochs=1000, max_steps=QUICK_STEPS, lr=QUICK_LR,
-                   warmup_steps=50, log=log)
+                   warmup_steps=50, seed=(made_from or {}).get("seed", 0), log=log)
     save_glow(glow, cache_path, made_from=made_from)
     return freeze(glow)
 
@@ -709,15 +772,20 @@ def get_args(argv=None):
                             "separated to combine (default cifar10; shapes with --quick)")
     train.add_argument("--out", default=None, help="checkpoint path (default runs/glow-<dataset>.pt)")
     train.add_argument("--levels", type=nets.positive_int, default=None, help="levels L of the multi-scale Glow (3)")
-    train.add_argument("--steps", type=nets.positive_int, default=None, help="flow steps K per level (32)")
+    train.add_argument("--flow-steps", type=nets.positive_int, default=None,
+                       help="flow steps K per level (default 32; quick 4)")
     train.add_argument("--hidden", type=nets.positive_int, default=None, help="coupling-network width (512)")
     train.add_argument("--additive", action="store_true", help="additive instead of affine coupling")
     train.add_argument("--epochs", type=nets.positive_int, default=None, help="training epochs (100)")
     train.add_argument("--max-steps", type=nets.positive_int, default=None, help="stop after this many steps")
-    train.add_argument("--batch-size", type=nets.positive_int, default=64, help="batch size (64, as y0ast and the authors)")
+    train.add_argument("--batch-size", type=nets.positive_int, default=64,
+                       help="global batch size (y0ast and the authors: 64); under torchrun each "
+                            "of the N processes takes batch/N images, so it must divide by N")
     train.add_argument("--lr", type=nets.finite_float, default=None,
                        help="Adamax learning rate (5e-4; quick %g)" % QUICK_LR)
-    train.add_argument("--warmup-steps", type=nets.positive_int, default=None, help="linear lr warm-up steps (4000)")
+    train.add_argument("--warmup-steps", type=nets.positive_int, default=None,
+                       help="linear lr warm-up steps (default: a tenth of the run's steps, at most "
+                            "4000 as the released model; quick 50)")
     train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     train.add_argument("--train-size", type=nets.positive_int, default=None, help="train on a fixed random subset of N images")
     train.add_argument("--test-size", type=nets.positive_int, default=None, help="report test bpd on a fixed random subset")
@@ -771,8 +839,10 @@ def check_resume_settings(path, settings):
 
 
 def main(args):
-    print(vars(args))
-    nets.seed_everything(args.seed)
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 prints
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(vars(args))
+    nets.seed_everything(args.seed)  # the same on every process
     device = nets.resolve_device(args.device)
     if args.command == "import-y0ast":
         if not os.path.isfile(args.checkpoint):
@@ -795,7 +865,7 @@ def main(args):
             return value if value is not None else (quick if args.quick else full)
         name = pick(args.dataset, "cifar10", "shapes")
         config = dict(levels=pick(args.levels, 3, QUICK_GLOW["levels"]),
-                      steps=pick(args.steps, 32, QUICK_GLOW["steps"]),
+                      steps=pick(args.flow_steps, 32, QUICK_GLOW["steps"]),
                       hidden=pick(args.hidden, 512, QUICK_GLOW["hidden"]), affine=not args.additive)
         if 32 % 2 ** config["levels"]:
             raise nets.RunError(f"--levels {config['levels']}: 32×32 images allow at most 5 levels.")
@@ -806,14 +876,25 @@ def main(args):
             raise GlowCheckpointError(f"{out} exists: pass --resume to continue it or another --out.")
         if os.path.isfile(out):
             check_resume_settings(out, vars(args))
-        glow = Glow(**config).to(device)
-        train_glow(glow, load_many(name, args.data_root, True, args.train_size, args.seed), device,
-                   epochs=pick(args.epochs, 100, 1000),
-                   test_set=load_many(name, args.data_root, False, args.test_size, args.seed),
-                   batch_size=args.batch_size, lr=pick(args.lr, 5e-4, QUICK_LR),
-                   warmup_steps=pick(args.warmup_steps, 4000, 50),
-                   max_steps=pick(args.max_steps, None, QUICK_STEPS), out=out, settings=vars(args))
-        print(f"wrote {out}")
+        train_set = load_many(name, args.data_root, True, args.train_size, args.seed)
+        test_set = load_many(name, args.data_root, False, args.test_size, args.seed)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: DistributedDataParallel
+        if world > 1:
+            if device.type == "cuda":  # one GPU per process
+                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            glow = Glow(**config).to(device)
+            train_glow(glow, train_set, device, epochs=pick(args.epochs, 100, 1000),
+                       test_set=test_set, batch_size=args.batch_size,
+                       lr=pick(args.lr, 5e-4, QUICK_LR), warmup_steps=pick(args.warmup_steps, None, 50),
+                       max_steps=pick(args.max_steps, None, QUICK_STEPS), out=out,
+                       settings=vars(args), seed=args.seed, log=log)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        log(f"wrote {out}")
     else:
         glow = load_glow(args.glow, device)
         means = {}

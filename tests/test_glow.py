@@ -1,10 +1,12 @@
-"""glow.py against trusted references: brute-force Jacobians, a hand computation, and an
-independent implementation of y0ast's density written from the checkpoint spec."""
+"""glow.py against trusted references: brute-force Jacobians, hand computations (ActNorm
+init, one flow step, glow range, quantization, bpd of Eq. 1, dequantization noise), and an
+independent implementation of the density of y0ast Glow-PyTorch, written from its code."""
 import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import datasets
 import glow
@@ -74,7 +76,7 @@ def test_split_and_squeeze_are_exactly_invertible():
     squeeze = glow.Squeeze()
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(squeeze.reverse(squeeze(x)), x)
-    # spec §3.3: out[b, 4c + 2dy + dx, i, j] = in[b, c, 2i + dy, 2j + dx]
+    # y0ast squeeze2d: out[b, 4c + 2dy + dx, i, j] = in[b, c, 2i + dy, 2j + dx]
     y = squeeze(x)
     assert y[1, 4 * 2 + 2 * 1 + 0, 1, 0] == x[1, 2, 3, 0]
 
@@ -152,6 +154,113 @@ def test_actnorm_data_init_only_once_and_flag_survives_loading(tmp_path):
     assert torch.equal(loaded.flow.layers[1].actnorm.bias, before)
 
 
+def test_actnorm_data_dependent_init_by_hand():
+    """Glow Sec. 3.1 / y0ast ActNorm2d: the first training batch sets bias = −mean and
+    logs = −log(std + 1e-6) per channel, std the biased (population) std over batch and
+    pixels; then y = (x + bias)·exp(logs) and log-det = H·W·Σ logs. Channel 1 has
+    std ≈ 1.7e-6, where the 1e-6 matters; four values per channel, where the biased std does."""
+    x = torch.tensor([[[[1.0, 2.0]], [[0.0, 0.0]], [[-1.0, -1.0]]],
+                      [[[3.0, 4.0]], [[0.0, 4e-6]], [[1.0, 1.0]]]], dtype=torch.float64)  # (2, 3, 1, 2)
+    mean = torch.tensor([2.5, 1e-6, 0.0], dtype=torch.float64)
+    std = torch.tensor([math.sqrt(1.25), math.sqrt(3e-12), 1.0], dtype=torch.float64)  # Σ(x−μ)²/4
+    layer = glow.ActNorm(3).double().train()
+    y, logdet = layer(x)
+    logs = -torch.log(std + 1e-6)
+    torch.testing.assert_close(layer.bias.view(3), -mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.logs.view(3), logs, rtol=1e-12, atol=1e-15)
+    expected = (x - mean.view(1, 3, 1, 1)) / (std.view(1, 3, 1, 1) + 1e-6)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logdet, 2 * logs.sum(), rtol=1e-12, atol=0)
+
+
+def test_flow_step_written_out():
+    """One flow step (Glow Fig. 2a, y0ast FlowStep) by hand: ActNorm (x + b)·e^s → 1×1 conv
+    W = P·L·U → affine coupling with h = NN(x_a), NN = Conv3×3 → ActNorm → ReLU → Conv1×1 →
+    ActNorm → ReLU → Conv2dZeros (conv + bias)·exp(3·logs); shift = even channels of h,
+    raw = odd; σ = sigmoid(raw + 2); y_b = (x_b + shift)·σ; log-det H·W·(Σ s + Σ log|u_ii|)
+    + Σ log σ. Checked unfused and frozen (folded weights)."""
+    torch.manual_seed(0)
+    step = randomize(glow.FlowStep(4, hidden=3).double(), scale=0.5).eval()
+    p, buf = dict(step.named_parameters()), dict(step.named_buffers())
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def actnorm(h, name):
+        return (h + p[name + ".bias"]) * torch.exp(p[name + ".logs"])
+
+    h = actnorm(x, "actnorm")
+    lower = torch.tril(p["invconv.lower"], -1) + torch.eye(4, dtype=torch.float64)
+    upper = torch.triu(p["invconv.upper"], 1) + torch.diag(buf["invconv.sign_s"] * torch.exp(p["invconv.log_s"]))
+    h = torch.einsum("rc,bchw->brhw", buf["invconv.p"] @ lower @ upper, h)
+    x_a, x_b = h[:, :2], h[:, 2:]
+    nn_out = torch.relu(actnorm(F.conv2d(x_a, p["block.0.conv.weight"], padding=1), "block.0.actnorm"))
+    nn_out = torch.relu(actnorm(F.conv2d(nn_out, p["block.2.conv.weight"]), "block.2.actnorm"))
+    nn_out = F.conv2d(nn_out, p["block.4.conv.weight"], p["block.4.conv.bias"], padding=1) \
+        * torch.exp(3 * p["block.4.logs"])  # (2, 4, 3, 3)
+    sigma = 1 / (1 + torch.exp(-(nn_out[:, 1::2] + 2)))
+    expected = torch.cat([x_a, (x_b + nn_out[:, 0::2]) * sigma], 1)
+    logdet = 9 * (p["actnorm.logs"].sum() + p["invconv.log_s"].sum()) + torch.log(sigma).sum((1, 2, 3))
+    for mode in ("unfused", "frozen"):
+        if mode == "frozen":
+            glow.freeze(step)
+        with torch.no_grad():
+            y, ld = step(x)
+        torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(ld, logdet, rtol=1e-9, atol=1e-10)
+
+
+def test_glow_range_and_quantize_hand_values():
+    """x_g = x·255/256 − 0.5 (8-bit k/255 → k/256 − 0.5); quantize: forward round(255x)/255,
+    backward identity (straight-through)."""
+    x = torch.tensor([0.0, 1 / 255, 128 / 255, 1.0], dtype=torch.float64)
+    expected = torch.tensor([-0.5, 1 / 256 - 0.5, 128 / 256 - 0.5, 255 / 256 - 0.5], dtype=torch.float64)
+    torch.testing.assert_close(glow.to_glow_range(x), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(glow.from_glow_range(expected), x, rtol=0, atol=1e-15)
+    x = torch.tensor([0.25, 0.01, 0.998, 0.123, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    q = glow.quantize(x)  # 63.75 → 64, 2.55 → 3, 254.49 → 254, 31.365 → 31
+    torch.testing.assert_close(q, torch.tensor([64, 3, 254, 31, 0, 255], dtype=torch.float64) / 255,
+                               rtol=0, atol=1e-15)
+    w = torch.arange(1.0, 7.0, dtype=torch.float64)
+    (q * w).sum().backward()
+    assert torch.equal(x.grad, w)
+
+
+class FixedDensity(torch.nn.Module):
+    """Stands in for a Glow: records its glow-range input and returns a given log p."""
+
+    def __init__(self, log_p):
+        super().__init__()
+        self.log_p, self.seen = log_p, []
+
+    def forward(self, x_glow):
+        self.seen.append(x_glow.detach().clone())
+        return self.log_p, []
+
+
+def test_bits_per_dim_formula_by_hand():
+    """Eq. 1 in bits per dimension: bpd = (−log p(x_g) + D·ln 256)/(D·ln 2), D = C·H·W per
+    image (here 3·4·5 = 60), so bpd = −log p/(60·ln 2) + 8."""
+    x = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    density = FixedDensity(torch.tensor([-100.0, -250.0], dtype=torch.float64))
+    bpd = glow.bits_per_dim(density, x, noise=False)
+    expected = torch.tensor([100 / (60 * math.log(2)) + 8, 250 / (60 * math.log(2)) + 8], dtype=torch.float64)
+    torch.testing.assert_close(bpd, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(density.seen[0], x * 255 / 256 - 0.5, rtol=0, atol=1e-15)
+
+
+def test_dequantisation_noise_is_uniform_over_one_bin():
+    """Dequantization: x_g + u with u ~ U(0, 1/256), one draw per dimension, added to the
+    glow-range image (authors' add_glow_noise; Glow paper Sec. 3)."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    density = FixedDensity(torch.zeros(4, dtype=torch.float64))
+    glow.bits_per_dim(density, x)
+    u = density.seen[0] - (x * 255 / 256 - 0.5)  # 12288 draws
+    assert u.min() >= 0 and u.max() < 1 / 256 + 1e-12 and u.max() > 0.999 / 256
+    assert abs(u.mean().item() - 1 / 512) < 5e-5
+    assert abs(u.var().item() / (1 / 256) ** 2 - 1 / 12) < 0.005
+    assert len(u.flatten().unique()) == u.numel()  # not one draw shared across dimensions
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -180,11 +289,11 @@ def test_save_load_round_trip_and_clean_errors(tmp_path):
         glow.load_glow(str(tmp_path / "junk.pt"))
 
 
-# ---------------------------------------------------------------- y0ast import, from the spec
+# ---------------------------------------------------------------- y0ast import, written out independently
 
 
 def y0ast_state_dict(levels, steps, hidden, lu=True, affine=True, learn_top=True, seed=0):
-    """A state dict built from the key table of glow-checkpoint-format.md §2 (independent of
+    """A state dict with the parameter names of y0ast Glow-PyTorch's model (independent of
     glow.py), with random values everywhere, junk in the masked LU entries included."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -233,7 +342,7 @@ def y0ast_state_dict(levels, steps, hidden, lu=True, affine=True, learn_top=True
 
 
 def reference_bpd(state, levels, steps, x, noise):
-    """y0ast's forward written directly from spec §3 (float32, explicit loops)."""
+    """y0ast Glow-PyTorch's forward written out directly (float32, explicit loops)."""
     def actnorm(h, prefix):
         return (h + state[prefix + "bias"]) * torch.exp(state[prefix + "logs"])
 

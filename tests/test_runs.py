@@ -210,7 +210,7 @@ def test_non_finite_result_is_an_error(tmp_path, tiny_glow_path, monkeypatch):
 def test_diverged_glow_training_is_not_saved(tmp_path):
     out = tmp_path / "g.pt"
     with pytest.raises(glow.GlowCheckpointError, match="diverged"):
-        glow.main(glow.get_args(["train", "--dataset", "shapes", "--levels", "1", "--steps", "1",
+        glow.main(glow.get_args(["train", "--dataset", "shapes", "--levels", "1", "--flow-steps", "1",
                                  "--hidden", "4", "--train-size", "64", "--test-size", "16",
                                  "--epochs", "1", "--lr", "1e6", "--warmup-steps", "1",
                                  "--device", "cpu", "--out", str(out)]))
