@@ -340,6 +340,11 @@ def subset(dataset, n, seed):
     return sub
 
 
+def to_uint8(x):
+    """Float images in [0, 1] -> uint8 (round(255·x)): what a PNG file holds."""
+    return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def to_tensors(dataset):
     """All items as (images (N, 3, 32, 32) float32, labels (N,) long)."""
     base, index = dataset, slice(None)

@@ -37,67 +37,65 @@ EVAL_BATCH = 256  # evaluation batch (authors' test loader)
 # the NF-WRN and quicker to become confident, which is when L_sim starts acting, Eq. 5),
 # smaller batches, 10x the learning rate, a larger λ (measured on shapes, see the README).
 # Any flag given explicitly wins.
-FULL = dict(epochs=100, batch_size=32, lambda_sim=2.0, lr=5e-4, classifier="wrn", depth=16,
+FULL = dict(epochs=100, batch_size=32, lambda_sim=2.0, lr=5e-4, arch="wrn", depth=16,
             widen=2, width=128, ngf=64, train_size=None, test_size=None)
-QUICK = dict(epochs=12, batch_size=16, lambda_sim=50.0, lr=5e-3, classifier="convnet", depth=10,
+QUICK = dict(epochs=12, batch_size=16, lambda_sim=50.0, lr=5e-3, arch="convnet", depth=10,
              widen=1, width=32, ngf=16, train_size=2000, test_size=500)
+# what --resume lets change: train longer, and add the phases after joint training (Fig. 5)
+RESUMABLE = ("epochs", "retrain", "finetune", "retrain_epochs", "save_simplified")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="cifar10",
-                   help=f"dataset (Sec. 3.1, 3.2): {', '.join(datasets.DATASET_NAMES)}, "
-                        "or an ImageFolder path")
-    p.add_argument("--data-root", default="data", help="where torchvision datasets are stored")
-    p.add_argument("--glow", default=None, help="Glow checkpoint G that scores bpd (Eq. 1)")
-    p.add_argument("--out", default=None, help="output folder (default "
-                   "runs/per_instance-<dataset>-<simplifier>-lam<λ>-seed<seed>)")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
-    p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs of joint training (Sec. 3; paper 100, L2 baseline 50 as the "
-                        "authors, quick %d)" % QUICK["epochs"])
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (authors: 32)")
-    p.add_argument("--quick", action="store_true", help="CPU preset: small subsets, tiny "
-                   "networks, few epochs, a tiny Glow pretrained on the fly")
-    p.add_argument("--train-size", type=int, default=None, help="use N training images")
-    p.add_argument("--test-size", type=int, default=None, help="use N test images")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=nets.HelpFormatter)
+    nets.add_run_flags(p, datasets.DATASET_NAMES, QUICK, may_change=RESUMABLE,
+                       out="runs/per_instance-<dataset>-<simplifier>-<lam λ | sigma σ | q quality>"
+                           "-seed<seed>[-quick]")
+    p.add_argument("--epochs", type=nets.positive_int, default=None,
+                   help="epochs of joint training (Sec. 3; default 100, the L2 baseline 50 as "
+                        "the authors; quick %d)" % QUICK["epochs"])
+    p.add_argument("--batch-size", type=nets.positive_int, default=None,
+                   help="training batch size (default 32 as the authors; quick %d)"
+                        % QUICK["batch_size"])
+    p.add_argument("--lr", type=nets.finite_float, default=None,
+                   help="learning rate of f and the simplifier (Sec. 3: default 5e-4; quick %g)"
+                        % QUICK["lr"])
     p.add_argument("--lambda-sim", type=nets.finite_float, default=None,
-                   help="weight λ_sim of L_sim in bits/dim (Eq. 5; default 2, paper grid 0-2)")
+                   help="weight λ_sim of L_sim in bits/dim (Eq. 5; default 2, paper grid 0-2; "
+                        "quick %g)" % QUICK["lambda_sim"])
     p.add_argument("--simplifier", default="unet", choices=["unet", "l2", "blur", "jpeg"],
                    help="unet: SimpleBits (Sec. 3); l2, blur, jpeg: the baselines of S7")
-    p.add_argument("--blur-sigma", type=nets.finite_float, default=1.0, help="σ of the blur baseline (S7)")
+    p.add_argument("--blur-sigma", type=nets.finite_float, default=1.0,
+                   help="σ of the blur baseline (S7)")
     p.add_argument("--jpeg-quality", type=int, default=20, help="quality of the JPEG baseline (S7)")
+    p.add_argument("--arch", default=None, choices=["wrn", "convnet"],
+                   help="architecture of the classifier f: wrn = the paper's NF-WideResNet "
+                        "(S2.1, default); convnet = the DC ConvNet of Sec. 4 (quick, faster on "
+                        "a CPU)")
+    p.add_argument("--depth", type=nets.positive_int, default=None,
+                   help="depth of the NF-WRN f (S2.1; default 16; quick 10)")
+    p.add_argument("--widen", type=nets.positive_int, default=None,
+                   help="widen factor of the NF-WRN f (S2.1; default 2; quick 1)")
+    p.add_argument("--width", type=nets.positive_int, default=None,
+                   help="channels of the ConvNet f (--arch convnet; default 128 as DC; quick 32)")
+    p.add_argument("--ngf", type=nets.positive_int, default=None,
+                   help="UNet simplifier width ngf (S2.2; default 64; quick 16)")
     p.add_argument("--retrain", action="store_true",
                    help="train a fresh classifier on the simplified training images (Fig. 5)")
     p.add_argument("--finetune", action="store_true",
                    help="finetune the joint classifier on the simplified images (Fig. 5)")
-    p.add_argument("--retrain-epochs", type=int, default=None,
-                   help="epochs of retraining / finetuning (Fig. 5; 100 as the authors, quick %d)"
-                        % QUICK["epochs"])
+    p.add_argument("--retrain-epochs", type=nets.positive_int, default=None,
+                   help="epochs of retraining / finetuning (Fig. 5; default 100 as the authors; "
+                        "quick %d)" % QUICK["epochs"])
     p.add_argument("--save-simplified", action="store_true",
                    help="write simplified_{train,test}.pt (uint8 images in dataset order; S5)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.pt (same flags; --epochs "
-                        "may grow)")
-    p.add_argument("--classifier", default=None, choices=["wrn", "convnet"],
-                   help="classifier f: wrn = the paper's NF-WideResNet (S2.1, default); convnet "
-                        "= the DC ConvNet of Sec. 4 (quick default, faster on a CPU)")
-    p.add_argument("--depth", type=int, default=None, help="WRN depth of f (S2.1; 16, quick 10)")
-    p.add_argument("--widen", type=int, default=None, help="WRN widen of f (S2.1; 2, quick 1)")
-    p.add_argument("--width", type=int, default=None,
-                   help="channels of the ConvNet f (--classifier convnet; DC 128, quick 32)")
-    p.add_argument("--ngf", type=int, default=None, help="UNet width ngf (S2.2; 64, quick 16)")
-    p.add_argument("--lr", type=nets.finite_float, default=None, help="learning rate of f and the simplifier "
-                   "(Sec. 3 Implementation: 5e-4; quick %g)" % QUICK["lr"])
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "train_size", "test_size", "retrain_epochs", "depth",
-                 "widen", "width", "ngf", "lr"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive.")
     if (args.lambda_sim or 0) < 0 or args.blur_sigma <= 0 or not 0 <= args.jpeg_quality <= 100:
         p.error("--lambda-sim must be >= 0, --blur-sigma > 0 and --jpeg-quality in 0..100.")
+    if args.lr is not None and args.lr <= 0:
+        p.error("--lr must be positive.")
+    if args.depth is not None and (args.depth < 10 or (args.depth - 4) % 6):
+        p.error(f"--depth must be 6n+4 with n >= 1 (e.g. 10, 16, 28), got {args.depth}.")
     if args.finetune and args.simplifier != "unet":
         p.error("--finetune needs the jointly trained classifier of --simplifier unet.")
     return args
@@ -116,27 +114,6 @@ def resolve_config(args):
     cfg["out"] = args.out or (f"runs/per_instance-{name}-{args.simplifier}-{knob}-seed{args.seed}"
                               + ("-quick" if args.quick else ""))
     return argparse.Namespace(**{**vars(args), **cfg})
-
-
-# ------------------------------------------------------------------------- augmentation
-def sample_augmentation(n, flip, device):
-    """Per-example crop offsets in [0, 2·PAD] and horizontal flips, shared by X and X_sim."""
-    shifts = torch.randint(0, 2 * PAD + 1, (n, 2))
-    flips = torch.rand(n) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
-    return shifts.to(device), flips.to(device)
-
-
-def augment(x, aug):
-    """Random crop from the zero-padded image (+ flip); differentiable in x. (B,C,H,W) -> same."""
-    shifts, flips = aug
-    n, _, h, w = x.shape
-    padded = F.pad(x, (PAD, PAD, PAD, PAD))  # (B, C, H+8, W+8), zeros as kornia
-    rows = shifts[:, :1] + torch.arange(h, device=x.device)  # (B, H)
-    cols = shifts[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
-    batch = torch.arange(n, device=x.device)[:, None, None]  # (B, 1, 1)
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 # ------------------------------------------------------------------------- Eq. 2-5
@@ -200,23 +177,23 @@ def simplifier_loss(classifier, optimizer, glow_model, x, x_sim, y, aug, lambda_
     is not differentiated. With λ_sim = 0 Glow is not called (glow_model may be None) and L
     is the classification loss of plain training through a simplifier. Returns (L, parts).
     """
-    x_sim_aug, x_aug = augment(x_sim, aug), augment(x, aug)  # (B, 3, 32, 32) each
+    x_sim_aug, x_aug = nets.crop_flip(x_sim, aug, PAD), nets.crop_flip(x, aug, PAD)  # (B, 3, 32, 32)
     loss_f_sim, params = unrolled_train_step(classifier, optimizer, x_sim_aug, y)  # Eq. 3
     # the updated classifier f' on the simplified and on the original batch (Eq. 4)
-    loss_f1_sim = F.cross_entropy(functional_call(classifier, params, (x_sim_aug,)), y)
-    loss_f1_orig_i = F.cross_entropy(functional_call(classifier, params, (x_aug,)), y,
+    loss_fp_sim = F.cross_entropy(functional_call(classifier, params, (x_sim_aug,)), y)
+    loss_fp_orig_i = F.cross_entropy(functional_call(classifier, params, (x_aug,)), y,
                                      reduction="none")  # (B,) per example, for w_i
-    loss_cls = ORIG_WEIGHT * loss_f1_orig_i.mean() + loss_f_sim + loss_f1_sim  # Eq. S3
+    loss_cls = ORIG_WEIGHT * loss_fp_orig_i.mean() + loss_f_sim + loss_fp_sim  # Eq. S3
     # S3: no simplification pressure on examples f' does not yet get right (loss >= τ)
-    weight = (1 - loss_f1_orig_i.detach() / TAU).clamp_min(0)  # (B,) w_i ∈ [0, 1]
+    weight = (1 - loss_fp_orig_i.detach() / TAU).clamp_min(0)  # (B,) w_i ∈ [0, 1]
     if lambda_sim > 0:
         bpd = glow.bits_per_dim(glow_model, x_sim)  # (B,) Eq. 1, un-augmented (authors)
         loss_sim = (weight * bpd).mean()  # mean over the whole batch, w_i = 0 included
     else:
         bpd = loss_sim = torch.zeros((), device=x.device)
     loss = (loss_cls + lambda_sim * loss_sim) / (ORIG_WEIGHT + 2 + lambda_sim)  # Eq. 5
-    parts = dict(loss=loss, loss_f_sim=loss_f_sim, loss_f1_sim=loss_f1_sim,
-                 loss_f1_orig=loss_f1_orig_i.mean(), bpd=bpd.mean(), sim_weight=weight.mean())
+    parts = dict(loss=loss, loss_f_sim=loss_f_sim, loss_fp_sim=loss_fp_sim,
+                 loss_fp_orig=loss_fp_orig_i.mean(), bpd=bpd.mean(), sim_weight=weight.mean())
     return loss, {k: v.detach() for k, v in parts.items()}
 
 
@@ -227,6 +204,14 @@ def l2_simplifier_loss(glow_model, x, x_sim, lambda_sim):
     bpd = glow.bits_per_dim(glow_model, x_sim) if lambda_sim > 0 else mse.new_zeros(1)
     loss = (MSE_WEIGHT * mse + lambda_sim * bpd.mean()) / (MSE_WEIGHT + lambda_sim)
     return loss, dict(loss=loss.detach(), mse=mse.detach(), bpd=bpd.mean().detach())
+
+
+def l2_step(simplifier, opt_simp, glow_model, x, lambda_sim):
+    """One batch of the L2 baseline (S7): the simplifier alone on its loss, no classifier,
+    no augmentation. Returns parts, #skipped."""
+    x_sim = glow.quantize(simplifier(x))
+    loss, parts = l2_simplifier_loss(glow_model, x, x_sim, lambda_sim)
+    return parts, int(finite_step(opt_simp, loss, list(simplifier.parameters())))
 
 
 def finite_step(optimizer, loss, params):
@@ -253,7 +238,7 @@ def simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model, x, y,
                     flip):
     """One batch of Sec. 3: update the simplifier on Eq. 5, then the classifier on the new
     simplified batch with the same augmentation (authors' code). Returns parts, #skipped."""
-    aug = sample_augmentation(len(x), flip, x.device)
+    aug = nets.sample_crop_flip(len(x), PAD, flip, x.device)  # one draw for X and X_sim
     # --- update the simplifier: minimise Eq. 5
     x_sim = glow.quantize(simplifier(x))  # Eq. 2, (B, 3, 32, 32) on 8-bit levels
     loss, parts = simplifier_loss(classifier, opt_clf, glow_model, x, x_sim, y, aug, lambda_sim)
@@ -261,7 +246,8 @@ def simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model, x, y,
     # --- update the classifier on simplified images only (authors' train_orig=False)
     with torch.no_grad():
         x_sim = glow.quantize(simplifier(x))
-    parts["clf_loss"], clf_skipped = classifier_step(classifier, opt_clf, augment(x_sim, aug), y)
+    parts["clf_loss"], clf_skipped = classifier_step(classifier, opt_clf,
+                                                     nets.crop_flip(x_sim, aug, PAD), y)
     return parts, int(skipped) + int(clf_skipped)
 
 
@@ -274,15 +260,16 @@ def gaussian_blur(x, sigma):
 def jpeg(x, quality):
     """S7 baseline: JPEG round trip through PIL at `quality` (PIL defaults otherwise)."""
     out = []
-    for img in to_uint8(x).permute(0, 2, 3, 1).cpu().numpy():  # (H, W, 3) uint8
+    for img in datasets.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy():  # (H, W, 3) uint8
         buffer = io.BytesIO()
         Image.fromarray(img).save(buffer, format="JPEG", quality=quality)
         out.append(np.asarray(Image.open(buffer).convert("RGB")))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device).float() / 255
 
 
-def make_simplify(args, simplifier):
-    """x in [0,1] -> X_sim on 8-bit levels: what the classifier and Glow see."""
+def simplification(args, simplifier):
+    """The function x in [0,1] -> X_sim on 8-bit levels (what the classifier and Glow see):
+    the simplifier network, or the blur / JPEG baseline of S7."""
     if args.simplifier == "blur":
         return lambda x: glow.quantize(gaussian_blur(x, args.blur_sigma))
     if args.simplifier == "jpeg":
@@ -291,14 +278,11 @@ def make_simplify(args, simplifier):
 
 
 # ------------------------------------------------------------------------- evaluation
-def to_uint8(x):
-    return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 @torch.no_grad()
 def simplify_all(simplify, images, device):
     """Simplify (N, 3, 32, 32) float images in batches -> uint8 (N, 3, 32, 32) on the CPU."""
-    return torch.cat([to_uint8(simplify(x.to(device))).cpu() for x in images.split(EVAL_BATCH)])
+    return torch.cat([datasets.to_uint8(simplify(x.to(device))).cpu()
+                      for x in images.split(EVAL_BATCH)])
 
 
 @torch.no_grad()
@@ -353,33 +337,24 @@ def train_batches(dataset, batch_size, seed, epoch):
 
 
 def make_classifier(cfg, info, device):
-    if cfg.classifier == "convnet":
+    if cfg.arch == "convnet":
         return nets.ConvNet(info.num_classes, width=cfg.width, mean=info.mean,
                             std=info.std).to(device)
     return nets.NFWideResNet(info.num_classes, depth=cfg.depth, widen=cfg.widen,
                              mean=info.mean, std=info.std).to(device)
 
 
-def make_optimizer(classifier, lr=5e-4):
-    """Authors' classifier optimizer: AdamW(lr 5e-4, betas (0.9, 0.995), eps 1e-8), weight
-    decay 1e-5 on weights and gains only, none on biases."""
-    decay = [p for n, p in classifier.named_parameters() if "weight" in n or "gain" in n]
-    rest = [p for n, p in classifier.named_parameters() if not ("weight" in n or "gain" in n)]
-    groups = [dict(params=decay, weight_decay=1e-5), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8)
-
-
 def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase):
     """Fig. 5: train f on the stored simplified training images (uint8), with the same
     augmentation and optimizer as joint training; returns its test accuracies."""
-    optimizer = make_optimizer(classifier, cfg.lr)
+    optimizer = nets.classifier_optimizer(classifier, cfg.lr)
     for epoch in range(1, cfg.retrain_epochs + 1):
         order = epoch_order(len(train_sim), cfg.seed, epoch)
         losses = []
         for idx in order[:len(order) // cfg.batch_size * cfg.batch_size].split(cfg.batch_size):
             x, y = train_sim[idx].to(device).float() / 255, train_labels[idx].to(device)
-            aug = sample_augmentation(len(x), flip, device)
-            losses.append(classifier_step(classifier, optimizer, augment(x, aug), y)[0])
+            aug = nets.sample_crop_flip(len(x), PAD, flip, device)
+            losses.append(classifier_step(classifier, optimizer, nets.crop_flip(x, aug, PAD), y)[0])
         orig, _ = evaluate(classifier, None, *test["orig"], device)
         sim, _ = evaluate(classifier, None, *test["sim"], device)
         row = dict(phase=phase, epoch=epoch, train_loss=torch.stack(losses).mean().item(),
@@ -390,14 +365,15 @@ def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase)
     return orig["acc"], sim["acc"]
 
 
-def test_metrics(classifier, simplify, glow_model, test_x, test_y, device):
+def simplified_test_metrics(classifier, simplify, glow_model, test, device):
     """bpd of the simplified test images and, given a classifier, its accuracy on the
-    original and on the simplified ones (Fig. 5, S6)."""
-    test_sim = simplify_all(simplify, test_x, device)  # uint8 (N, 3, 32, 32)
-    sim, sim_bpd = evaluate(classifier, glow_model, test_sim, test_y, device)
+    original and on the simplified ones (Fig. 5, S6). test: {"x", "y"}. Returns the
+    metrics, the simplified images (uint8) and their bpd."""
+    test_sim = simplify_all(simplify, test["x"], device)  # uint8 (N, 3, 32, 32)
+    sim, sim_bpd = evaluate(classifier, glow_model, test_sim, test["y"], device)
     metrics = dict(test_bpd_simplified=sim_bpd.mean().item())
     if classifier is not None:
-        metrics.update(test_acc=evaluate(classifier, None, test_x, test_y, device)[0]["acc"],
+        metrics.update(test_acc=evaluate(classifier, None, test["x"], test["y"], device)[0]["acc"],
                        test_acc_simplified=sim["acc"])
     return metrics, test_sim, sim_bpd
 
@@ -436,23 +412,106 @@ def load_checkpoint(path, models, optimizers):
     return ckpt["epoch"], ckpt["history"], ckpt["skipped"]
 
 
+def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, train_set,
+          test, flip, device, resuming):
+    """Sec. 3 epoch by epoch: SimpleBits steps (unet), or the L2 baseline's steps (l2);
+    after each epoch the test metrics, a Fig. 3-style grid and a checkpoint. Returns the
+    number of skipped (non-finite) steps."""
+    models = dict(classifier=classifier, simplifier=simplifier)
+    optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    done, history, skipped_total = 0, [], 0
+    if resuming and os.path.exists(ckpt_path):
+        done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
+    nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
+    joint = classifier if cfg.simplifier == "unet" else None  # l2: no classifier (S7)
+    steps = len(train_set) // cfg.batch_size
+    progress = nets.Progress((cfg.epochs - done) * steps, "train")  # ETA of the whole run
+    t_start = time.time()
+    for epoch in range(done + 1, cfg.epochs + 1):
+        sums, skipped = {}, 0
+        progress.desc = f"epoch {epoch}/{cfg.epochs}"
+        for x, y in train_batches(train_set, cfg.batch_size, cfg.seed, epoch):
+            x, y = x.to(device), y.to(device)
+            if cfg.simplifier == "unet":
+                parts, n_skip = simplebits_step(simplifier, classifier, opt_simp, opt_clf,
+                                                glow_model, x, y, cfg.lambda_sim, flip)
+            else:
+                parts, n_skip = l2_step(simplifier, opt_simp, glow_model, x, cfg.lambda_sim)
+            skipped += n_skip
+            for k, v in parts.items():  # summed on the device: no GPU sync per step
+                sums[k] = sums.get(k, 0.0) + v / steps
+            progress.update(loss=parts["loss"])
+        skipped_total += skipped
+
+        # evaluate on the test set, write the metrics, a Fig. 3-style grid, the checkpoints
+        metrics, test_sim, sim_bpd = simplified_test_metrics(joint, simplify, glow_model, test,
+                                                             device)
+        row = dict(phase="train", epoch=epoch, **{f"train_{k}": float(v) for k, v in sums.items()},
+                   skipped_steps=skipped, test_bpd=test["bpd"].mean().item(), **metrics,
+                   time_s=time.time() - t_start)
+        history.append(row)
+        nets.append_jsonl(metrics_path, row)
+        save_grid(os.path.join(cfg.out, f"simplified_epoch{epoch:03d}.png"), test["x"], test_sim,
+                  test["bpd"], sim_bpd)
+        accuracy = "" if joint is None else \
+            f"  test acc {row['test_acc']:.3f} (simplified {row['test_acc_simplified']:.3f})"
+        print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}{accuracy}  test bpd "
+              f"{row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  skipped {skipped}  "
+              f"{row['time_s']:.0f}s", flush=True)
+        for name, model in models.items():
+            nets.save_model(model, os.path.join(cfg.out, f"{name}.pt"), epoch=epoch,
+                            dataset=train_set.info.name)
+        save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total, cfg)
+    progress.close()
+    return skipped_total
+
+
+def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, device):
+    """Fig. 5: a fresh classifier trained on the simplified training images (--retrain, and
+    always for the S7 baselines, whose only classifier is that one) and the jointly trained
+    one finetuned on them (--finetune); --save-simplified stores both sets. Returns the
+    accuracies for results.json."""
+    results = {}
+    if not (cfg.retrain or cfg.finetune or cfg.save_simplified or cfg.simplifier != "unet"):
+        return results
+    train_x, train_y = datasets.to_tensors(train_set)  # dataset order
+    train_sim = simplify_all(simplify, train_x, device)  # uint8, computed once (authors)
+    del train_x
+    if cfg.save_simplified:
+        for name, images, labels in (("test", test_sim, test["y"]), ("train", train_sim, train_y)):
+            nets.atomic_save(dict(images=images, labels=labels),
+                             os.path.join(cfg.out, f"simplified_{name}.pt"))
+    phases = {"orig": (test["x"], test["y"]), "sim": (test_sim, test["y"])}
+    if cfg.retrain or cfg.simplifier != "unet":
+        fresh = make_classifier(cfg, train_set.info, device)
+        acc, acc_sim = retrain(fresh, train_sim, train_y, phases, cfg, flip, device, "retrain")
+        results.update(retrain_test_acc=acc, retrain_test_acc_simplified=acc_sim)
+        if cfg.simplifier != "unet":
+            results.update(test_acc=acc, test_acc_simplified=acc_sim)
+            nets.save_model(fresh, os.path.join(cfg.out, "classifier.pt"),
+                            dataset=train_set.info.name)
+    if cfg.finetune:
+        acc, acc_sim = retrain(classifier, train_sim, train_y, phases, cfg, flip, device, "finetune")
+        results.update(finetune_test_acc=acc, finetune_test_acc_simplified=acc_sim)
+    return results
+
+
 def main(args):
     cfg = resolve_config(args)
     print(vars(cfg), flush=True)
-    # a resumed run may train longer and add the phases after joint training (Fig. 5)
-    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=(
-        "epochs", "retrain", "finetune", "retrain_epochs", "save_simplified"))
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    t_start = time.time()
 
     # data: training items are read per epoch (composites re-draw their distractors);
     # the test set is fixed and held in memory
-    def load(train, size):
-        dataset = datasets.load_dataset(cfg.dataset, cfg.data_root, train=train)
-        return datasets.subset(dataset, size, cfg.seed)
-    train_set, test_set = load(True, cfg.train_size), load(False, cfg.test_size)
+    train_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=True),
+                                cfg.train_size, cfg.seed)
+    test_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=False),
+                               cfg.test_size, cfg.seed)
     info, (test_x, test_y) = train_set.info, datasets.to_tensors(test_set)
     flip = info.name in ("cifar10", "cifar100")  # authors: flips for CIFAR only
     if len(train_set) < cfg.batch_size:
@@ -465,98 +524,34 @@ def main(args):
     made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
-    simplify = make_simplify(cfg, simplifier)
+    simplify = simplification(cfg, simplifier)
     nets.write_json(os.path.join(cfg.out, "args.json"), vars(args))  # the run starts here
 
     # optimizers: the authors' code (the paper text says AdamW, wd 1e-5, for both)
-    opt_clf = make_optimizer(classifier, cfg.lr)
+    opt_clf = nets.classifier_optimizer(classifier, cfg.lr)
     opt_simp = torch.optim.Adam(simplifier.parameters(), lr=cfg.lr, betas=(0.5, 0.99),
                                 weight_decay=5e-5)
-    models = dict(classifier=classifier, simplifier=simplifier)
-    optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
 
-    # bpd of the original test images never changes: computed once, before --resume
-    # restores the RNG, so a resumed run draws the same numbers as an uninterrupted one
-    _, test_bpd = evaluate(None, glow_model, test_x, test_y, device)  # (N,)
-    done, history, skipped_total = 0, [], 0
-    if resuming and os.path.exists(ckpt_path):
-        done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
-        nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
+    # train: Sec. 3 (unet) or the L2 baseline (l2); the blur and JPEG baselines train nothing.
+    # The original test images' bpd is computed once, before --resume restores the RNG.
+    test = dict(x=test_x, y=test_y, bpd=evaluate(None, glow_model, test_x, test_y, device)[1])
+    skipped = 0
+    if cfg.simplifier in ("unet", "l2"):
+        skipped = train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify,
+                        train_set, test, flip, device, resuming)
 
-    epochs = cfg.epochs if cfg.simplifier in ("unet", "l2") else 0  # blur/jpeg: nothing to train
-    t_start = time.time()
-    for epoch in range(done + 1, epochs + 1):
-        sums, skipped = {}, 0
-        loader = train_batches(train_set, cfg.batch_size, cfg.seed, epoch)
-        progress = nets.Progress(len(loader), f"epoch {epoch}")
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            if cfg.simplifier == "unet":
-                parts, n_skip = simplebits_step(simplifier, classifier, opt_simp, opt_clf,
-                                                glow_model, x, y, cfg.lambda_sim, flip)
-            else:  # l2 baseline: the simplifier alone, no classifier, no augmentation (S7)
-                x_sim = glow.quantize(simplifier(x))
-                loss, parts = l2_simplifier_loss(glow_model, x, x_sim, cfg.lambda_sim)
-                n_skip = int(finite_step(opt_simp, loss, list(simplifier.parameters())))
-            skipped += n_skip
-            for k, v in parts.items():  # summed on the device: no GPU sync per step
-                sums[k] = sums.get(k, 0.0) + v / len(loader)
-            progress.update(loss=parts["loss"])
-        progress.close()
-        skipped_total += skipped
-
-        # evaluate on the test set, write the metrics, a Fig. 3-style grid, the checkpoints
-        joint = classifier if cfg.simplifier == "unet" else None  # l2: no classifier (S7)
-        metrics, test_sim, sim_bpd = test_metrics(joint, simplify, glow_model, test_x, test_y,
-                                                  device)
-        row = dict(phase="train", epoch=epoch, **{f"train_{k}": float(v) for k, v in sums.items()},
-                   skipped_steps=skipped, test_bpd=test_bpd.mean().item(), **metrics,
-                   time_s=time.time() - t_start)
-        history.append(row)
-        nets.append_jsonl(metrics_path, row)
-        save_grid(os.path.join(cfg.out, f"simplified_epoch{epoch:03d}.png"), test_x, test_sim,
-                  test_bpd, sim_bpd)
-        accuracy = "" if joint is None else \
-            f"  test acc {row['test_acc']:.3f} (simplified {row['test_acc_simplified']:.3f})"
-        print(f"epoch {epoch}/{epochs}  loss {row['train_loss']:.3f}{accuracy}  test bpd "
-              f"{row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  skipped {skipped}  "
-              f"{row['time_s']:.0f}s", flush=True)
-        nets.save_model(simplifier, os.path.join(cfg.out, "simplifier.pt"), epoch=epoch,
-                        dataset=info.name)
-        nets.save_model(classifier, os.path.join(cfg.out, "classifier.pt"), epoch=epoch,
-                        dataset=info.name)
-        save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total, args)
-
-    # final evaluation (S5: PNG sizes of the 8-bit test images)
+    # final evaluation (Fig. 3, Fig. 5 "joint", S5 PNG sizes), then the Fig. 5 phases
     joint = classifier if cfg.simplifier == "unet" else None
-    metrics, test_sim, sim_bpd = test_metrics(joint, simplify, glow_model, test_x, test_y, device)
+    metrics, test_sim, sim_bpd = simplified_test_metrics(joint, simplify, glow_model, test, device)
     results = dict(dataset=info.name, simplifier=cfg.simplifier, lambda_sim=cfg.lambda_sim,
-                   epochs=epochs, test_bpd=test_bpd.mean().item(), **metrics,
-                   png_bytes=png_bytes(to_uint8(test_x)), png_bytes_simplified=png_bytes(test_sim),
-                   skipped_steps=skipped_total)
-    save_grid(os.path.join(cfg.out, "simplified.png"), test_x, test_sim, test_bpd, sim_bpd, n=32)
+                   epochs=cfg.epochs if cfg.simplifier in ("unet", "l2") else 0,
+                   test_bpd=test["bpd"].mean().item(), **metrics,
+                   png_bytes=png_bytes(datasets.to_uint8(test_x)),
+                   png_bytes_simplified=png_bytes(test_sim), skipped_steps=skipped)
+    save_grid(os.path.join(cfg.out, "simplified.png"), test_x, test_sim, test["bpd"], sim_bpd, n=32)
+    results.update(retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, device))
 
-    # retraining / finetuning on the simplified training images (Fig. 5); the baselines
-    # are always retrained: their only classifier is the one trained on their outputs
-    if cfg.retrain or cfg.finetune or cfg.save_simplified or cfg.simplifier != "unet":
-        train_x, train_y = datasets.to_tensors(train_set)  # dataset order
-        train_sim = simplify_all(simplify, train_x, device)  # uint8, computed once (authors)
-        del train_x
-    if cfg.save_simplified:
-        for name, images, labels in (("test", test_sim, test_y), ("train", train_sim, train_y)):
-            nets.atomic_save(dict(images=images, labels=labels),
-                             os.path.join(cfg.out, f"simplified_{name}.pt"))
-    test = {"orig": (test_x, test_y), "sim": (test_sim, test_y)}
-    if cfg.retrain or cfg.simplifier != "unet":
-        fresh = make_classifier(cfg, info, device)
-        acc, acc_sim = retrain(fresh, train_sim, train_y, test, cfg, flip, device, "retrain")
-        results.update(retrain_test_acc=acc, retrain_test_acc_simplified=acc_sim)
-        if cfg.simplifier != "unet":
-            results.update(test_acc=acc, test_acc_simplified=acc_sim)
-            nets.save_model(fresh, os.path.join(cfg.out, "classifier.pt"), dataset=info.name)
-    if cfg.finetune:
-        acc, acc_sim = retrain(classifier, train_sim, train_y, test, cfg, flip, device, "finetune")
-        results.update(finetune_test_acc=acc, finetune_test_acc_simplified=acc_sim)
+    # save
     results["time_s"] = time.time() - t_start
     nets.write_json(os.path.join(cfg.out, "results.json"), results)
     nets.check_finite(results, f"the run in {cfg.out}")

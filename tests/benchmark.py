@@ -87,14 +87,14 @@ def bench_per_instance(device, full=False, batch=32, repeats=5):
     g = glow.freeze(g)
     classifier = nets.NFWideResNet(10).to(device)
     simplifier = nets.UNetSimplifier().to(device)
-    opt_clf = per_instance.make_optimizer(classifier)
+    opt_clf = nets.classifier_optimizer(classifier)
     opt_simp = torch.optim.Adam(simplifier.parameters(), lr=5e-4, betas=(0.5, 0.99), weight_decay=5e-5)
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def plain():
-        aug = per_instance.sample_augmentation(batch, True, device)
-        per_instance.classifier_step(classifier, opt_clf, per_instance.augment(x, aug), y)
+        aug = nets.sample_crop_flip(batch, per_instance.PAD, True, device)
+        per_instance.classifier_step(classifier, opt_clf, nets.crop_flip(x, aug, per_instance.PAD), y)
 
     def step(lambda_sim):
         return lambda: per_instance.simplebits_step(simplifier, classifier, opt_simp, opt_clf, g,

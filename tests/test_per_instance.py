@@ -82,15 +82,15 @@ def reference_loss(classifier, optimizer, x, x_sim, y, aug, lam, bpd_fn=None, we
     loss_f_sim.backward()
     opt.step()  # Eq. 3: f' = train_step(f, l(f(X̃_sim), y))
     with torch.no_grad():
-        loss_f1_sim = F.cross_entropy(f(sim_aug), y)  # l(f'(X̃_sim))
+        loss_fp_sim = F.cross_entropy(f(sim_aug), y)  # l(f'(X̃_sim))
         l_i = F.cross_entropy(f(x_aug), y, reduction="none")  # l_i(f'(X̃_orig))
         w = (1 - l_i / 0.1).clamp(min=0) if weight is None else weight  # S3, τ = 0.1
         bpd = bpd_fn(x_sim.detach()) if lam > 0 else torch.zeros(len(x), dtype=x.dtype)
-        loss_cls = 10 * l_i.mean() + loss_f_sim.detach() + loss_f1_sim  # Eq. S3
+        loss_cls = 10 * l_i.mean() + loss_f_sim.detach() + loss_fp_sim  # Eq. S3
         loss_sim = (w * bpd).sum() / len(x)  # mean over the batch, zero weights included
         loss = (loss_cls + lam * loss_sim) / (12 + lam)  # Eq. 5, weights 10+1+1+λ
-    parts = dict(loss=loss, loss_f_sim=loss_f_sim.detach(), loss_f1_sim=loss_f1_sim,
-                 loss_f1_orig=l_i.mean(), bpd=bpd.mean(), sim_weight=w.mean())
+    parts = dict(loss=loss, loss_f_sim=loss_f_sim.detach(), loss_fp_sim=loss_fp_sim,
+                 loss_fp_orig=l_i.mean(), bpd=bpd.mean(), sim_weight=w.mean())
     return loss, parts, w
 
 
@@ -118,14 +118,14 @@ def forbid_bpd(monkeypatch):
 
 
 def spy_augmentation(monkeypatch):
-    """Record every (crop offsets, flips) that sample_augmentation draws."""
-    drawn, real = [], pi.sample_augmentation
+    """Record every (crop offsets, flips) that nets.sample_crop_flip draws."""
+    drawn, real = [], nets.sample_crop_flip
 
     def sample(*args, **kwargs):
         aug = real(*args, **kwargs)
         drawn.append(aug)
         return aug
-    monkeypatch.setattr(pi, "sample_augmentation", sample)
+    monkeypatch.setattr(nets, "sample_crop_flip", sample)
     return drawn
 
 
@@ -149,14 +149,14 @@ AUG6 = (torch.tensor([[4, 4], [0, 8], [8, 0], [2, 5], [6, 3], [4, 4]]),
 
 def meta_setup(previous_steps):
     """float64 f fitted on X̃ until some examples are below S3's loss threshold 0.1 and
-    some above, an AdamW of make_optimizer after `previous_steps` real steps, X_sim ≠ X."""
+    some above, an AdamW of nets.classifier_optimizer after `previous_steps` real steps, X_sim ≠ X."""
     torch.manual_seed(0)
     classifier = tiny_classifier().double()
     x = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 0.8 + 0.1
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    real_steps(classifier, pi.make_optimizer(classifier, lr=0.03), loop_augment(x, *AUG6), y, 12)
+    real_steps(classifier, nets.classifier_optimizer(classifier, lr=0.03), loop_augment(x, *AUG6), y, 12)
     x_sim = (x + 0.05 * torch.randn_like(x)).clamp(0.01, 0.99)
-    optimizer = pi.make_optimizer(classifier, lr=0.01)
+    optimizer = nets.classifier_optimizer(classifier, lr=0.01)
     real_steps(classifier, optimizer, loop_augment(x_sim, *AUG6), y, previous_steps)
     return classifier, optimizer, x, x_sim, y
 
@@ -164,21 +164,21 @@ def meta_setup(previous_steps):
 # ------------------------------------------------------------------------- augmentation
 def test_sample_augmentation_offsets_and_flips():
     torch.manual_seed(0)
-    shifts, flips = pi.sample_augmentation(4000, True, "cpu")
+    shifts, flips = nets.sample_crop_flip(4000, 4, True, "cpu")
     assert shifts.shape == (4000, 2) and flips.shape == (4000,) and flips.dtype == torch.bool
     for axis in (0, 1):  # every offset 0..2·4 of the padded image, uniformly
         counts = torch.bincount(shifts[:, axis], minlength=2 * PAD + 1)
         assert len(counts) == 2 * PAD + 1 and counts.min() > 4000 / 9 * 0.75, counts
     assert (shifts[:, 0] != shifts[:, 1]).float().mean() > 0.8  # rows and columns independent
     assert 0.45 < flips.float().mean() < 0.55  # horizontal flip with p = 0.5
-    _, no_flips = pi.sample_augmentation(500, False, "cpu")
+    _, no_flips = nets.sample_crop_flip(500, 4, False, "cpu")
     assert not no_flips.any()  # no flips outside CIFAR (authors' code)
 
 
 def test_augment_crop_and_flip():
     x = torch.rand(3, 3, 32, 32, requires_grad=True)
     shifts = torch.tensor([[4, 4], [4, 4], [0, 8]])
-    out = pi.augment(x, (shifts, torch.tensor([False, True, False])))
+    out = nets.crop_flip(x, (shifts, torch.tensor([False, True, False])), 4)
     torch.testing.assert_close(out[0], x[0])  # centre crop: identity
     torch.testing.assert_close(out[1], x[1].flip(-1))  # flip only
     torch.testing.assert_close(out[2, :, 4:, :28], x[2, :, :28, 4:])  # 4 down, 4 left
@@ -193,7 +193,7 @@ def test_augment_matches_per_example_loop(size):
     shifts = torch.randint(0, 2 * PAD + 1, (n, 2))
     shifts[:4] = torch.tensor([[0, 0], [8, 8], [0, 8], [8, 0]])
     flips = torch.rand(n) < 0.5
-    out, ref = pi.augment(x, (shifts, flips)), loop_augment(x, shifts, flips)
+    out, ref = nets.crop_flip(x, (shifts, flips), 4), loop_augment(x, shifts, flips)
     assert out.shape == x.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     r = torch.randn_like(ref)  # differentiable in x, with the loop's gradient
@@ -204,12 +204,12 @@ def test_augment_matches_per_example_loop(size):
 
 # ------------------------------------------------------------------------- optimizers
 @pytest.mark.parametrize("kind", ["wrn", "convnet"])
-def test_make_optimizer_groups(kind):
+def test_classifier_optimizer_groups(kind):
     """Authors' classifier optimizer: AdamW, betas (0.9, 0.995), eps 1e-8, decoupled weight
     decay 1e-5 on weights and gains, none on biases; lr as given (default 5e-4, Sec. 3)."""
     model = (nets.NFWideResNet(3, depth=10, widen=1) if kind == "wrn"
              else nets.ConvNet(3, width=4))
-    optimizer = pi.make_optimizer(model, lr=3e-3)
+    optimizer = nets.classifier_optimizer(model, lr=3e-3)
     assert type(optimizer) is torch.optim.AdamW  # decoupled decay, not Adam's L2
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     named = list(model.named_parameters())
@@ -221,7 +221,7 @@ def test_make_optimizer_groups(kind):
         assert group["weight_decay"] == (0.0 if name.endswith("bias") else ADAMW_WD), name
     assert {n.rsplit(".", 1)[1] for n, _ in named} >= ({"weight", "bias", "gain"} if kind == "wrn"
                                                         else {"weight", "bias"})
-    assert all(g["lr"] == 5e-4 for g in pi.make_optimizer(model).param_groups)
+    assert all(g["lr"] == 5e-4 for g in nets.classifier_optimizer(model).param_groups)
 
 
 @pytest.mark.parametrize("previous_steps", [0, 3])
@@ -231,7 +231,7 @@ def test_differentiable_adamw_step_matches_torch_adamw(previous_steps):
     optimizer's current moments and step count."""
     torch.manual_seed(0)
     model = nets.NFWideResNet(3, depth=10, widen=1, dropout=0.0).double()
-    optimizer = pi.make_optimizer(model)
+    optimizer = nets.classifier_optimizer(model)
     for group, hyper in zip(optimizer.param_groups, [(0.02, (0.8, 0.9), 1e-3, 0.3),
                                                      (0.005, (0.7, 0.95), 1e-4, 0.1)]):
         group["lr"], group["betas"], group["eps"], group["weight_decay"] = hyper
@@ -283,7 +283,7 @@ def test_simplifier_loss_matches_real_adamw_step(monkeypatch, previous_steps, la
     ref_loss, ref, w = reference_loss(classifier, optimizer, x, x_sim, y, AUG6, lam, fake_bpd)
     assert (w == 0).any() and ((w > 0.05) & (w < 0.95)).any()  # both sides of S3's threshold
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-10, atol=0)
-    for key in ("loss", "loss_f_sim", "loss_f1_sim", "loss_f1_orig", "sim_weight"):
+    for key in ("loss", "loss_f_sim", "loss_fp_sim", "loss_fp_orig", "sim_weight"):
         torch.testing.assert_close(parts[key], ref[key], rtol=1e-10, atol=1e-14, msg=key)
     if lam > 0:  # bpd of the UN-augmented X_sim (authors' code), scored by the given Glow
         assert len(calls) == 1 and calls[0][0] is GLOW and torch.equal(calls[0][1], x_sim)
@@ -380,7 +380,7 @@ def by_hand(px_orig, px_sim, y, bias, lr):
                    for i, row in enumerate(px_sim)) / n
     l_i = [ce([b + 10 * p for b, p in zip(bias1, row)], y[i]) for i, row in enumerate(px_orig)]
     w = [max(0.0, 1 - li / 0.1) for li in l_i]
-    return dict(loss_f_sim=l_f_sim, loss_f1_sim=l_f1_sim, l_i=l_i, w=w,
+    return dict(loss_f_sim=l_f_sim, loss_fp_sim=l_f1_sim, l_i=l_i, w=w,
                 loss_cls=10 * sum(l_i) / n + l_f_sim + l_f1_sim)
 
 
@@ -407,8 +407,8 @@ def test_losses_by_hand(monkeypatch, lam):
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     assert parts["loss"].item() == pytest.approx(expected, rel=1e-9)
     assert parts["loss_f_sim"].item() == pytest.approx(hand["loss_f_sim"], rel=1e-9)
-    assert parts["loss_f1_sim"].item() == pytest.approx(hand["loss_f1_sim"], rel=1e-9)
-    assert parts["loss_f1_orig"].item() == pytest.approx(sum(hand["l_i"]) / 4, rel=1e-9)
+    assert parts["loss_fp_sim"].item() == pytest.approx(hand["loss_fp_sim"], rel=1e-9)
+    assert parts["loss_fp_orig"].item() == pytest.approx(sum(hand["l_i"]) / 4, rel=1e-9)
     assert parts["sim_weight"].item() == pytest.approx(sum(w) / 4, rel=1e-9)
     if lam > 0:
         assert parts["bpd"].item() == pytest.approx(5.0)
@@ -460,7 +460,7 @@ def test_simplebits_step_protocol(monkeypatch, flip):
     classifier = nets.ConvNet(3, width=4)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 3, (8,))
     opt_simp = torch.optim.Adam(simplifier.parameters(), lr=0.05, betas=(0.5, 0.99))
-    opt_clf = pi.make_optimizer(classifier, lr=0.01)
+    opt_clf = nets.classifier_optimizer(classifier, lr=0.01)
     real_steps(classifier, opt_clf, x, y, 2)  # moments and step count matter
     patch_bpd(monkeypatch)
     drawn = spy_augmentation(monkeypatch)
@@ -560,7 +560,7 @@ def test_gaussian_blur_baseline(sigma):
     torch.testing.assert_close(pi.gaussian_blur(x, sigma), reference_blur(x, sigma),
                                rtol=0, atol=2e-6)
     # the script's blur simplifier takes σ from --blur-sigma and returns 8-bit levels
-    simplify = pi.make_simplify(argparse.Namespace(simplifier="blur", blur_sigma=sigma,
+    simplify = pi.simplification(argparse.Namespace(simplifier="blur", blur_sigma=sigma,
                                                    jpeg_quality=20), None)
     torch.testing.assert_close(simplify(x), quantize_ref(reference_blur(x, sigma)),
                                rtol=0, atol=1e-6)
@@ -591,7 +591,7 @@ def test_jpeg_baseline(quality):
     ref = reference_jpeg(x, quality)
     assert (ref - x).abs().mean() > 1 / 255  # lossy
     torch.testing.assert_close(pi.jpeg(x, quality), ref, rtol=0, atol=0)
-    simplify = pi.make_simplify(argparse.Namespace(simplifier="jpeg", blur_sigma=1.0,
+    simplify = pi.simplification(argparse.Namespace(simplifier="jpeg", blur_sigma=1.0,
                                                    jpeg_quality=quality), None)
     torch.testing.assert_close(simplify(x), ref, rtol=0, atol=0)
 
@@ -705,7 +705,7 @@ def test_smoke_simplebits_resume_retrain_save(tmp_path, monkeypatch):
 
 def test_cifar_flips_and_optimizers_of_main(tmp_path, monkeypatch):
     """CIFAR gets horizontal flips (authors' code); the optimizers main saves: the
-    classifier's AdamW of make_optimizer, the simplifier's Adam(lr, betas (0.5, 0.99),
+    classifier's AdamW of nets.classifier_optimizer, the simplifier's Adam(lr, betas (0.5, 0.99),
     coupled weight decay 5e-5) of the authors' code (the paper text says AdamW for both)."""
     real_load = datasets.load_dataset
 
@@ -717,7 +717,7 @@ def test_cifar_flips_and_optimizers_of_main(tmp_path, monkeypatch):
     drawn = spy_augmentation(monkeypatch)
     argv = ["--dataset", "cifar10", "--glow", tiny_glow(tmp_path), "--out", str(tmp_path / "c"),
             "--device", "cpu", "--train-size", "16", "--test-size", "8", "--batch-size", "8",
-            "--classifier", "convnet", "--width", "4", "--ngf", "4", "--lambda-sim", "1",
+            "--arch", "convnet", "--width", "4", "--ngf", "4", "--lambda-sim", "1",
             "--lr", "1e-3", "--epochs", "1"]
     pi.main(pi.get_args(argv))
     assert len(drawn) == 2 and all(flips.any() for _, flips in drawn)
@@ -740,14 +740,14 @@ def test_cifar_flips_and_optimizers_of_main(tmp_path, monkeypatch):
 def test_convnet_classifier_and_quick_preset(tmp_path):
     """--classifier convnet trains the DC ConvNet as f (the --quick default) with a fresh one
     for --retrain; --quick changes only defaults."""
-    results = run(tmp_path, "conv", "--classifier", "convnet", "--width", "8", "--epochs", "1",
+    results = run(tmp_path, "conv", "--arch", "convnet", "--width", "8", "--epochs", "1",
                   "--retrain", "--retrain-epochs", "1")
     assert 0 <= results["retrain_test_acc"] <= 1 and results["test_bpd_simplified"] > 0
     assert nets.load_model(str(tmp_path / "conv" / "classifier.pt"),
                            kind="ConvNet").config["width"] == 8
-    cfg = pi.resolve_config(pi.get_args(["--quick", "--classifier", "wrn"]))
-    assert (cfg.classifier, cfg.width, cfg.epochs) == ("wrn", 32, pi.QUICK["epochs"])
-    assert pi.resolve_config(pi.get_args([])).classifier == "wrn"  # the paper's f by default
+    cfg = pi.resolve_config(pi.get_args(["--quick", "--arch", "wrn"]))
+    assert (cfg.arch, cfg.width, cfg.epochs) == ("wrn", 32, pi.QUICK["epochs"])
+    assert pi.resolve_config(pi.get_args([])).arch == "wrn"  # the paper's f by default
 
 
 @pytest.mark.parametrize("kind", ["l2", "blur", "jpeg"])

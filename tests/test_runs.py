@@ -32,7 +32,7 @@ def tiny_glow_path(tmp_path_factory):
 
 def per_instance_argv(out, glow_path, *extra):
     return ["--dataset", "shapes", "--train-size", "32", "--test-size", "16", "--epochs", "1",
-            "--batch-size", "16", "--classifier", "convnet", "--width", "4", "--ngf", "2",
+            "--batch-size", "16", "--arch", "convnet", "--width", "4", "--ngf", "2",
             "--glow", glow_path, "--device", "cpu", "--out", str(out), *extra]
 
 
@@ -90,7 +90,7 @@ def test_classifier_checkpoints_and_resume_land_on_the_device(tmp_path):
     assert all_devices(nets.load_model(tmp_path / "clf.pt", map_location="meta")) == {"meta"}
     # per_instance's --resume: optimizer moments restored onto the models' device
     simplifier = nets.UNetSimplifier(num_down=5, ngf=2)
-    opt_clf = per_instance.make_optimizer(clf)
+    opt_clf = nets.classifier_optimizer(clf)
     opt_simp = torch.optim.Adam(simplifier.parameters())
     x = torch.rand(2, 3, 32, 32)
     torch.nn.functional.cross_entropy(clf(simplifier(x)), torch.tensor([0, 1])).backward()
@@ -101,7 +101,7 @@ def test_classifier_checkpoints_and_resume_land_on_the_device(tmp_path):
     args = per_instance.get_args(["--out", str(tmp_path)])
     per_instance.save_checkpoint(tmp_path / "ck.pt", 1, models, optimizers, [], 0, args)
     meta_models = {k: type(m)(**m.config).to("meta") for k, m in models.items()}
-    meta_opts = dict(opt_clf=per_instance.make_optimizer(meta_models["classifier"]),
+    meta_opts = dict(opt_clf=nets.classifier_optimizer(meta_models["classifier"]),
                      opt_simp=torch.optim.Adam(meta_models["simplifier"].parameters()))
     per_instance.load_checkpoint(tmp_path / "ck.pt", meta_models, meta_opts)
     assert all_devices(*meta_models.values()) == {"meta"}
