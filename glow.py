@@ -576,26 +576,10 @@ def import_y0ast(state):
 # ----------------------------------------------------------------------------------------
 
 
-def crop_flip_params(n, pad, device):
-    """Random horizontal flips and crop offsets in [0, 2·pad] for n images: (n,) each."""
-    flips = torch.rand(n, device=device) < 0.5
-    rows = torch.randint(0, 2 * pad + 1, (n,), device=device)
-    cols = torch.randint(0, 2 * pad + 1, (n,), device=device)
-    return flips, rows, cols
-
-
-def random_crop_flip(x, pad=3, params=None):
+def random_crop_flip(x, pad=3):
     """Per-image random translation by up to ±pad pixels (reflect padding) and horizontal
-    flip (the authors' Glow training: RandomCrop(32, padding=3, reflect) + flip). `params`
-    from crop_flip_params, or drawn here."""
-    b, _, h, w = x.shape
-    flips, rows, cols = crop_flip_params(b, pad, x.device) if params is None else params
-    x = torch.where(flips.view(b, 1, 1, 1), x.flip(3), x)
-    padded = F.pad(x, (pad,) * 4, mode="reflect")
-    rows = rows.view(b, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
-    cols = cols.view(b, 1, 1) + torch.arange(w, device=x.device).view(1, 1, w)  # (B, 1, W)
-    batch = torch.arange(b, device=x.device).view(b, 1, 1)
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+    flip (the authors' Glow training: RandomCrop(32, padding=3, reflect) + flip)."""
+    return nets.crop_flip(x, nets.sample_crop_flip(len(x), pad, True, x.device), pad, "reflect")
 
 
 @torch.no_grad()
@@ -674,10 +658,10 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
                                  every=5.0 if rank == 0 else math.inf)
         for x, _ in loader:  # x: this process's images of the global batch
             # augmentation and noise for the whole global batch; this process takes its rows
-            flips, rows, cols = crop_flip_params(batch_size, 3, device)
+            shifts, flips = nets.sample_crop_flip(batch_size, 3, True, device)
             noise = torch.rand(batch_size, *x.shape[1:], device=device) / N_BINS
             mine = slice(rank, None, world)
-            x = random_crop_flip(x.to(device), params=(flips[mine], rows[mine], cols[mine]))
+            x = nets.crop_flip(x.to(device), (shifts[mine], flips[mine]), 3, "reflect")
             loss = bits_per_dim(model, x, noise=noise[mine]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over the processes

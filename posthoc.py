@@ -18,11 +18,9 @@ Alg. 2 also interpolates z_sim with the original's latents z.
         --classifier runs/posthoc-shapes-alg2-seed0-quick/classifier.pt
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -34,71 +32,63 @@ import glow
 import nets
 
 
+# Presets: the paper's setting (the authors' code), and a CPU-sized one for --quick (a small
+# NF-WRN trained 5 epochs at a higher learning rate, 300 steps). Any flag given explicitly wins.
+FULL = dict(train_size=None, test_size=None, train_epochs=30, train_lr=5e-4, depth=16, widen=2,
+            steps=5000, log_every=250)
+QUICK = dict(train_size=2000, test_size=500, train_epochs=5, train_lr=2e-3, depth=10, widen=1,
+             steps=300, log_every=50)
+RESUMABLE = ()  # --resume reuses the classifier this run trained and simplifies again
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="cifar10",
-                   help="dataset name (%s) or an ImageFolder path; Sec. 5 uses cifar10"
-                        % ", ".join(datasets.DATASET_NAMES))
-    p.add_argument("--data-root", default="data", help="where datasets are stored")
-    p.add_argument("--glow", default=None,
-                   help="frozen Glow G of Alg. 2 (decodes latents, scores bpd, Eq. 1); with "
-                        "--quick and no path a tiny Glow is pretrained and cached beside --out")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=nets.HelpFormatter)
+    nets.add_run_flags(p, datasets.DATASET_NAMES, QUICK, may_change=RESUMABLE,
+                       out="runs/posthoc-<dataset>-alg<k>-seed<seed>[-quick]")
+    # the classifier f: given, or trained here (S2.1 architecture, the authors' optimizer)
     p.add_argument("--classifier", default=None,
                    help="trained classifier f: the classifier.pt of a per_instance.py run "
                         "(NF-WRN or ConvNet) or of an earlier posthoc.py run; without it an "
                         "NF-WRN f is trained first and saved in --out")
-    p.add_argument("--out", default=None, help="output folder (default "
-                   "runs/posthoc-<dataset>-alg<k>-seed<seed>[-quick])")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out (same flags): reuse the classifier it "
-                        "trained, then simplify again")
-    p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
-    p.add_argument("--quick", action="store_true",
-                   help="CPU preset: small f, tiny Glow, 8 images, 300 steps (explicit flags win)")
-    p.add_argument("--train-size", type=int, default=None,
-                   help="fixed random subset of N training images for f and the quick Glow "
-                        "(all; quick: 2000)")
-    p.add_argument("--test-size", type=int, default=None,
-                   help="fixed random subset of N test images to choose from (all; quick: 500)")
-    # the classifier f, when it is trained here (S2.1 architecture, authors' optimizer)
-    p.add_argument("--train-epochs", type=int, default=None,
-                   help="epochs of training f when --classifier is not given (30; quick: 5)")
+    p.add_argument("--train-epochs", type=nets.positive_int, default=None,
+                   help="epochs of training f when --classifier is not given (default 30; "
+                        "quick 5)")
     p.add_argument("--train-lr", type=nets.finite_float, default=None,
-                   help="AdamW learning rate of f (authors: 5e-4; quick: 2e-3, to train in 5 epochs)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size of training f (authors: 32)")
-    p.add_argument("--depth", type=int, default=None,
-                   help="NF-WRN depth of a new f, S2.1 (16; quick: 10)")
-    p.add_argument("--widen", type=int, default=None,
-                   help="NF-WRN widen factor of a new f, S2.1 (2; quick: 1)")
+                   help="AdamW learning rate of f (default 5e-4 as the authors; quick 2e-3, to "
+                        "train in 5 epochs)")
+    p.add_argument("--batch-size", type=nets.positive_int, default=32,
+                   help="batch size of training f (the authors' 32)")
+    p.add_argument("--depth", type=nets.positive_int, default=None,
+                   help="depth of a new NF-WRN f (S2.1; default 16; quick 10)")
+    p.add_argument("--widen", type=nets.positive_int, default=None,
+                   help="widen factor of a new NF-WRN f (S2.1; default 2; quick 1)")
     # the simplification (Alg. 1/2, S4)
     p.add_argument("--algorithm", type=int, default=2, choices=[1, 2],
                    help="Alg. 2: z_mix = α·z_sim + (1−α)·z with α ~ U(0,1]; "
                         "Alg. 1: α = 1 (x_mix = x_sim)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps on z_sim (S4: 5000; quick: 300)")
-    p.add_argument("--lr", type=nets.finite_float, default=1e-2, help="Adam learning rate on z_sim (S4: 1e-2)")
+    p.add_argument("--steps", type=nets.positive_int, default=None,
+                   help="Adam steps on z_sim (S4: default 5000; quick 300)")
+    p.add_argument("--lr", type=nets.finite_float, default=1e-2,
+                   help="Adam learning rate on z_sim (S4)")
     p.add_argument("--lambda-sim", type=nets.finite_float, default=1.0,
-                   help="λ_sim, weight of bpd(x_sim) in Alg. 2's loss (authors: 1)")
+                   help="λ_sim, weight of bpd(x_sim) in Alg. 2's loss (the authors' value)")
     p.add_argument("--scale-min", type=nets.finite_float, default=0.8,
-                   help="s ~ U(scale-min, scale-max), the forgetting factor of Alg. 2 (authors: 0.8)")
-    p.add_argument("--scale-max", type=nets.finite_float, default=0.95, help="upper end of s (authors: 0.95)")
+                   help="s ~ U(scale-min, scale-max), the forgetting factor of Alg. 2 (authors)")
+    p.add_argument("--scale-max", type=nets.finite_float, default=0.95,
+                   help="upper end of s (authors)")
     # which images (Fig. 8, S17/S18)
     p.add_argument("--indices", type=int, nargs="+", default=None,
                    help="indices into the (--test-size) test set to explain; overrides --select")
     p.add_argument("--select", default="misclassified", choices=["misclassified", "correct"],
                    help="confidently misclassified (Fig. 8, S17) or correct (S18) test images")
     p.add_argument("--confidence", type=nets.finite_float, default=0.99,
-                   help="confident means max softmax > this (authors: 0.99)")
-    p.add_argument("--num-images", type=int, default=8, help="number of images, simplified as one batch")
-    p.add_argument("--log-every", type=int, default=None,
-                   help="print and log the loss parts every N steps (250; quick: 50)")
+                   help="confident means max softmax > this (the authors' value)")
+    p.add_argument("--num-images", type=nets.positive_int, default=8,
+                   help="number of images, simplified as one batch")
+    p.add_argument("--log-every", type=nets.positive_int, default=None,
+                   help="print and log the loss parts every N steps (default 250; quick 50)")
     args = p.parse_args(argv)
-    for name in ("train_size", "test_size", "train_epochs", "batch_size", "steps", "num_images",
-                 "log_every"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 < args.scale_min <= args.scale_max < 1:
         p.error("the forgetting factor needs 0 < --scale-min <= --scale-max < 1")
     if args.lambda_sim < 0 or not 0 <= args.confidence < 1:
@@ -110,18 +100,14 @@ def get_args(argv=None):
     return args
 
 
-def get_config(args):
-    """Resolve the --quick-dependent defaults once (args itself is never changed)."""
-    def pick(value, full, fast):
-        return value if value is not None else (fast if args.quick else full)
+def resolve_config(args):
+    """Quick-sensitive defaults, resolved once into a new namespace; args is never changed."""
+    preset = QUICK if args.quick else FULL
+    cfg = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()}
     name = Path(args.dataset).name
-    return SimpleNamespace(
-        train_size=pick(args.train_size, None, 2000), test_size=pick(args.test_size, None, 500),
-        train_epochs=pick(args.train_epochs, 30, 5), train_lr=pick(args.train_lr, 5e-4, 2e-3),
-        depth=pick(args.depth, 16, 10), widen=pick(args.widen, 2, 1),
-        steps=pick(args.steps, 5000, 300), log_every=pick(args.log_every, 250, 50),
-        out=Path(args.out or f"runs/posthoc-{name}-alg{args.algorithm}-seed{args.seed}"
-                 + ("-quick" if args.quick else "")))
+    cfg["out"] = Path(args.out or f"runs/posthoc-{name}-alg{args.algorithm}-seed{args.seed}"
+                      + ("-quick" if args.quick else ""))
+    return argparse.Namespace(**{**vars(args), **cfg})
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,29 +236,15 @@ def evaluate(model, glow_model, x, z_sim):
 # ----------------------------------------------------------------------------------------
 
 
-def augment(x, flip):
-    """Random crop with 4-pixel reflect padding (+ horizontal flip for CIFAR), per image."""
-    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")  # (B, 3, 40, 40)
-    i, j = torch.randint(0, 9, (2, len(x))).tolist()
-    out = torch.stack([padded[b, :, i[b]:i[b] + 32, j[b]:j[b] + 32] for b in range(len(x))])
-    if flip:
-        out = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, out.flip(3), out)
-    return out
-
-
-def train_classifier(train_set, cfg, args, device, log):
-    """An NF-WRN (S2.1) trained with the authors' classifier optimizer: AdamW, betas
-    (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases (the authors' repository)."""
+def train_classifier(train_set, cfg, device, log):
+    """An NF-WRN (S2.1) trained with the authors' classifier optimizer (AdamW, betas
+    (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases) and augmentation."""
     info = train_set.info
     model = nets.NFWideResNet(info.num_classes, cfg.depth, cfg.widen, mean=info.mean, std=info.std)
     model = model.to(device)
-    named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 1e-5},
-         {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}],
-        lr=cfg.train_lr, betas=(0.9, 0.995))
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                        drop_last=len(train_set) > args.batch_size)
+    optimizer = nets.classifier_optimizer(model, cfg.train_lr)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                        drop_last=len(train_set) > cfg.batch_size)
     flip = info.name in ("cifar10", "cifar100")  # authors: flips only for CIFAR
     for epoch in range(1, cfg.train_epochs + 1):
         model.train()
@@ -280,7 +252,8 @@ def train_classifier(train_set, cfg, args, device, log):
         loss_sum, correct, count = 0.0, 0, 0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            logits = model(augment(x, flip))
+            aug = nets.sample_crop_flip(len(x), 4, flip, device)
+            logits = model(nets.crop_flip(x, aug, 4, "reflect"))  # 4-px reflect crop (+ flip)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -324,35 +297,35 @@ def select_images(probs, labels, args):
 
 
 def main(args):
-    cfg = get_config(args)
-    print(json.dumps(vars(args)))
-    resuming = nets.check_out(cfg.out, vars(args), args.resume)
-    nets.seed_everything(args.seed)
-    device = nets.resolve_device(args.device)
+    cfg = resolve_config(args)
+    print(vars(cfg), flush=True)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
+    nets.seed_everything(cfg.seed)
+    device = nets.resolve_device(cfg.device)
     start = time.time()
 
     # data: training images (for f and the quick Glow) and the test images to explain
-    train_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=True),
-                                cfg.train_size, args.seed)
-    test_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=False),
-                               cfg.test_size, args.seed)
+    train_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=True),
+                                cfg.train_size, cfg.seed)
+    test_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=False),
+                               cfg.test_size, cfg.seed)
     info = train_set.info
-    if args.indices is not None and max(args.indices) >= len(test_set):
-        raise nets.RunError(f"--indices {max(args.indices)} is outside the test set of "
+    if cfg.indices is not None and max(cfg.indices) >= len(test_set):
+        raise nets.RunError(f"--indices {max(cfg.indices)} is outside the test set of "
                             f"{len(test_set)} images.")
 
     # models: the Glow G, and the classifier f (given, trained earlier in this run, or now)
-    made_from = dict(dataset=info.name, train_size=len(train_set), seed=args.seed)
-    glow_model = glow.get_glow(args.glow, args.quick, train_set,
+    made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
+    glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     print(f"Glow ready ({time.time() - start:.0f} s)")
     own_path = cfg.out / "classifier.pt"
-    classifier_path = Path(args.classifier) if args.classifier else own_path
+    classifier_path = Path(cfg.classifier) if cfg.classifier else own_path
     history = []  # metrics.jsonl rows
-    if args.classifier or (resuming and own_path.exists()):
+    if cfg.classifier or (resuming and own_path.exists()):
         model = nets.load_model(classifier_path, kind=("NFWideResNet", "ConvNet"),
                                 map_location=device, expect=dict(dataset=info.name))
-        if not args.classifier:  # the rows of the training that made it
+        if not cfg.classifier:  # the rows of the training that made it
             history = torch.load(own_path, map_location="cpu", weights_only=True).get("history", [])
         print(f"classifier f: loaded {classifier_path}")
     nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
@@ -361,14 +334,14 @@ def main(args):
     def log(row):
         history.append(row)
         nets.append_jsonl(cfg.out / "metrics.jsonl", row)
-    if not (args.classifier or (resuming and own_path.exists())):
+    if not (cfg.classifier or (resuming and own_path.exists())):
         print(f"== train the classifier f: NF-WRN-{cfg.depth}-{cfg.widen}, {cfg.train_epochs} epochs ==")
-        model = train_classifier(train_set, cfg, args, device, log)
+        model = train_classifier(train_set, cfg, device, log)
         nets.save_model(model, own_path, dataset=info.name, history=list(history))
         print(f"classifier f: saved {own_path} ({time.time() - start:.0f} s)")
     if model.config["num_classes"] != info.num_classes:
         raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes but "
-                                   f"{args.dataset} has {info.num_classes}; give one trained on it.")
+                                   f"{cfg.dataset} has {info.num_classes}; give one trained on it.")
     model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
 
     # the images to explain (Fig. 8: confidently misclassified test images)
@@ -377,7 +350,7 @@ def main(args):
         probs = torch.cat([model(b.to(device)).softmax(1).cpu() for b in test_x.split(256)])  # (N, K)
     test_acc = (probs.argmax(1) == test_y).float().mean().item()
     print(f"classifier f: test accuracy {test_acc:.4f} on {len(test_y)} images")
-    indices, selection = select_images(probs, test_y, args)
+    indices, selection = select_images(probs, test_y, cfg)
     print(f"images {indices.tolist()}: {selection}")
     x, labels = test_x[indices].to(device), test_y[indices]  # (B, 3, 32, 32), (B,)
 
@@ -388,10 +361,10 @@ def main(args):
         z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
     z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
     start_point = evaluate(model, glow_model, x, z_sim)
-    optimizer = torch.optim.Adam(z_sim, lr=args.lr)
+    optimizer = torch.optim.Adam(z_sim, lr=cfg.lr)
 
-    print(f"== simplify {len(indices)} images: Alg. {args.algorithm}, {cfg.steps} steps, "
-          f"λ = {args.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f}, "
+    print(f"== simplify {len(indices)} images: Alg. {cfg.algorithm}, {cfg.steps} steps, "
+          f"λ = {cfg.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f}, "
           f"device {device} ==")
     progress = nets.Progress(cfg.steps, "simplify")
     for step in range(1, cfg.steps + 1):
@@ -422,16 +395,16 @@ def main(args):
         mean_bpd_original=sum(im["bpd_original"] for im in images) / len(images),
         mean_bpd_start=sum(im["bpd_start"] for im in images) / len(images),
         mean_bpd_simplified=sum(im["bpd_simplified"] for im in images) / len(images),
-        classifier_test_acc=test_acc, algorithm=args.algorithm, steps=cfg.steps,
-        lambda_sim=args.lambda_sim, selection=selection, class_names=names,
+        classifier_test_acc=test_acc, algorithm=cfg.algorithm, steps=cfg.steps,
+        lambda_sim=cfg.lambda_sim, selection=selection, class_names=names,
         seconds=time.time() - start, images=images)
 
     # save: results.json, simplified.pt and a PNG of (original, start, simplified) triples
     nets.write_json(cfg.out / "results.json", results)
     nets.check_finite(results, f"the run in {cfg.out}")
-    to_uint8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # noqa: E731
-    nets.atomic_save(dict(indices=indices, labels=labels, originals=to_uint8(x),
-                          images=to_uint8(result["x_sim"]), latents=[z.detach().cpu() for z in z_sim],
+    nets.atomic_save(dict(indices=indices, labels=labels, originals=datasets.to_uint8(x).cpu(),
+                          images=datasets.to_uint8(result["x_sim"]).cpu(),
+                          latents=[z.detach().cpu() for z in z_sim],
                           class_names=names), cfg.out / "simplified.pt")
     kinds = ("original", "start", "simplified")
     tiles = torch.stack([x.cpu(), start_point["x_sim"].cpu(), result["x_sim"].cpu()], dim=1)

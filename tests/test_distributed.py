@@ -65,18 +65,18 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
 
 def crash_in_epoch_two(rank, world, port, argv):
     """A torchrun-like worker whose run dies at the first step of epoch 2 (after the epoch-1
-    checkpoint): random_crop_flip is called once for the ActNorm init, then once a step."""
+    checkpoint): sample_crop_flip is called once for the ActNorm init, then once a step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    real, calls = glow.random_crop_flip, []
+    real, calls = glow.nets.sample_crop_flip, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1 + 6 + 1:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
-    glow.random_crop_flip = flaky
+    glow.nets.sample_crop_flip = flaky
     glow.main(glow.get_args(argv))
 
 

@@ -362,7 +362,7 @@ def test_flag_defaults_follow_the_authors():
     args = posthoc.get_args(["--dataset", "shapes"])
     assert (args.scale_min, args.scale_max, args.lr, args.lambda_sim) == (0.8, 0.95, 1e-2, 1.0)
     assert (args.confidence, args.algorithm) == (0.99, 2)
-    assert posthoc.get_config(args).steps == 5000
+    assert posthoc.resolve_config(args).steps == 5000
 
 
 def test_main_optimises_z_sim_with_adam_lr_1e_2(tmp_path):

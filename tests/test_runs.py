@@ -122,8 +122,8 @@ def test_default_out_names_every_result_changing_setting():
     c1 = condense.get_config(condense.get_args(["--seed", "1", "--ipc", "1", "--lambda-sim", "3"]))
     c2 = condense.get_config(condense.get_args(["--seed", "2", "--ipc", "1", "--lambda-sim", "3"]))
     assert c1.out != c2.out and "ipc1" in str(c1.out) and "lam3" in str(c1.out)
-    p1 = posthoc.get_config(posthoc.get_args(["--seed", "1"]))
-    p2 = posthoc.get_config(posthoc.get_args(["--seed", "2"]))
+    p1 = posthoc.resolve_config(posthoc.get_args(["--seed", "1"]))
+    p2 = posthoc.resolve_config(posthoc.get_args(["--seed", "2"]))
     assert p1.out != p2.out
 
 
