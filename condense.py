@@ -17,11 +17,9 @@ the same number of randomly chosen real images per class.
 """
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -31,101 +29,76 @@ import glow
 import nets
 
 
+# Presets: the paper's setting (DC and the authors' code), and a CPU-sized one for --quick: one
+# image update per fresh network, as DC does for ipc 1 (DC's (10, 50) loops for ipc 10 cost
+# ~15x more per iteration, too slow for a CPU demo). outer/inner None: DC's get_loops(ipc).
+# Any flag given explicitly wins.
+FULL = dict(train_size=None, test_size=None, iterations=1000, batch_real=256, width=128,
+            num_eval=5, eval_epochs=300, eval_at="0,500,1000", outer_loop=None, inner_loop=None)
+QUICK = dict(train_size=2000, test_size=1000, iterations=400, batch_real=64, width=32,
+             num_eval=3, eval_epochs=100, eval_at="", outer_loop=1, inner_loop=1)
+RESUMABLE = ("iterations", "eval_at")  # --resume may condense longer and evaluate elsewhere
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="cifar10",
-                   help="dataset name (%s) or an ImageFolder path; Sec. 4"
-                        % ", ".join(datasets.DATASET_NAMES))
-    p.add_argument("--data-root", default="data", help="where datasets are stored")
-    p.add_argument("--glow", default=None,
-                   help="frozen Glow checkpoint p_G that scores bpd (Eq. 1, 7); with --quick "
-                        "and no --glow a tiny Glow is pretrained and cached in --out")
-    p.add_argument("--out", default=None,
-                   help="output directory (default runs/condense-<dataset>-ipc<ipc>-lam<λ>-"
-                        "seed<seed>[-quick])")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds python, numpy and torch once (α₀, networks, real batches)")
-    p.add_argument("--quick", action="store_true",
-                   help="CPU preset: small subset, narrow ConvNet, few iterations, tiny Glow")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.pt (α, Adam state, RNG, "
-                        "iteration); same flags, --iterations and --eval-at may change")
-    p.add_argument("--train-size", type=int, default=None,
-                   help="fixed random subset of N training images (quick: 2000)")
-    p.add_argument("--test-size", type=int, default=None,
-                   help="fixed random subset of N test images (quick: 1000)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=nets.HelpFormatter)
+    nets.add_run_flags(p, datasets.DATASET_NAMES, QUICK, may_change=RESUMABLE,
+                       out="runs/condense-<dataset>-ipc<ipc>-lam<λ>-seed<seed>[-quick]")
     # condensation (Sec. 4; the authors' repository, a fork of DC)
-    p.add_argument("--ipc", type=int, default=10,
+    p.add_argument("--ipc", type=nets.positive_int, default=10,
                    help="synthetic images per class (paper: 1 and 10)")
     p.add_argument("--iterations", type=int, default=None,
-                   help="outer iterations, each with a fresh random ConvNet (1000; quick: 400)")
-    p.add_argument("--outer-loop", type=int, default=None,
-                   help="image updates per fresh ConvNet (DC get_loops: ipc 1 -> 1, 10 -> 10, "
-                        "50 -> 50; quick: 1)")
-    p.add_argument("--inner-loop", type=int, default=None,
-                   help="ConvNet epochs on the synthetic set between image updates (DC: ipc 1 -> "
-                        "1, 10 -> 50, 50 -> 10; quick: 1)")
+                   help="outer iterations, each with a fresh random ConvNet (default 1000; "
+                        "quick 400)")
+    p.add_argument("--outer-loop", type=nets.positive_int, default=None,
+                   help="image updates per fresh ConvNet (default DC's get_loops: ipc 1 -> 1, "
+                        "10 -> 10, 50 -> 50; quick 1)")
+    p.add_argument("--inner-loop", type=nets.positive_int, default=None,
+                   help="ConvNet epochs on the synthetic set between image updates (default "
+                        "DC's: ipc 1 -> 1, 10 -> 50, 50 -> 10; quick 1)")
     p.add_argument("--lambda-sim", type=nets.finite_float, default=50.0,
                    help="simplification weight λ in L = Σ_c D_c + λ·mean bpd(X_syn), Eq. 7 "
                         "(ours = authors' λ·max(N//50,1)/(5C))")
-    p.add_argument("--batch-real", type=int, default=None,
-                   help="real images of one class per matching step, Eq. 6 (256; quick: 64)")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="batch size when training ConvNets on the synthetic set (DC: 256)")
-    p.add_argument("--width", type=int, default=None,
-                   help="ConvNet channels (DC ConvNet: 128; quick: 32)")
+    p.add_argument("--batch-real", type=nets.positive_int, default=None,
+                   help="real images of one class per matching step, Eq. 6 (default 256; "
+                        "quick 64)")
+    p.add_argument("--batch-size", type=nets.positive_int, default=256,
+                   help="batch size when training ConvNets on the synthetic set (DC's 256)")
+    p.add_argument("--width", type=nets.positive_int, default=None,
+                   help="ConvNet channels (default 128 as the DC ConvNet; quick 32)")
     # evaluation (DC protocol, Sec. 4)
-    p.add_argument("--num-eval", type=int, default=None,
-                   help="fresh ConvNets trained on the synthetic set per evaluation (5; quick: 3)")
-    p.add_argument("--eval-epochs", type=int, default=None,
-                   help="epochs of each evaluation ConvNet, lr ÷10 at half (300; quick: 100)")
+    p.add_argument("--num-eval", type=nets.positive_int, default=None,
+                   help="fresh ConvNets trained on the synthetic set per evaluation (default "
+                        "5; quick 3)")
+    p.add_argument("--eval-epochs", type=nets.positive_int, default=None,
+                   help="epochs of each evaluation ConvNet, lr ÷10 at half (default 300; "
+                        "quick 100)")
     p.add_argument("--eval-at", default=None,
                    help="comma-separated iterations to evaluate at; the last one always is "
-                        "(default 0,500,1000; quick: only the last)")
-    return p.parse_args(argv)
+                        "(default 0,500,1000; quick only the last)")
+    args = p.parse_args(argv)
+    if (args.iterations is not None and args.iterations < 0) or args.lambda_sim < 0:
+        p.error("--iterations and --lambda-sim must not be negative.")
+    if args.eval_at is not None and not all(v.strip().isdigit() for v in args.eval_at.split(",")
+                                            if v.strip()):
+        p.error(f"--eval-at must be comma-separated iterations, got {args.eval_at!r}.")
+    return args
 
 
-def get_config(args):
-    """Resolve the --quick-dependent defaults once (args itself is never changed)."""
-    quick = args.quick
-
-    def pick(value, full, fast):
-        return value if value is not None else (fast if quick else full)
-
-    cfg = SimpleNamespace(
-        train_size=pick(args.train_size, None, 2000),
-        test_size=pick(args.test_size, None, 1000),
-        iterations=pick(args.iterations, 1000, 400),
-        batch_real=pick(args.batch_real, 256, 64),
-        width=pick(args.width, 128, 32),
-        num_eval=pick(args.num_eval, 5, 3),
-        eval_epochs=pick(args.eval_epochs, 300, 100),
-        eval_at=pick(args.eval_at, "0,500,1000", ""),
-    )
-    if args.ipc < 1 or args.batch_size < 1:
-        raise nets.RunError("--ipc and --batch-size must be at least 1.")
-    # quick: one image update per fresh net, as DC does for ipc 1; DC's (10, 50) for
-    # ipc 10 costs ~15x more per iteration, too slow for a CPU demo
+def resolve_config(args):
+    """Quick-sensitive defaults, resolved once into a new namespace; args is never changed."""
+    preset = QUICK if args.quick else FULL
+    cfg = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()}
     outer_loop, inner_loop = get_loops(args.ipc)
-    cfg.outer_loop = pick(args.outer_loop, outer_loop, 1)
-    cfg.inner_loop = pick(args.inner_loop, inner_loop, 1)
-    for name in ["batch_real", "width", "num_eval", "eval_epochs", "outer_loop",
-                 "inner_loop"]:
-        if getattr(cfg, name) < 1:
-            raise nets.RunError(f"--{name.replace('_', '-')} must be at least 1.")
-    if cfg.iterations < 0 or args.lambda_sim < 0:
-        raise nets.RunError("--iterations and --lambda-sim must not be negative.")
-    try:
-        at = {int(s) for s in cfg.eval_at.split(",") if s.strip()}
-    except ValueError:
-        raise nets.RunError(f"--eval-at must be comma-separated integers, got {cfg.eval_at!r}.") from None
-    cfg.eval_at = {i for i in at if 0 <= i <= cfg.iterations} | {cfg.iterations}
+    cfg["outer_loop"] = cfg["outer_loop"] or outer_loop
+    cfg["inner_loop"] = cfg["inner_loop"] or inner_loop
+    at = {int(v) for v in cfg["eval_at"].split(",") if v.strip()}
+    cfg["eval_at"] = {i for i in at if i <= cfg["iterations"]} | {cfg["iterations"]}
     name = Path(args.dataset).name
-    cfg.out = Path(args.out or f"runs/condense-{name}-ipc{args.ipc}-lam{args.lambda_sim:g}"
-                               f"-seed{args.seed}" + ("-quick" if quick else ""))
-    return cfg
+    cfg["out"] = Path(args.out or f"runs/condense-{name}-ipc{args.ipc}-lam{args.lambda_sim:g}"
+                                  f"-seed{args.seed}" + ("-quick" if args.quick else ""))
+    return argparse.Namespace(**{**vars(args), **cfg})
 
 
 def get_loops(ipc):
@@ -230,7 +203,7 @@ def train_network(net, optimizer, x, y, epochs, batch_size):
             optimizer.step()
 
 
-def outer_iteration(alpha, optimizer, real_by_class, glow_model, lambda_sim, ipc,
+def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, ipc,
                     batch_real, width, outer_loop, inner_loop, batch_size):
     """One outer iteration of DC with the simplification term: a fresh ConvNet; then
     `outer_loop` times: one Adam step on α minimising Eq. 7, and (except after the last)
@@ -272,8 +245,8 @@ def isolated_rng(device, seed):
         yield
 
 
-def evaluate(x_train, y_train, x_test, y_test, num_classes, num_eval, epochs, width, batch_size,
-             seed):
+def evaluate(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs, width,
+             batch_size, seed):
     """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
     (x_train, y_train) with SGD lr 0.01, momentum 0.9, wd 5e-4, lr ÷10 at half the
     epochs; returns their test accuracies on the real test set. As in DC's
@@ -315,18 +288,17 @@ def save_grid(images, class_names, ipc, path):
 
 
 def main(args):
-    cfg = get_config(args)
-    print(json.dumps(vars(args)))
-    resuming = nets.check_out(cfg.out, vars(args), args.resume,
-                              may_change=("iterations", "eval_at"))
-    nets.seed_everything(args.seed)
-    device = nets.resolve_device(args.device)
+    cfg = resolve_config(args)
+    print(vars(cfg), flush=True)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
+    nets.seed_everything(cfg.seed)
+    device = nets.resolve_device(cfg.device)
 
     # data: the real training set grouped by class, on the device
-    train_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=True),
-                                cfg.train_size, args.seed)
-    test_set = datasets.subset(datasets.load_dataset(args.dataset, args.data_root, train=False),
-                               cfg.test_size, args.seed)
+    train_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=True),
+                                cfg.train_size, cfg.seed)
+    test_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=False),
+                               cfg.test_size, cfg.seed)
     info = train_set.info
     x_train, y_train = datasets.to_tensors(train_set)
     x_test, y_test = (t.to(device) for t in datasets.to_tensors(test_set))
@@ -336,11 +308,11 @@ def main(args):
         raise nets.RunError(f"class {empty[0]} has no training images; raise --train-size.")
 
     # models: the frozen Glow that scores bpd, and the synthetic images X = sigmoid(α)
-    made_from = dict(dataset=info.name, train_size=len(train_set), seed=args.seed)
-    glow_model = glow.get_glow(args.glow, args.quick, train_set,
+    made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
+    glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     nets.write_json(cfg.out / "args.json", vars(args))  # after the expected failures
-    C, ipc = info.num_classes, args.ipc
+    C, ipc = info.num_classes, cfg.ipc
     alpha = (0.2 * torch.randn(C * ipc, 3, 32, 32)).to(device).requires_grad_()  # grey ≈ 0.5
     labels = torch.arange(C, device=device).repeat_interleave(ipc)  # class-major
     # optimizer of the images (authors: Adam lr 0.1, betas (0.5, 0.99), eps 1e-6)
@@ -385,13 +357,14 @@ def main(args):
         nets.atomic_save(state, ckpt_path)
 
     def evaluate_images(x, y):
-        return evaluate(x, y, x_test, y_test, info.num_classes, cfg.num_eval, cfg.eval_epochs,
-                        cfg.width, args.batch_size, args.seed)
+        return evaluate(x, y, x_test, y_test, num_classes=info.num_classes,
+                        num_eval=cfg.num_eval, epochs=cfg.eval_epochs, width=cfg.width,
+                        batch_size=cfg.batch_size, seed=cfg.seed)
 
     # loop: condense, evaluating with fresh networks at cfg.eval_at
-    print(f"condensing {args.dataset} to {ipc} image(s) per class: {cfg.iterations} "
+    print(f"condensing {cfg.dataset} to {ipc} image(s) per class: {cfg.iterations} "
           f"iterations, loops (outer, inner) = ({cfg.outer_loop}, {cfg.inner_loop}), "
-          f"λ = {args.lambda_sim:g}, {len(x_train)} real images, device {device}")
+          f"λ = {cfg.lambda_sim:g}, {len(x_train)} real images, device {device}")
     progress = nets.Progress(cfg.iterations - start, "condense")
     accs = []
     for it in range(start, cfg.iterations + 1):
@@ -399,7 +372,7 @@ def main(args):
             x_syn = synthetic_images(alpha).detach()
             accs = evaluate_images(x_syn, labels)
             acc, std = mean_std(accs)
-            bpd = mean_bpd(glow_model, x_syn, args.seed)
+            bpd = mean_bpd(glow_model, x_syn, cfg.seed)
             print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
                   f"({cfg.num_eval} nets), bpd {bpd:.3f}")
             log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "bpd": bpd})
@@ -407,9 +380,10 @@ def main(args):
         if it == cfg.iterations:
             break
         t0 = time.time()
-        metrics = outer_iteration(alpha, optimizer, real_by_class, glow_model, args.lambda_sim,
-                                  ipc, cfg.batch_real, cfg.width, cfg.outer_loop,
-                                  cfg.inner_loop, args.batch_size)
+        metrics = outer_iteration(alpha, optimizer, real_by_class, glow_model,
+                                  lambda_sim=cfg.lambda_sim, ipc=ipc, batch_real=cfg.batch_real,
+                                  width=cfg.width, outer_loop=cfg.outer_loop,
+                                  inner_loop=cfg.inner_loop, batch_size=cfg.batch_size)
         log({"iteration": it + 1, **metrics, "seconds": time.time() - t0})
         progress.update(1, **{k: v for k, v in metrics.items() if v is not None})
         if (it + 1) % 10 == 0:
@@ -418,7 +392,7 @@ def main(args):
     save_checkpoint(cfg.iterations)  # with the last evaluation: a longer rerun keeps its row
 
     # final evaluation: the same number of random real images per class, same protocol
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     x_random = torch.cat([x[torch.randperm(len(x), generator=gen)[:ipc].to(device)]
                           for x in real_by_class])  # (≤ C·ipc, 3, 32, 32), class-major
     y_random = torch.cat([torch.full((min(ipc, len(x)),), c, device=device)
@@ -431,13 +405,13 @@ def main(args):
     acc, std = mean_std(accs)
     random_acc, random_std = mean_std(random_accs)
     results = {
-        "ipc": ipc, "lambda_sim": args.lambda_sim, "iterations": cfg.iterations,
+        "ipc": ipc, "lambda_sim": cfg.lambda_sim, "iterations": cfg.iterations,
         "test_acc_mean": acc, "test_acc_std": std, "test_accs": accs,
         "random_real_acc_mean": random_acc, "random_real_acc_std": random_std,
         "random_real_accs": random_accs,
-        "bpd_synthetic": mean_bpd(glow_model, x_syn, args.seed),
-        "bpd_random_real": mean_bpd(glow_model, x_random, args.seed),
-        "bpd_real": mean_bpd(glow_model, real_sample, args.seed),
+        "bpd_synthetic": mean_bpd(glow_model, x_syn, cfg.seed),
+        "bpd_random_real": mean_bpd(glow_model, x_random, cfg.seed),
+        "bpd_real": mean_bpd(glow_model, real_sample, cfg.seed),
     }
     nets.atomic_save({"images": x_syn.cpu(), "labels": labels.cpu(),
                       "class_names": info.class_names}, cfg.out / "synthetic.pt")

@@ -140,8 +140,10 @@ def bench_condense(device, full=False, repeats=2):
             opt = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
 
             def iteration():
-                condense.outer_iteration(alpha, opt, real, g, lambda_sim, ipc, batch_real, width,
-                                         outer_loop, inner_loop, 256)
+                condense.outer_iteration(alpha, opt, real, g, lambda_sim=lambda_sim, ipc=ipc,
+                                         batch_real=batch_real, width=width,
+                                         outer_loop=outer_loop, inner_loop=inner_loop,
+                                         batch_size=256)
 
             results[ipc, lambda_sim] = timed(iteration, device, repeats, warmup=1)
         plain, simple = results[ipc, 0.0], results[ipc, 1.0]

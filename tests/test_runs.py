@@ -119,8 +119,8 @@ def test_default_out_names_every_result_changing_setting():
         ["--dataset", "shapes", "--simplifier", "blur", "--blur-sigma", "1.5"]))
     assert len({a.out, b.out, q.out}) == 3 and "seed1" in a.out and "lam2" in a.out
     assert "sigma1.5" in blur.out
-    c1 = condense.get_config(condense.get_args(["--seed", "1", "--ipc", "1", "--lambda-sim", "3"]))
-    c2 = condense.get_config(condense.get_args(["--seed", "2", "--ipc", "1", "--lambda-sim", "3"]))
+    c1 = condense.resolve_config(condense.get_args(["--seed", "1", "--ipc", "1", "--lambda-sim", "3"]))
+    c2 = condense.resolve_config(condense.get_args(["--seed", "2", "--ipc", "1", "--lambda-sim", "3"]))
     assert c1.out != c2.out and "ipc1" in str(c1.out) and "lam3" in str(c1.out)
     p1 = posthoc.resolve_config(posthoc.get_args(["--seed", "1"]))
     p2 = posthoc.resolve_config(posthoc.get_args(["--seed", "2"]))
