@@ -409,7 +409,8 @@ def main(args):
     kinds = ("original", "start", "simplified")
     tiles = torch.stack([x.cpu(), start_point["x_sim"].cpu(), result["x_sim"].cpu()], dim=1)
     tiles = F.interpolate(tiles.flatten(0, 1), scale_factor=5, mode="nearest")  # (3B, 3, 160, 160)
-    captions = [f"{kind[:5]} {names[im['pred_' + kind]]} {im['bpd_' + kind]:.2f}bpd"
+    short = dict(original="orig", start="start", simplified="simple")
+    captions = [f"{short[kind]} {names[im['pred_' + kind]]} {im['bpd_' + kind]:.2f}bpd"
                 for im in images for kind in kinds]
     datasets.save_image_grid(tiles, cfg.out / "simplified.png", nrow=6 if len(images) > 1 else 3,
                              captions=captions)
