@@ -295,10 +295,8 @@ def main(args):
     device = nets.resolve_device(cfg.device)
 
     # data: the real training set grouped by class, on the device
-    train_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=True),
-                                cfg.train_size, cfg.seed)
-    test_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=False),
-                               cfg.test_size, cfg.seed)
+    train_set, test_set = datasets.load_splits(cfg.dataset, cfg.data_root, cfg.train_size,
+                                               cfg.test_size, cfg.seed)
     info = train_set.info
     x_train, y_train = datasets.to_tensors(train_set)
     x_test, y_test = (t.to(device) for t in datasets.to_tensors(test_set))

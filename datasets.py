@@ -328,6 +328,13 @@ def load_dataset(name, root="data", train=True, download=True):
                        f"or the path of an ImageFolder directory.")
 
 
+def load_splits(name, root, train_size, test_size, seed):
+    """The training and test split of `name`, each a fixed random subset of the given size
+    (None: all), the same for the same seed: what every mode script starts from."""
+    return (subset(load_dataset(name, root, train=True), train_size, seed),
+            subset(load_dataset(name, root, train=False), test_size, seed))
+
+
 def subset(dataset, n, seed):
     """A fixed random subset of n items (the same for the same seed), keeping `.info`."""
     if n is None or n >= len(dataset):

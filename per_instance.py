@@ -508,10 +508,8 @@ def main(args):
 
     # data: training items are read per epoch (composites re-draw their distractors);
     # the test set is fixed and held in memory
-    train_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=True),
-                                cfg.train_size, cfg.seed)
-    test_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=False),
-                               cfg.test_size, cfg.seed)
+    train_set, test_set = datasets.load_splits(cfg.dataset, cfg.data_root, cfg.train_size,
+                                               cfg.test_size, cfg.seed)
     info, (test_x, test_y) = train_set.info, datasets.to_tensors(test_set)
     flip = info.name in ("cifar10", "cifar100")  # authors: flips for CIFAR only
     if len(train_set) < cfg.batch_size:

@@ -305,10 +305,8 @@ def main(args):
     start = time.time()
 
     # data: training images (for f and the quick Glow) and the test images to explain
-    train_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=True),
-                                cfg.train_size, cfg.seed)
-    test_set = datasets.subset(datasets.load_dataset(cfg.dataset, cfg.data_root, train=False),
-                               cfg.test_size, cfg.seed)
+    train_set, test_set = datasets.load_splits(cfg.dataset, cfg.data_root, cfg.train_size,
+                                               cfg.test_size, cfg.seed)
     info = train_set.info
     if cfg.indices is not None and max(cfg.indices) >= len(test_set):
         raise nets.RunError(f"--indices {max(cfg.indices)} is outside the test set of "
