@@ -277,3 +277,24 @@ def test_one_class_and_non_square_folders_warn(tmp_path):
     messages = " ".join(str(w.message) for w in record)
     assert "1 class sub-folder" in messages and "not square" in messages
     assert data[0][0].shape == (3, 32, 32)  # resized, grayscale repeated
+
+
+def test_glow_train_resume_refuses_other_settings_and_warns_about_long_warmup(tmp_path, capsys):
+    out = tmp_path / "g.pt"
+    tiny = ["train", "--dataset", "shapes", "--levels", "1", "--flow-steps", "1", "--hidden", "4",
+            "--train-size", "64", "--test-size", "16", "--batch-size", "16", "--device", "cpu",
+            "--out", str(out)]
+    # an unfinished run: its checkpoint keeps the optimizer and the flags it was started with
+    started = vars(glow.get_args(tiny + ["--epochs", "3"]))
+    glow.save_glow(glow.Glow(levels=1, steps=1, hidden=4), out, settings=started, optimizer={},
+                   epoch=1, step=4)
+    with pytest.raises(glow.GlowCheckpointError, match="other settings.*--dataset 'shapes'"):
+        glow.main(glow.get_args(tiny[:2] + ["mnist"] + tiny[3:] + ["--epochs", "3", "--resume"]))
+    with pytest.raises(glow.GlowCheckpointError, match="other settings.*--hidden 4"):
+        glow.main(glow.get_args(tiny + ["--epochs", "3", "--hidden", "8", "--resume"]))
+    # 4 steps per epoch, 1 epoch: the default warm-up is a tenth of the run, at least 1 step
+    glow.main(glow.get_args(tiny[:-1] + [str(tmp_path / "a.pt"), "--epochs", "1"]))
+    assert "linear warm-up over 1 of 4 steps" in capsys.readouterr().out
+    glow.main(glow.get_args(tiny[:-1] + [str(tmp_path / "b.pt"), "--epochs", "1",
+                                         "--warmup-steps", "100"]))
+    assert "warm-up (100 steps) is longer than the run (4 steps)" in capsys.readouterr().out
