@@ -7,11 +7,10 @@ is added to the matching loss with weight λ. The condensed set is evaluated the
 fresh ConvNets are trained on it and tested on the real test set (mean ± std), next to
 the same number of randomly chosen real images per class.
 
-    # CPU quick start (~2-3 min, pretrains a tiny Glow on the fly), then the same without
-    # the simplification term (λ = 0, plain DC) scored by the same Glow
+    # CPU quick start (~3-4 min, pretrains a tiny Glow on the fly), then the same without
+    # the simplification term (λ = 0, plain DC), scored by the same cached quick Glow
     python condense.py --dataset shapes --quick
-    python condense.py --dataset shapes --quick --lambda-sim 0 \
-        --glow runs/condense-shapes-ipc10-lam50/glow-quick.pt
+    python condense.py --dataset shapes --quick --lambda-sim 0
     # the paper's setting on a GPU (Fig. 6): CIFAR-10, 1 image per class, λ sweep
     python condense.py --dataset cifar10 --ipc 1 --lambda-sim 20 --glow glow-cifar10.pt
 """

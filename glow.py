@@ -13,6 +13,7 @@ checkpoint can be converted and used for scoring; "y0ast" below names that repos
     python glow.py train --dataset cifar10,cifar100,svhn --out glow-general.pt
 """
 import argparse
+import copy
 import math
 import os
 import re
@@ -45,9 +46,8 @@ def gaussian_log_p(x, mean, logs):
 
 
 # ----------------------------------------------------------------------------------------
-# Layers. Each flow layer maps x -> (y, logdet) and has an exact reverse(y).
-# "fuse()" precomputes folded weights for a frozen model (see freeze()); the fused
-# buffers are non-persistent, so they never enter a checkpoint but follow .to(device).
+# Layers. Each flow layer maps x -> (y, logdet) and has an exact reverse(y). The layers
+# compute the Glow maths as written; freeze() below makes a folded copy for scoring.
 # ----------------------------------------------------------------------------------------
 
 
@@ -140,28 +140,17 @@ class InvConv1x1(nn.Module):
         return F.conv2d(y, w_inv.view(*w_inv.shape, 1, 1))
 
 
-class FusedConv(nn.Module):
-    """Base for convolutions followed by a per-channel affine map that folds into them."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("fused_weight", None, persistent=False)
-        self.register_buffer("fused_bias", None, persistent=False)
-
-    def fuse(self):
-        weight, bias = self.folded()
-        self.fused_weight, self.fused_bias = weight.detach(), bias.detach()
-
-    def unfuse(self):
-        self.fused_weight = self.fused_bias = None
-
-    def forward(self, x):
-        if self.fused_weight is not None:
-            return F.conv2d(x, self.fused_weight, self.fused_bias, padding=self.conv.padding)
-        return self.unfused(x)
+def folded_conv(conv, weight, bias):
+    """A plain nn.Conv2d shaped like `conv`, holding the given (folded) weight and bias."""
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    out = out.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        out.bias.copy_(bias)
+    return out
 
 
-class ConvActNorm(FusedConv):
+class ConvActNorm(nn.Module):
     """Conv without bias, then ActNorm whose log-det is discarded (coupling NN, y0ast `Conv2d`)."""
 
     def __init__(self, in_channels, out_channels, kernel_size):
@@ -171,15 +160,16 @@ class ConvActNorm(FusedConv):
         nn.init.normal_(self.conv.weight, std=0.05)  # y0ast's init
         self.actnorm = ActNorm(out_channels)
 
-    def unfused(self, x):
+    def forward(self, x):
         return self.actnorm(self.conv(x))[0]
 
-    def folded(self):  # (Wx + b)·e^s = (e^s·W)x + b·e^s
+    def folded(self):  # (Wx + b)·e^s = (e^s·W)x + b·e^s: one convolution (see freeze)
         scale = torch.exp(self.actnorm.logs).view(-1)
-        return self.conv.weight * scale.view(-1, 1, 1, 1), self.actnorm.bias.view(-1) * scale
+        return folded_conv(self.conv, self.conv.weight * scale.view(-1, 1, 1, 1),
+                           self.actnorm.bias.view(-1) * scale)
 
 
-class ZeroConv(FusedConv):
+class ZeroConv(nn.Module):
     """y0ast's Conv2dZeros: (conv(x) + bias)·exp(3·logs), all zero at init (Glow Sec. 3.3).
 
     Zero init makes every coupling start as a pure scaling by sigmoid(2) and every prior
@@ -193,12 +183,45 @@ class ZeroConv(FusedConv):
         nn.init.zeros_(self.conv.bias)
         self.logs = nn.Parameter(torch.zeros(out_channels, 1, 1))
 
-    def unfused(self, x):
+    def forward(self, x):
         return self.conv(x) * torch.exp(self.logs * LOGSCALE_FACTOR)
 
-    def folded(self):
+    def folded(self):  # the gain folds into the convolution (see freeze)
         gain = torch.exp(self.logs * LOGSCALE_FACTOR).view(-1)
-        return self.conv.weight * gain.view(-1, 1, 1, 1), self.conv.bias * gain
+        return folded_conv(self.conv, self.conv.weight * gain.view(-1, 1, 1, 1),
+                           self.conv.bias * gain)
+
+
+class FoldedMix(nn.Module):
+    """ActNorm followed by the invertible 1×1 conv as ONE 1×1 conv with bias, for scoring
+    (see freeze): y = W·diag(e^s)·(x + b), log-det per pixel Σ s + log|det W|; exact reverse."""
+
+    def __init__(self, actnorm, invconv):
+        super().__init__()
+        dtype = actnorm.logs.dtype
+        with torch.no_grad():
+            mix = invconv.weight_matrix().double() * torch.exp(actnorm.logs.view(-1)).double()
+            self.register_buffer("weight", mix.to(dtype)[:, :, None, None])  # W·diag(e^s)
+            self.register_buffer("bias", (mix @ actnorm.bias.view(-1).double()).to(dtype))
+            self.register_buffer("inverse", torch.linalg.inv(mix).to(dtype)[:, :, None, None])
+            self.register_buffer("shift", actnorm.bias.detach().clone())  # (1, C, 1, 1)
+            self.register_buffer("logdet", actnorm.logs.sum() + invconv.logdet_per_pixel())
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias), x.shape[2] * x.shape[3] * self.logdet
+
+    def reverse(self, y):
+        return F.conv2d(y, self.inverse) - self.shift
+
+
+class IdentityFlow(nn.Module):
+    """A flow layer that does nothing (log-det 0): stands in for a layer folded elsewhere."""
+
+    def forward(self, x):
+        return x, 0.0
+
+    def reverse(self, y):
+        return y
 
 
 class FlowStep(nn.Module):
@@ -219,26 +242,6 @@ class FlowStep(nn.Module):
         self.block = nn.Sequential(ConvActNorm(channels // 2, hidden, 3), nn.ReLU(),
                                    ConvActNorm(hidden, hidden, 1), nn.ReLU(),
                                    ZeroConv(hidden, out))
-        # frozen mode: ActNorm and the 1×1 conv fold into one 1×1 conv with bias
-        for name in ("mix_weight", "mix_bias", "unmix_weight", "unmix_bias", "mix_logdet"):
-            self.register_buffer(name, None, persistent=False)
-
-    def fuse(self):
-        dtype = self.actnorm.logs.dtype
-        with torch.no_grad():
-            w = self.invconv.weight_matrix().double()  # (C, C)
-            scale = torch.exp(self.actnorm.logs.view(-1)).double()
-            bias = self.actnorm.bias.view(-1).double()
-            mix = w * scale[None, :]  # W·diag(e^s)
-            self.mix_weight = mix.to(dtype)[:, :, None, None]
-            self.mix_bias = (mix @ bias).to(dtype)  # W·diag(e^s)·b
-            self.unmix_weight = torch.linalg.inv(mix).to(dtype)[:, :, None, None]
-            self.unmix_bias = -self.actnorm.bias.view(-1).detach().clone()
-            self.mix_logdet = (self.actnorm.logs.sum() + self.invconv.logdet_per_pixel()).detach()
-
-    def unfuse(self):
-        self.mix_weight = self.mix_bias = self.unmix_weight = None
-        self.unmix_bias = self.mix_logdet = None
 
     def coupling_params(self, x_a):
         h = self.block(x_a)
@@ -247,13 +250,9 @@ class FlowStep(nn.Module):
         return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
 
     def forward(self, x):
-        if self.mix_weight is not None:
-            x = F.conv2d(x, self.mix_weight, self.mix_bias)
-            logdet = x.shape[2] * x.shape[3] * self.mix_logdet
-        else:
-            x, logdet_actnorm = self.actnorm(x)
-            x, logdet_conv = self.invconv(x)
-            logdet = logdet_actnorm + logdet_conv
+        x, logdet_actnorm = self.actnorm(x)
+        x, logdet_conv = self.invconv(x)
+        logdet = logdet_actnorm + logdet_conv
         x_a, x_b = x.chunk(2, dim=1)
         shift, scale = self.coupling_params(x_a)
         if scale is None:  # additive coupling: volume preserving
@@ -266,8 +265,6 @@ class FlowStep(nn.Module):
         shift, scale = self.coupling_params(y_a)
         x_b = y_b - shift if scale is None else y_b / scale - shift  # divide, then subtract
         x = torch.cat([y_a, x_b], dim=1)
-        if self.unmix_weight is not None:
-            return F.conv2d(x, self.unmix_weight) + self.unmix_bias.view(1, -1, 1, 1)
         return self.actnorm.reverse(self.invconv.reverse(x))
 
 
@@ -394,24 +391,22 @@ class Glow(nn.Module):
                                                                  device=mean.device)
         return self.reverse([None] * (self.config["levels"] - 1) + [top], temperature)
 
-    def train(self, mode=True):
-        if mode:  # fused weights are only valid for frozen parameters
-            for module in self.modules():
-                if hasattr(module, "unfuse"):
-                    module.unfuse()
-        return super().train(mode)
-
-
 def freeze(glow):
-    """Frozen scoring mode: eval, no parameter gradients (gradients still flow to
-    the input), and every per-channel affine folded into its convolution, so one flow step
-    is four convolutions. Call again after changing the parameters."""
-    glow.eval()
-    glow.requires_grad_(False)
-    for module in glow.modules():
-        if hasattr(module, "fuse"):
-            module.fuse()
-    return glow
+    """A frozen copy of `glow` (or of one of its layers) for scoring: eval mode, no parameter
+    gradients (gradients still flow to the input), and every per-channel affine folded into
+    its convolution, so one flow step is four convolutions: ActNorm and the 1×1 conv become
+    one FoldedMix, each ConvActNorm / ZeroConv one nn.Conv2d. The same numbers; on a CPU
+    forward + backward at batch 32 is 14-41% faster (README, Speed). Train and save the
+    original: the copy is for scoring only."""
+    frozen = copy.deepcopy(glow).eval()
+    for module in list(frozen.modules()):
+        if isinstance(module, FlowStep):
+            module.actnorm, module.invconv = FoldedMix(module.actnorm, module.invconv), IdentityFlow()
+        for name, child in list(module.named_children()):
+            if isinstance(child, (ConvActNorm, ZeroConv)):
+                setattr(module, name, child.folded())
+    frozen.folded = True  # save_glow refuses it
+    return frozen.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,6 +482,8 @@ HOW_TO_GET_A_GLOW = (
 
 def save_glow(glow, path, **extra):
     """Write {"kind": "glow", "config", "state_dict", **extra} atomically."""
+    if getattr(glow, "folded", False):
+        raise ValueError("save the Glow itself, not the scoring copy that freeze() made")
     nets.atomic_save({"kind": "glow", "config": glow.config, "state_dict": glow.state_dict(),
                       **extra}, path)
 

@@ -55,7 +55,7 @@ def bench_glow(device, full=False, batch=32, repeats=5):
             model(glow.to_glow_range(x))  # ActNorm data init
         for frozen in (False, True):
             if frozen:
-                glow.freeze(model)
+                model = glow.freeze(model)
             else:
                 model.eval().requires_grad_(False)
 

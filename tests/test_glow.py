@@ -100,13 +100,18 @@ def test_whole_model_round_trip_and_frozen_fusion(kw):
     with torch.no_grad():
         log_p, latents = model(glow.to_glow_range(x))
         assert (glow.decode(model, latents) - x).abs().max() < 1e-5
-        glow.freeze(model)
-        log_p_fused, latents_fused = model(glow.to_glow_range(x))
+        frozen = glow.freeze(model)
+        log_p_fused, latents_fused = frozen(glow.to_glow_range(x))
         assert torch.allclose(log_p_fused, log_p, rtol=1e-5, atol=1e-3)
-        assert (glow.decode(model, latents_fused) - x).abs().max() < 1e-5
-    assert not any(p.requires_grad for p in model.parameters())
-    model.train()  # unfreezing drops the folded weights
-    assert all(m.mix_weight is None for m in model.modules() if isinstance(m, glow.FlowStep))
+        assert (glow.decode(frozen, latents_fused) - x).abs().max() < 1e-5
+    assert not any(p.requires_grad for p in frozen.parameters())
+    # the scoring copy is folded (one conv per ActNorm + 1×1 conv); the model is untouched
+    assert all(isinstance(m.actnorm, glow.FoldedMix) for m in frozen.modules()
+               if isinstance(m, glow.FlowStep))
+    assert not any(isinstance(m, (glow.ConvActNorm, glow.ZeroConv)) for m in frozen.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError):
+        glow.save_glow(frozen, "never-written.pt")
 
 
 def test_bpd_of_zero_input_at_init_matches_hand_computation():
@@ -201,7 +206,7 @@ def test_flow_step_written_out():
     logdet = 9 * (p["actnorm.logs"].sum() + p["invconv.log_s"].sum()) + torch.log(sigma).sum((1, 2, 3))
     for mode in ("unfused", "frozen"):
         if mode == "frozen":
-            glow.freeze(step)
+            step = glow.freeze(step)
         with torch.no_grad():
             y, ld = step(x)
         torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-10)
@@ -265,12 +270,12 @@ def test_dequantisation_noise_is_uniform_over_one_bin():
 
 
 def test_save_load_round_trip_and_clean_errors(tmp_path):
-    model = glow.freeze(tiny_glow(torch.float32))
+    model = tiny_glow(torch.float32)
     path = str(tmp_path / "glow.pt")
     glow.save_glow(model, path)
-    loaded = glow.load_glow(path)
+    loaded, frozen = glow.load_glow(path), glow.freeze(model)  # both folded for scoring
     x = torch.rand(4, 3, 8, 8)
-    assert torch.equal(glow.bits_per_dim(model, x, noise=False), glow.bits_per_dim(loaded, x, noise=False))
+    assert torch.equal(glow.bits_per_dim(frozen, x, noise=False), glow.bits_per_dim(loaded, x, noise=False))
     with pytest.raises(glow.GlowCheckpointError, match="does not exist"):
         glow.load_glow(str(tmp_path / "missing.pt"))
     torch.save({"kind": "NFWideResNet", "config": {}, "state_dict": {}}, tmp_path / "clf.pt")

@@ -23,13 +23,14 @@ import posthoc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_glow(dtype=torch.float32):
-    """A 3-level Glow with one tiny flow step per level, ActNorm initialised on random data."""
+def tiny_glow(dtype=torch.float32, frozen=True):
+    """A 3-level Glow with one tiny flow step per level, ActNorm initialised on random data;
+    frozen for scoring, or as it is (to perturb or save it)."""
     torch.manual_seed(0)
     g = glow.Glow(levels=3, steps=1, hidden=8).to(dtype)
     with torch.no_grad():
         g(glow.to_glow_range(torch.rand(16, 3, 32, 32, dtype=dtype)))  # data-dependent ActNorm init
-    return glow.freeze(g)
+    return glow.freeze(g) if frozen else g
 
 
 def tiny_classifier(dtype=torch.float32, num_classes=3):
@@ -185,7 +186,7 @@ def float64_problem():
         g(glow.to_glow_range(torch.rand(16, 3, 32, 32, dtype=torch.float64)))  # ActNorm init
         for p in g.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    glow.freeze(g)
+    g = glow.freeze(g)
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         h, z_orig = model(x), glow.encode(g, x)
@@ -368,12 +369,12 @@ def test_flag_defaults_follow_the_authors():
 def test_main_optimises_z_sim_with_adam_lr_1e_2(tmp_path):
     """main: z_sim takes Adam steps of lr 1e-2 (S4) from its start point, the priors' mode:
     after one step every latent entry has moved by 1e-2·g/(|g| + 1e-8), g its gradient."""
-    g = tiny_glow()
+    g = tiny_glow(frozen=False)
     torch.manual_seed(16)
     with torch.no_grad():
         for p in g.parameters():
             p.add_(0.05 * torch.randn_like(p))  # learned priors whose mode is not z = 0
-    glow.save_glow(glow.freeze(g), tmp_path / "glow.pt")
+    glow.save_glow(g, tmp_path / "glow.pt")
     model = nets.NFWideResNet(5, depth=10, widen=1)  # shapes has 5 classes
     nets.save_model(model, tmp_path / "f.pt", dataset="shapes")
     posthoc.main(posthoc.get_args(["--dataset", "shapes", "--glow", str(tmp_path / "glow.pt"),
@@ -407,7 +408,7 @@ def test_same_seed_same_steps():
 def test_main_smoke_and_classifier_reuse(tmp_path):
     """Tiny end-to-end run on shapes: trains a classifier, simplifies 2 images, writes the
     outputs; a second run loads that classifier with --classifier."""
-    g = tiny_glow()
+    g = tiny_glow(frozen=False)
     glow_path = str(tmp_path / "glow.pt")
     glow.save_glow(g, glow_path)
     common = ["--dataset", "shapes", "--glow", glow_path, "--device", "cpu", "--train-size", "64",
