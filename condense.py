@@ -424,13 +424,15 @@ def main(args):
 
 
 if __name__ == "__main__":
+    args = get_args()
     try:
-        main(get_args())
+        main(args)
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
-            nets.RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            nets.RunError) as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command with --resume to continue from the last "
-              "checkpoint (every 10 iterations).", file=sys.stderr)
+        print(f"interrupted: the same command with --resume continues the run in "
+              f"{resolve_config(args).out} from its last checkpoint (every 10 iterations).",
+              file=sys.stderr)
         sys.exit(130)

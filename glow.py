@@ -41,7 +41,8 @@ class GlowCheckpointError(Exception):
 
 
 def gaussian_log_p(x, mean, logs):
-    """Elementwise log N(x; mean, exp(logs)²), logs = log standard deviation (y0ast `gaussian_log_p`)."""
+    """Elementwise log N(x; mean, exp(logs)²), logs = log standard deviation (y0ast
+    `gaussian_log_p`)."""
     return -0.5 * (2.0 * logs + (x - mean) ** 2 / torch.exp(2.0 * logs) + math.log(2 * math.pi))
 
 
@@ -54,9 +55,10 @@ def gaussian_log_p(x, mean, logs):
 class ActNorm(nn.Module):
     """y = (x + bias)·exp(logs) per channel; log-det H·W·Σ logs (Glow Sec. 3.1).
 
-    Data-dependent init (Glow Sec. 3.1, y0ast `ActNorm2d`): the first forward in training mode sets bias = −mean and
-    logs = −log(std + 1e-6) from that batch. "initialized" is a buffer, so a loaded model
-    never re-initialises itself (a python attribute would be lost on loading).
+    Data-dependent init (Glow Sec. 3.1, y0ast `ActNorm2d`): the first forward in training
+    mode sets bias = −mean and logs = −log(std + 1e-6) from that batch. "initialized" is a
+    buffer, so a loaded model never re-initialises itself (a python attribute would be lost
+    on loading).
     """
 
     def __init__(self, channels):
@@ -228,7 +230,8 @@ class FlowStep(nn.Module):
     """ActNorm → invertible 1×1 conv → affine (or additive) coupling (Glow Fig. 2a).
 
     Coupling: the first channel half x_a conditions, the second half x_b is transformed.
-    h = NN(x_a); shift = h[:, 0::2], raw = h[:, 1::2] (even/odd channels, as y0ast `split_feature(h, "cross")`);
+    h = NN(x_a); shift = h[:, 0::2], raw = h[:, 1::2] (even/odd channels, as y0ast's
+    `split_feature(h, "cross")`);
     σ = sigmoid(raw + 2): the +2 makes σ ≈ 0.88 at init, i.e. close to the identity while
     keeping σ in (0, 1) so the flow cannot blow up; y_b = (x_b + shift)·σ; log-det Σ log σ.
     """
@@ -401,7 +404,8 @@ def freeze(glow):
     frozen = copy.deepcopy(glow).eval()
     for module in list(frozen.modules()):
         if isinstance(module, FlowStep):
-            module.actnorm, module.invconv = FoldedMix(module.actnorm, module.invconv), IdentityFlow()
+            module.actnorm = FoldedMix(module.actnorm, module.invconv)
+            module.invconv = IdentityFlow()
         for name, child in list(module.named_children()):
             if isinstance(child, (ConvActNorm, ZeroConv)):
                 setattr(module, name, child.folded())

@@ -262,6 +262,7 @@ def test_ctrl_c_prints_one_line_that_says_how_to_resume(tmp_path, tiny_glow_path
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err.strip().splitlines() == [err.strip()] and "--resume" in err
+    assert str(tmp_path / "r") in err  # where the run can be resumed from
     assert "Traceback" not in err
 
 
