@@ -271,6 +271,24 @@ def train_classifier(train_set, cfg, device, log):
     return model.eval()
 
 
+def load_classifier(cfg, info, device, resuming):
+    """f from --classifier, or the one this run trained before it was interrupted (--resume),
+    with the metrics rows of that training; (None, []) when f is still to be trained."""
+    own = cfg.out / "classifier.pt"
+    if not (cfg.classifier or (resuming and own.exists())):
+        return None, []
+    path = Path(cfg.classifier) if cfg.classifier else own
+    model = nets.load_model(path, kind=("NFWideResNet", "ConvNet"), map_location=device,
+                            expect=dict(dataset=info.name))
+    if model.config["num_classes"] != info.num_classes:
+        raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes "
+                                   f"but {cfg.dataset} has {info.num_classes}; give one trained on it.")
+    history = [] if cfg.classifier else \
+        torch.load(own, map_location="cpu", weights_only=True).get("history", [])
+    print(f"classifier f: loaded {path}")
+    return model, history
+
+
 def select_images(probs, labels, args):
     """Test-set indices to explain: --indices, or the first --num-images confidently
     (max softmax > --confidence) misclassified / correct ones, in dataset order (authors,
@@ -317,29 +335,18 @@ def main(args):
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     print(f"Glow ready ({time.time() - start:.0f} s)")
-    own_path = cfg.out / "classifier.pt"
-    classifier_path = Path(cfg.classifier) if cfg.classifier else own_path
-    history = []  # metrics.jsonl rows
-    if cfg.classifier or (resuming and own_path.exists()):
-        model = nets.load_model(classifier_path, kind=("NFWideResNet", "ConvNet"),
-                                map_location=device, expect=dict(dataset=info.name))
-        if not cfg.classifier:  # the rows of the training that made it
-            history = torch.load(own_path, map_location="cpu", weights_only=True).get("history", [])
-        print(f"classifier f: loaded {classifier_path}")
+    model, history = load_classifier(cfg, info, device, resuming)  # history: metrics rows
     nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
     nets.write_jsonl(cfg.out / "metrics.jsonl", history)
 
     def log(row):
         history.append(row)
         nets.append_jsonl(cfg.out / "metrics.jsonl", row)
-    if not (cfg.classifier or (resuming and own_path.exists())):
+    if model is None:
         print(f"== train the classifier f: NF-WRN-{cfg.depth}-{cfg.widen}, {cfg.train_epochs} epochs ==")
         model = train_classifier(train_set, cfg, device, log)
-        nets.save_model(model, own_path, dataset=info.name, history=list(history))
-        print(f"classifier f: saved {own_path} ({time.time() - start:.0f} s)")
-    if model.config["num_classes"] != info.num_classes:
-        raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes but "
-                                   f"{cfg.dataset} has {info.num_classes}; give one trained on it.")
+        nets.save_model(model, cfg.out / "classifier.pt", dataset=info.name, history=list(history))
+        print(f"classifier f: saved {cfg.out / 'classifier.pt'} ({time.time() - start:.0f} s)")
     model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
 
     # the images to explain (Fig. 8: confidently misclassified test images)

@@ -299,3 +299,14 @@ def test_glow_train_resume_refuses_other_settings_and_warns_about_long_warmup(tm
     glow.main(glow.get_args(tiny[:-1] + [str(tmp_path / "b.pt"), "--epochs", "1",
                                          "--warmup-steps", "100"]))
     assert "warm-up (100 steps) is longer than the run (4 steps)" in capsys.readouterr().out
+
+
+def test_posthoc_resume_reuses_its_classifier_and_rewrites_metrics(tmp_path, tiny_glow_path):
+    out = tmp_path / "p"
+    first = run(posthoc, posthoc_argv(out, tiny_glow_path))
+    classifier = (out / "classifier.pt").read_bytes()
+    again = run(posthoc, posthoc_argv(out, tiny_glow_path, "--resume"))
+    assert (out / "classifier.pt").read_bytes() == classifier  # loaded, not trained again
+    assert again["classifier_test_acc"] == first["classifier_test_acc"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["classifier", "simplify", "simplify"]  # no duplicates
