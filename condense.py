@@ -16,6 +16,7 @@ the same number of randomly chosen real images per class.
 """
 import argparse
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ FULL = dict(train_size=None, test_size=None, iterations=1000, batch_real=256, wi
             num_eval=5, eval_epochs=300, eval_at="0,500,1000", outer_loop=None, inner_loop=None)
 QUICK = dict(train_size=2000, test_size=1000, iterations=400, batch_real=64, width=32,
              num_eval=3, eval_epochs=100, eval_at="", outer_loop=1, inner_loop=1)
-RESUMABLE = ("iterations", "eval_at")  # --resume may condense longer and evaluate elsewhere
+# --resume may condense longer, evaluate elsewhere, and chunk the bpd term differently
+RESUMABLE = ("iterations", "eval_at", "bpd_chunk")
 
 
 def get_args(argv=None):
@@ -66,6 +68,10 @@ def get_args(argv=None):
                    help="batch size when training ConvNets on the synthetic set (DC's 256)")
     p.add_argument("--width", type=nets.positive_int, default=None,
                    help="ConvNet channels (default 128 as the DC ConvNet; quick 32)")
+    p.add_argument("--bpd-chunk", type=nets.positive_int, default=50,
+                   help="synthetic images per Glow forward/backward of the bpd term: bounds its "
+                        "memory (~44 MiB per image at the released Glow size) and gives the "
+                        "same gradient for any value (authors: 50)")
     # evaluation (DC protocol, Sec. 4)
     p.add_argument("--num-eval", type=nets.positive_int, default=None,
                    help="fresh ConvNets trained on the synthetic set per evaluation (default "
@@ -159,26 +165,53 @@ def sample_real(real_by_class, c, batch_real):
     return x[torch.randperm(len(x))[:batch_real].to(x.device)]
 
 
-def condensation_loss(net, x_syn, real_by_class, ipc, batch_real, glow_model, lambda_sim):
+def matching_loss(net, x_syn, real_by_class, ipc, batch_real):
+    """Σ_c D_c of Eq. 6-7: the gradient-matching distance of every class, each against a
+    fresh random batch of that class's real images. x_syn (N, 3, 32, 32) is class-major,
+    ipc images per class."""
+    return sum(class_match_loss(net, sample_real(real_by_class, c, batch_real),
+                                x_syn[c * ipc:(c + 1) * ipc], c)
+               for c in range(len(real_by_class)))
+
+
+def simplicity_grad(glow_model, alpha, bpd_chunk):
+    """Mean bpd of X_syn = synthetic_images(α) (Eq. 1) and its gradient w.r.t. α, computed
+    `bpd_chunk` images at a time, so that Glow's saved activations (~44 MiB per image at
+    the released size) stay bounded whatever the number of synthetic images; the authors
+    backpropagated chunks of 50. The dequantization noise is drawn once for the whole set,
+    so the result equals the one-graph computation (the same numbers, the same draws)."""
+    x_syn = synthetic_images(alpha.detach())
+    noise = torch.rand_like(x_syn) / glow.N_BINS  # u ~ U(0, 1/256), as bits_per_dim draws it
+    bpd, grad = alpha.new_zeros(()), torch.zeros_like(alpha)
+    for idx in torch.arange(len(alpha), device=alpha.device).split(bpd_chunk):
+        chunk = alpha.detach()[idx].requires_grad_()
+        part = glow.bits_per_dim(glow_model, synthetic_images(chunk), noise=noise[idx])
+        part = part.sum() / len(alpha)  # this chunk's share of the mean
+        grad[idx] = torch.autograd.grad(part, chunk)[0]
+        bpd = bpd + part.detach()
+    return bpd, grad
+
+
+def condensation_grad(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc, batch_real,
+                      bpd_chunk):
     """The condensation objective with simplification, Eq. 7 (our λ, see the README):
 
-        L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x)
+        L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x),  X_syn = quantize(σ(α))
 
-    Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits per dimension incl. the +8 of
-    the 256-bin term), what the authors optimise. x_syn (N, 3, 32, 32) is class-major,
-    ipc images per class, already quantized to 8 bit. Returns (L, Σ_c D_c, mean bpd or
-    None when λ = 0 or the bpd is not finite).
+    and its gradient w.r.t. α. Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits per
+    dimension incl. the +8 of the 256-bin term), what the authors optimise. A non-finite
+    bpd term is left out of L and of the gradient (authors' code), selected on the device
+    without a host sync. Returns (∂L/∂α, L, Σ_c D_c, mean bpd; NaN when λ = 0 or left out).
     """
-    match = sum(class_match_loss(net, sample_real(real_by_class, c, batch_real),
-                                 x_syn[c * ipc:(c + 1) * ipc], c)
-                for c in range(len(real_by_class)))
-    if lambda_sim == 0:
-        return match, match, None  # plain DC: Glow is not needed
-    # bits_per_dim adds the U(0, 1/256) dequantization noise; gradients flow to x_syn
-    bpd = glow.bits_per_dim(glow_model, x_syn).mean()
-    if not torch.isfinite(bpd):
-        return match, match, None  # a non-finite bpd term is skipped (authors' code)
-    return match + lambda_sim * bpd, match, bpd
+    match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real)
+    grad = torch.autograd.grad(match, alpha)[0]
+    if lambda_sim == 0:  # plain DC: Glow is not needed
+        return grad, match.detach(), match.detach(), match.new_tensor(math.nan)
+    bpd, bpd_grad = simplicity_grad(glow_model, alpha, bpd_chunk)
+    use = torch.isfinite(bpd)  # a 0-dim bool on the device
+    grad = grad + torch.where(use, lambda_sim * bpd_grad, 0.0)
+    loss = match.detach() + torch.where(use, lambda_sim * bpd, 0.0)
+    return grad, loss, match.detach(), torch.where(use, bpd, math.nan)
 
 
 def synthetic_images(alpha):
@@ -203,28 +236,30 @@ def train_network(net, optimizer, x, y, epochs, batch_size):
 
 
 def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, ipc,
-                    batch_real, width, outer_loop, inner_loop, batch_size):
+                    batch_real, width, outer_loop, inner_loop, batch_size, bpd_chunk):
     """One outer iteration of DC with the simplification term: a fresh ConvNet; then
     `outer_loop` times: one Adam step on α minimising Eq. 7, and (except after the last)
-    `inner_loop` epochs of SGD (lr 0.01, momentum 0.5) of the net on the synthetic set."""
+    `inner_loop` epochs of SGD (lr 0.01, momentum 0.5) of the net on the synthetic set.
+    Returns the last step's loss, Σ_c D_c and mean bpd (None when left out)."""
     num_classes = len(real_by_class)
     labels = torch.arange(num_classes, device=alpha.device).repeat_interleave(ipc)
     net = make_convnet(num_classes, width, alpha.device)
     net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
     for step in range(outer_loop):
         # update the synthetic images: minimise Eq. 7 w.r.t. α
-        loss, match, bpd = condensation_loss(net, synthetic_images(alpha), real_by_class,
-                                             ipc, batch_real, glow_model, lambda_sim)
+        grad, loss, match, bpd = condensation_grad(
+            net, alpha, real_by_class, glow_model, lambda_sim=lambda_sim, ipc=ipc,
+            batch_real=batch_real, bpd_chunk=bpd_chunk)
         optimizer.zero_grad()
-        alpha.grad = torch.autograd.grad(loss, alpha)[0]  # only α is updated here
+        alpha.grad = grad  # only α is updated here
         optimizer.step()
         if step == outer_loop - 1:
             break
         # update the network: inner_loop epochs on the current (detached) synthetic set
         train_network(net, net_optimizer, synthetic_images(alpha).detach(), labels,
                       inner_loop, batch_size)
-    return {"loss": loss.item(), "match": match.item(),
-            "bpd": None if bpd is None else bpd.item()}
+    loss, match, bpd = torch.stack([loss, match, bpd]).tolist()  # one host sync
+    return {"loss": loss, "match": match, "bpd": bpd if math.isfinite(bpd) else None}
 
 
 @torch.no_grad()
@@ -286,6 +321,86 @@ def save_grid(images, class_names, ipc, path):
                              captions=captions)
 
 
+def save_checkpoint(path, iteration, alpha, optimizer, history):
+    """Everything --resume needs in one atomic file: α, its Adam state, the RNG, the log."""
+    cuda_rng = torch.cuda.get_rng_state(alpha.device) if alpha.device.type == "cuda" else None
+    nets.atomic_save(dict(alpha=alpha.detach(), optimizer=optimizer.state_dict(),
+                          iteration=iteration, history=history,
+                          rng_cpu=torch.get_rng_state(), rng_cuda=cuda_rng), path)
+
+
+def load_checkpoint(path, alpha, optimizer, iterations):
+    """Restore what save_checkpoint wrote; returns (iteration, metrics history)."""
+    try:
+        ckpt = torch.load(path, map_location=alpha.device, weights_only=True)
+    except Exception as e:  # truncated, empty, or not a torch file
+        raise nets.CheckpointError(f"--resume: cannot read {path} ({type(e).__name__}); "
+                                   "delete it to restart the run, or choose another --out.") from None
+    if not isinstance(ckpt, dict) or not {"alpha", "optimizer", "iteration"} <= ckpt.keys():
+        raise nets.CheckpointError(f"--resume: {path} is not a checkpoint of condense.py; "
+                                   "choose another --out.")
+    if ckpt["alpha"].shape != alpha.shape:
+        raise nets.CheckpointError(f"{path} holds {len(ckpt['alpha'])} synthetic images, not "
+                                   f"{len(alpha)}; use another --out or drop --resume.")
+    if ckpt["iteration"] > iterations:
+        raise nets.RunError(f"{path} is at iteration {ckpt['iteration']}, beyond --iterations "
+                            f"{iterations}; raise --iterations to continue it.")
+    with torch.no_grad():
+        alpha.copy_(ckpt["alpha"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())
+    if ckpt.get("rng_cuda") is not None and alpha.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), alpha.device)
+    print(f"resuming at iteration {ckpt['iteration']} from {path}", flush=True)
+    return ckpt["iteration"], ckpt["history"]
+
+
+def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, class_names,
+             resuming):
+    """Sec. 4: cfg.iterations outer iterations (Eq. 7), each with a fresh ConvNet; at the
+    iterations in cfg.eval_at the DC evaluation, the bpd and a Fig. 6-style grid; a
+    checkpoint every 10 iterations. Returns the last evaluation's accuracies."""
+    ckpt_path, metrics_path = cfg.out / "checkpoint.pt", cfg.out / "metrics.jsonl"
+    start, history = 0, []  # history: every metrics.jsonl row up to the checkpoint
+    if resuming and ckpt_path.exists():
+        start, history = load_checkpoint(ckpt_path, alpha, optimizer, cfg.iterations)
+    nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
+
+    def log(row):
+        history.append(row)
+        nets.append_jsonl(metrics_path, row)
+
+    labels = torch.arange(len(real_by_class), device=alpha.device).repeat_interleave(cfg.ipc)
+    progress = nets.Progress(cfg.iterations - start, "condense")
+    accs = []
+    for it in range(start, cfg.iterations + 1):
+        if it in cfg.eval_at:
+            x_syn = synthetic_images(alpha).detach()
+            accs = evaluate_images(x_syn, labels)
+            acc, std = mean_std(accs)
+            bpd = mean_bpd(glow_model, x_syn, cfg.seed)
+            print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
+                  f"({cfg.num_eval} nets), bpd {bpd:.3f}", flush=True)
+            log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "bpd": bpd})
+            save_grid(x_syn, class_names, cfg.ipc, cfg.out / "synthetic.png")
+        if it == cfg.iterations:
+            break
+        t0 = time.time()
+        metrics = outer_iteration(alpha, optimizer, real_by_class, glow_model,
+                                  lambda_sim=cfg.lambda_sim, ipc=cfg.ipc,
+                                  batch_real=cfg.batch_real, width=cfg.width,
+                                  outer_loop=cfg.outer_loop, inner_loop=cfg.inner_loop,
+                                  batch_size=cfg.batch_size, bpd_chunk=cfg.bpd_chunk)
+        log({"iteration": it + 1, **metrics, "seconds": time.time() - t0})
+        progress.update(1, **{k: v for k, v in metrics.items() if v is not None})
+        if (it + 1) % 10 == 0:
+            save_checkpoint(ckpt_path, it + 1, alpha, optimizer, history)
+    progress.close()
+    # with the last evaluation: a longer rerun keeps its row
+    save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, history)
+    return accs
+
+
 def main(args):
     cfg = resolve_config(args)
     print(vars(cfg), flush=True)
@@ -308,91 +423,30 @@ def main(args):
     made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
-    nets.write_json(cfg.out / "args.json", vars(args))  # after the expected failures
-    C, ipc = info.num_classes, cfg.ipc
-    alpha = (0.2 * torch.randn(C * ipc, 3, 32, 32)).to(device).requires_grad_()  # grey ≈ 0.5
-    labels = torch.arange(C, device=device).repeat_interleave(ipc)  # class-major
+    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
+    alpha = (0.2 * torch.randn(info.num_classes * cfg.ipc, 3, 32, 32)).to(device)  # grey ≈ 0.5
+    alpha.requires_grad_()
+
     # optimizer of the images (authors: Adam lr 0.1, betas (0.5, 0.99), eps 1e-6)
     optimizer = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
-    start, history = 0, []  # history: every metrics.jsonl row up to the checkpoint
-    ckpt_path = cfg.out / "checkpoint.pt"
-    if resuming and ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as e:  # truncated, empty, or not a torch file
-            raise nets.CheckpointError(f"--resume: cannot read {ckpt_path} ({type(e).__name__}); "
-                                       "delete it to restart, or choose another --out.") from None
-        if not isinstance(ckpt, dict) or "alpha" not in ckpt or "history" not in ckpt:
-            raise nets.CheckpointError(f"--resume: {ckpt_path} is not a checkpoint of "
-                                       "condense.py; choose another --out.")
-        if ckpt["alpha"].shape != alpha.shape:
-            raise nets.CheckpointError(f"{ckpt_path} holds {len(ckpt['alpha'])} synthetic "
-                                       f"images, not {len(alpha)}; use another --out.")
-        with torch.no_grad():
-            alpha.copy_(ckpt["alpha"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"].cpu())
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
-        start, history = ckpt["iteration"], ckpt["history"]
-        if start > cfg.iterations:
-            raise nets.RunError(f"{ckpt_path} is at iteration {start}, beyond --iterations "
-                                f"{cfg.iterations}; raise --iterations to continue it.")
-        print(f"resumed from {ckpt_path} at iteration {start}")
-    nets.write_jsonl(cfg.out / "metrics.jsonl", history)  # rows after the checkpoint are dropped
 
-    def log(row):
-        history.append(row)
-        nets.append_jsonl(cfg.out / "metrics.jsonl", row)
-
-    def save_checkpoint(iteration):
-        state = {"alpha": alpha.detach(), "optimizer": optimizer.state_dict(),
-                 "iteration": iteration, "rng_cpu": torch.get_rng_state(), "args": vars(args),
-                 "history": history}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        nets.atomic_save(state, ckpt_path)
-
+    # condense, evaluating with fresh networks at cfg.eval_at
     def evaluate_images(x, y):
         return evaluate(x, y, x_test, y_test, num_classes=info.num_classes,
                         num_eval=cfg.num_eval, epochs=cfg.eval_epochs, width=cfg.width,
                         batch_size=cfg.batch_size, seed=cfg.seed)
 
-    # loop: condense, evaluating with fresh networks at cfg.eval_at
-    print(f"condensing {cfg.dataset} to {ipc} image(s) per class: {cfg.iterations} "
+    print(f"condensing {cfg.dataset} to {cfg.ipc} image(s) per class: {cfg.iterations} "
           f"iterations, loops (outer, inner) = ({cfg.outer_loop}, {cfg.inner_loop}), "
-          f"λ = {cfg.lambda_sim:g}, {len(x_train)} real images, device {device}")
-    progress = nets.Progress(cfg.iterations - start, "condense")
-    accs = []
-    for it in range(start, cfg.iterations + 1):
-        if it in cfg.eval_at:
-            x_syn = synthetic_images(alpha).detach()
-            accs = evaluate_images(x_syn, labels)
-            acc, std = mean_std(accs)
-            bpd = mean_bpd(glow_model, x_syn, cfg.seed)
-            print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
-                  f"({cfg.num_eval} nets), bpd {bpd:.3f}")
-            log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "bpd": bpd})
-            save_grid(x_syn, info.class_names, ipc, cfg.out / "synthetic.png")
-        if it == cfg.iterations:
-            break
-        t0 = time.time()
-        metrics = outer_iteration(alpha, optimizer, real_by_class, glow_model,
-                                  lambda_sim=cfg.lambda_sim, ipc=ipc, batch_real=cfg.batch_real,
-                                  width=cfg.width, outer_loop=cfg.outer_loop,
-                                  inner_loop=cfg.inner_loop, batch_size=cfg.batch_size)
-        log({"iteration": it + 1, **metrics, "seconds": time.time() - t0})
-        progress.update(1, **{k: v for k, v in metrics.items() if v is not None})
-        if (it + 1) % 10 == 0:
-            save_checkpoint(it + 1)
-    progress.close()
-    save_checkpoint(cfg.iterations)  # with the last evaluation: a longer rerun keeps its row
+          f"λ = {cfg.lambda_sim:g}, {len(x_train)} real images, device {device}", flush=True)
+    accs = condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images,
+                    info.class_names, resuming)
 
     # final evaluation: the same number of random real images per class, same protocol
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_random = torch.cat([x[torch.randperm(len(x), generator=gen)[:ipc].to(device)]
+    x_random = torch.cat([x[torch.randperm(len(x), generator=gen)[:cfg.ipc].to(device)]
                           for x in real_by_class])  # (≤ C·ipc, 3, 32, 32), class-major
-    y_random = torch.cat([torch.full((min(ipc, len(x)),), c, device=device)
+    y_random = torch.cat([torch.full((min(cfg.ipc, len(x)),), c, device=device)
                           for c, x in enumerate(real_by_class)])
     random_accs = evaluate_images(x_random, y_random)
     real_sample = x_train[torch.randperm(len(x_train), generator=gen)[:500]].to(device)
@@ -402,7 +456,7 @@ def main(args):
     acc, std = mean_std(accs)
     random_acc, random_std = mean_std(random_accs)
     results = {
-        "ipc": ipc, "lambda_sim": cfg.lambda_sim, "iterations": cfg.iterations,
+        "ipc": cfg.ipc, "lambda_sim": cfg.lambda_sim, "iterations": cfg.iterations,
         "test_acc_mean": acc, "test_acc_std": std, "test_accs": accs,
         "random_real_acc_mean": random_acc, "random_real_acc_std": random_std,
         "random_real_accs": random_accs,
@@ -410,13 +464,14 @@ def main(args):
         "bpd_random_real": mean_bpd(glow_model, x_random, cfg.seed),
         "bpd_real": mean_bpd(glow_model, real_sample, cfg.seed),
     }
-    nets.atomic_save({"images": x_syn.cpu(), "labels": labels.cpu(),
+    labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)
+    nets.atomic_save({"images": x_syn.cpu(), "labels": labels,
                       "class_names": info.class_names}, cfg.out / "synthetic.pt")
-    save_grid(x_syn, info.class_names, ipc, cfg.out / "synthetic.png")
-    save_grid(x_random, info.class_names, ipc, cfg.out / "random_real.png")
+    save_grid(x_syn, info.class_names, cfg.ipc, cfg.out / "synthetic.png")
+    save_grid(x_random, info.class_names, cfg.ipc, cfg.out / "random_real.png")
     nets.write_json(cfg.out / "results.json", results)
     nets.check_finite(results, f"the run in {cfg.out}")
-    print(f"condensed ({ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "
+    print(f"condensed ({cfg.ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "
           f"{results['bpd_synthetic']:.3f} | random real: {100 * random_acc:.2f} ± "
           f"{100 * random_std:.2f}%, bpd {results['bpd_random_real']:.3f} | "
           f"real training images: bpd {results['bpd_real']:.3f} -> {cfg.out}")

@@ -143,7 +143,7 @@ def bench_condense(device, full=False, repeats=2):
                 condense.outer_iteration(alpha, opt, real, g, lambda_sim=lambda_sim, ipc=ipc,
                                          batch_real=batch_real, width=width,
                                          outer_loop=outer_loop, inner_loop=inner_loop,
-                                         batch_size=256)
+                                         batch_size=256, bpd_chunk=50)
 
             results[ipc, lambda_sim] = timed(iteration, device, repeats, warmup=1)
         plain, simple = results[ipc, 0.0], results[ipc, 1.0]

@@ -170,8 +170,7 @@ def test_match_gradient_matches_finite_differences():
         return sum(reference_class_distance(net, real[c], x[c:c + 1], c) for c in range(2))
 
     x = x_syn.clone().requires_grad_()
-    loss = condense.condensation_loss(net=net, x_syn=x, real_by_class=real, ipc=1, batch_real=8,
-                                      glow_model=None, lambda_sim=0.0)[0]
+    loss = condense.matching_loss(net=net, x_syn=x, real_by_class=real, ipc=1, batch_real=8)
     assert loss.item() == pytest.approx(reference(x_syn).item(), rel=1e-10)
     grad = torch.autograd.grad(loss, x)[0]
     g = torch.Generator().manual_seed(1)
@@ -202,7 +201,7 @@ def test_lambda_step_lowers_bpd():
         alpha = alpha0.clone().requires_grad_()
         opt = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
         condense.outer_iteration(alpha, opt, real, g, lambda_sim=lam, ipc=1, batch_real=4, width=8,
-                                 outer_loop=2, inner_loop=2, batch_size=256)  # 2 loops
+                                 outer_loop=2, inner_loop=2, batch_size=256, bpd_chunk=50)
         x = condense.synthetic_images(alpha).detach()
         bpd[lam] = glow.bits_per_dim(g, x, noise=False).mean().item()
     assert bpd[1e4] < bpd[0.0] - 0.1
@@ -219,36 +218,54 @@ def small_glow():
     return glow.freeze(g)
 
 
-def test_condensation_loss_matches_reference(float64, monkeypatch):
-    """Eq. 7: L = Σ_c D_c + λ·mean bpd(X_syn) with a random real batch of each class, against
-    the written-out computation under the same seed (sampling and dequantization noise)."""
+def reference_synthetic(alpha):
+    sig = torch.sigmoid(alpha)
+    return sig + (torch.round(255 * sig) / 255 - sig).detach()  # 8-bit, straight-through
+
+
+def test_condensation_grad_matches_reference(float64, monkeypatch):
+    """Eq. 7: L = Σ_c D_c + λ·mean bpd(X_syn) with a random real batch of each class, and
+    ∂L/∂α, against the written-out computation in one graph under the same seed (sampling
+    and dequantization noise); the bpd term in chunks of 1, 2 or all images gives the same
+    gradient (memory bounded, the result unchanged)."""
     torch.manual_seed(3)
     net = dc_convnet(2, 4)
     real = [torch.rand(5, 3, 32, 32) for _ in range(2)]
-    x_syn = torch.rand(4, 3, 32, 32)  # ipc 2, class-major
+    alpha = (0.5 * torch.randn(4, 3, 32, 32)).requires_grad_()  # ipc 2, class-major
     g = small_glow()
     torch.manual_seed(4)
-    loss, match, bpd = condense.condensation_loss(net=net, x_syn=x_syn, real_by_class=real, ipc=2,
-                                                  batch_real=3, glow_model=g, lambda_sim=0.3)
-    torch.manual_seed(4)
-    ref_loss, ref_match, ref_bpd = reference_condensation_loss(net, x_syn, real, 2, 3, g, 0.3)
-    assert match.item() == pytest.approx(ref_match.item(), rel=1e-10)
-    assert bpd.item() == pytest.approx(ref_bpd.item(), rel=1e-10)
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    ref_loss, ref_match, ref_bpd = reference_condensation_loss(
+        net, reference_synthetic(alpha), real, 2, 3, g, 0.3)
+    ref_grad = torch.autograd.grad(ref_loss, alpha, retain_graph=True)[0]
+    ref_rng = torch.get_rng_state()
+    for chunk in (1, 3, 50):
+        torch.manual_seed(4)
+        grad, loss, match, bpd = condense.condensation_grad(
+            net, alpha, real, g, lambda_sim=0.3, ipc=2, batch_real=3, bpd_chunk=chunk)
+        assert match.item() == pytest.approx(ref_match.item(), rel=1e-10)
+        assert bpd.item() == pytest.approx(ref_bpd.item(), rel=1e-10)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+        assert torch.equal(torch.get_rng_state(), ref_rng)  # the same draws, no more
     # the real batch is a random subset: another draw gives another D
     torch.manual_seed(5)
-    other = reference_condensation_loss(net, x_syn, real, 2, 3, g, 0.3)[1]
+    other = reference_condensation_loss(net, reference_synthetic(alpha), real, 2, 3, g, 0.3)[1]
     assert abs(other.item() - match.item()) > 1e-4
-    # λ = 0 is plain DC (no Glow needed); a non-finite bpd term is skipped (authors' code)
+    # λ = 0 is plain DC (no Glow needed)
     torch.manual_seed(4)
-    plain = condense.condensation_loss(net=net, x_syn=x_syn, real_by_class=real, ipc=2,
-                                       batch_real=3, glow_model=None, lambda_sim=0.0)
-    assert plain[0].item() == pytest.approx(ref_match.item(), rel=1e-10) and plain[2] is None
-    monkeypatch.setattr(condense.glow, "bits_per_dim", lambda g, x, *a, **k: torch.full((len(x),), math.inf))
+    ref_match_grad = torch.autograd.grad(ref_match, alpha)[0]
+    grad, loss, _, bpd = condense.condensation_grad(net, alpha, real, None, lambda_sim=0.0, ipc=2,
+                                                    batch_real=3, bpd_chunk=50)
+    assert loss.item() == pytest.approx(ref_match.item(), rel=1e-10) and math.isnan(bpd)
+    torch.testing.assert_close(grad, ref_match_grad, rtol=1e-9, atol=1e-12)
+    # a non-finite bpd term is left out of the loss and the gradient (authors' code)
+    monkeypatch.setattr(condense.glow, "bits_per_dim",
+                        lambda g, x, *a, **k: x.sum((1, 2, 3)) * math.inf)
     torch.manual_seed(4)
-    skipped = condense.condensation_loss(net=net, x_syn=x_syn, real_by_class=real, ipc=2,
-                                         batch_real=3, glow_model=g, lambda_sim=0.3)
-    assert skipped[0].item() == pytest.approx(ref_match.item(), rel=1e-10) and skipped[2] is None
+    grad, loss, _, bpd = condense.condensation_grad(net, alpha, real, g, lambda_sim=0.3, ipc=2,
+                                                    batch_real=3, bpd_chunk=50)
+    assert loss.item() == pytest.approx(ref_match.item(), rel=1e-10) and math.isnan(bpd)
+    torch.testing.assert_close(grad, ref_match_grad, rtol=1e-9, atol=1e-12)
 
 
 def test_synthetic_images_by_hand():
@@ -280,7 +297,7 @@ def test_outer_iteration_matches_reference(float64):
     metrics = condense.outer_iteration(alpha=alpha, optimizer=optimizer, real_by_class=real,
                                        glow_model=g, lambda_sim=lam, ipc=ipc, batch_real=3,
                                        width=width, outer_loop=outer_loop, inner_loop=inner_loop,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, bpd_chunk=3)
     rng_after = torch.get_rng_state()
 
     ref_alpha = alpha0.clone().requires_grad_()
@@ -290,9 +307,8 @@ def test_outer_iteration_matches_reference(float64):
     net = dc_convnet(2, width)  # fresh random weights from the global RNG
     net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
     for step in range(outer_loop):
-        sig = torch.sigmoid(ref_alpha)
-        x_syn = sig + (torch.round(255 * sig) / 255 - sig).detach()  # 8-bit, straight-through
-        loss, match, bpd = reference_condensation_loss(net, x_syn, real, ipc, 3, g, lam)
+        loss, match, bpd = reference_condensation_loss(net, reference_synthetic(ref_alpha), real,
+                                                       ipc, 3, g, lam)
         ref_optimizer.zero_grad()
         ref_alpha.grad = torch.autograd.grad(loss, ref_alpha)[0]
         ref_optimizer.step()
