@@ -201,23 +201,25 @@ def posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, lambda_sim):
     x_sim = x_mix if alpha == 1 else straight_through_clamp(glow.decode(glow_model, z_sim))
     bpd = glow.bits_per_dim(glow_model, glow.quantize(x_sim)).mean()
     loss = (10 * l_grad + lambda_sim * bpd + l_pred) / (12 + lambda_sim)
-    parts = dict(loss=loss.item(), l_grad=l_grad.item(), l_pred=l_pred.item(), bpd=bpd.item(),
-                 s=s, alpha=alpha)
+    # the parts stay on the device (read only when printed): no host sync per step
+    parts = dict(loss=loss.detach(), l_grad=l_grad.detach(), l_pred=l_pred.detach(),
+                 bpd=bpd.detach(), s=s, alpha=alpha)
     return loss, parts
 
 
-def simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, args):
+def simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg):
     """One Adam step on z_sim: draw s ~ U(scale_min, scale_max) and α = 1 − U[0, 1) (α = 1
     for Alg. 1), minimise posthoc_loss, and zero the gradient of every example whose
     gradient is not finite (authors)."""
-    s = args.scale_min + (args.scale_max - args.scale_min) * torch.rand(()).item()
-    alpha = 1.0 if args.algorithm == 1 else 1.0 - torch.rand(()).item()  # α ∈ (0, 1]
+    # drawn by the CPU generator: Python floats without a device sync
+    s = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(()).item()
+    alpha = 1.0 if cfg.algorithm == 1 else 1.0 - torch.rand(()).item()  # α ∈ (0, 1]
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, args.lambda_sim)
+    loss, parts = posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, cfg.lambda_sim)
     loss.backward()
     bad = torch.stack([~torch.isfinite(z.grad.flatten(1)).all(dim=1) for z in z_sim]).any(dim=0)  # (B,)
     for z in z_sim:
-        z.grad[bad] = 0
+        z.grad.masked_fill_(bad.view(-1, *[1] * (z.dim() - 1)), 0.0)  # on the device, no sync
     optimizer.step()
     return parts
 
@@ -314,6 +316,56 @@ def select_images(probs, labels, args):
                     f"took the {len(chosen)} most confident {args.select} ones")
 
 
+def simplify(cfg, model, glow_model, x, log):
+    """Sec. 5 on the images x (B, 3, 32, 32): z_sim starts at the priors' mode, the simplest
+    image G describes, and takes cfg.steps Adam steps (S4) on Alg. 1/2's loss. Returns
+    z_sim and the evaluation of the start point."""
+    with torch.no_grad():
+        h = model(x)  # (B, K), f(x) is fixed
+        z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
+    z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
+    start_point = evaluate(model, glow_model, x, z_sim)
+    optimizer = torch.optim.Adam(z_sim, lr=cfg.lr)
+    print(f"== simplify {len(x)} images: Alg. {cfg.algorithm}, {cfg.steps} steps, "
+          f"λ = {cfg.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f} ==")
+    progress = nets.Progress(cfg.steps, "simplify")
+    for step in range(1, cfg.steps + 1):
+        # update z_sim: one Adam step on Alg. 2's loss (posthoc_loss)
+        parts = simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg)
+        progress.update(loss=parts["loss"], bpd=parts["bpd"])
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            print(f"step {step}/{cfg.steps}: loss {parts['loss']:.4f}, L_grad {parts['l_grad']:.4f}, "
+                  f"L_pred {parts['l_pred']:.4f}, bpd(x_sim) {parts['bpd']:.3f} "
+                  f"(s {parts['s']:.3f}, α {parts['alpha']:.3f})", flush=True)
+            log(dict(phase="simplify", step=step, **parts))
+    progress.close()
+    return z_sim, start_point
+
+
+def per_image_results(indices, labels, names, start_point, result):
+    """One dict per explained image: label, predictions and bpd of the original, the start
+    point and the simplified 8-bit image."""
+    return [dict(index=i, label=int(labels[k]), label_name=names[int(labels[k])],
+                 pred_original=int(result["pred_original"][k]),
+                 pred_start=int(start_point["pred_simplified"][k]),
+                 pred_simplified=int(result["pred_simplified"][k]),
+                 bpd_original=float(result["bpd_original"][k]),
+                 bpd_start=float(start_point["bpd_simplified"][k]),
+                 bpd_simplified=float(result["bpd_simplified"][k]))
+            for k, i in enumerate(indices.tolist())]
+
+
+def save_triples(x, start_point, result, images, names, path):
+    """A PNG of (original, start, simplified) per image, captioned with prediction and bpd."""
+    kinds = ("original", "start", "simplified")
+    tiles = torch.stack([x.cpu(), start_point["x_sim"].cpu(), result["x_sim"].cpu()], dim=1)
+    tiles = F.interpolate(tiles.flatten(0, 1), scale_factor=5, mode="nearest")  # (3B, 3, 160, 160)
+    short = dict(original="orig", start="start", simplified="simple")
+    captions = [f"{short[kind]} {names[im['pred_' + kind]]} {im['bpd_' + kind]:.2f}bpd"
+                for im in images for kind in kinds]
+    datasets.save_image_grid(tiles, path, nrow=6 if len(images) > 1 else 3, captions=captions)
+
+
 def main(args):
     cfg = resolve_config(args)
     print(vars(cfg), flush=True)
@@ -359,42 +411,14 @@ def main(args):
     print(f"images {indices.tolist()}: {selection}")
     x, labels = test_x[indices].to(device), test_y[indices]  # (B, 3, 32, 32), (B,)
 
-    # latents: z of the originals (no noise); z_sim starts at the priors' mode, the simplest
-    # image G describes (Sec. 5), and is optimised with Adam (S4)
-    with torch.no_grad():
-        h = model(x)  # (B, K), f(x) is fixed
-        z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
-    z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
-    start_point = evaluate(model, glow_model, x, z_sim)
-    optimizer = torch.optim.Adam(z_sim, lr=cfg.lr)
-
-    print(f"== simplify {len(indices)} images: Alg. {cfg.algorithm}, {cfg.steps} steps, "
-          f"λ = {cfg.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f}, "
-          f"device {device} ==")
-    progress = nets.Progress(cfg.steps, "simplify")
-    for step in range(1, cfg.steps + 1):
-        # update z_sim: one Adam step on Alg. 2's loss (posthoc_loss)
-        parts = simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, args)
-        progress.update(loss=parts["loss"], bpd=parts["bpd"])
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            print(f"step {step}/{cfg.steps}: loss {parts['loss']:.4f}, L_grad {parts['l_grad']:.4f}, "
-                  f"L_pred {parts['l_pred']:.4f}, bpd(x_sim) {parts['bpd']:.3f} "
-                  f"(s {parts['s']:.3f}, α {parts['alpha']:.3f})", flush=True)
-            log(dict(phase="simplify", step=step, **parts))
-    progress.close()
+    # simplify: z_sim from the priors' mode, Adam on Alg. 1/2's loss (Sec. 5, S4)
+    z_sim, start_point = simplify(cfg, model, glow_model, x, log)
 
     # final evaluation: predictions and bpd of the originals, the start point and the
     # simplified 8-bit images
     result = evaluate(model, glow_model, x, z_sim)
     names = info.class_names
-    images = [dict(index=i, label=int(labels[k]), label_name=names[int(labels[k])],
-                   pred_original=int(result["pred_original"][k]),
-                   pred_start=int(start_point["pred_simplified"][k]),
-                   pred_simplified=int(result["pred_simplified"][k]),
-                   bpd_original=float(result["bpd_original"][k]),
-                   bpd_start=float(start_point["bpd_simplified"][k]),
-                   bpd_simplified=float(result["bpd_simplified"][k]))
-              for k, i in enumerate(indices.tolist())]
+    images = per_image_results(indices, labels, names, start_point, result)
     results = dict(
         kept_prediction_rate=sum(im["pred_original"] == im["pred_simplified"] for im in images) / len(images),
         mean_bpd_original=sum(im["bpd_original"] for im in images) / len(images),
@@ -411,14 +435,7 @@ def main(args):
                           images=datasets.to_uint8(result["x_sim"]).cpu(),
                           latents=[z.detach().cpu() for z in z_sim],
                           class_names=names), cfg.out / "simplified.pt")
-    kinds = ("original", "start", "simplified")
-    tiles = torch.stack([x.cpu(), start_point["x_sim"].cpu(), result["x_sim"].cpu()], dim=1)
-    tiles = F.interpolate(tiles.flatten(0, 1), scale_factor=5, mode="nearest")  # (3B, 3, 160, 160)
-    short = dict(original="orig", start="start", simplified="simple")
-    captions = [f"{short[kind]} {names[im['pred_' + kind]]} {im['bpd_' + kind]:.2f}bpd"
-                for im in images for kind in kinds]
-    datasets.save_image_grid(tiles, cfg.out / "simplified.png", nrow=6 if len(images) > 1 else 3,
-                             captions=captions)
+    save_triples(x, start_point, result, images, names, cfg.out / "simplified.png")
     print(f"kept prediction {results['kept_prediction_rate']:.2f}, mean bpd original "
           f"{results['mean_bpd_original']:.3f} -> simplified {results['mean_bpd_simplified']:.3f} "
           f"(start {results['mean_bpd_start']:.3f}; {results['seconds']:.0f} s) -> {cfg.out}")

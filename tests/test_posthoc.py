@@ -23,6 +23,11 @@ import posthoc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def floats(parts):
+    """posthoc_loss keeps its parts as 0-dim tensors on the device (no host sync per step)."""
+    return {k: float(v) for k, v in parts.items()}
+
+
 def tiny_glow(dtype=torch.float32, frozen=True):
     """A 3-level Glow with one tiny flow step per level, ActNorm initialised on random data;
     frozen for scoring, or as it is (to perturb or save it)."""
@@ -129,6 +134,7 @@ def test_loss_gradient_reaches_latents_through_decode(alpha):
     model, g, x, h, z_orig = latents_setup()
     z_sim = [(0.1 * torch.randn_like(z)).requires_grad_(True) for z in z_orig]
     loss, parts = posthoc.posthoc_loss(model, g, z_sim, z_orig, x, h, 0.9, alpha, 1.0)
+    parts = floats(parts)  # 0-dim tensors on the device
     loss.backward()
     assert torch.isfinite(loss) and set(parts) >= {"loss", "l_grad", "l_pred", "bpd"}
     for z in z_sim:
@@ -147,14 +153,14 @@ def test_alpha_interpolates_between_original_and_simplified():
     losses = []
     for alpha in (1.0, 0.3):
         torch.manual_seed(4)  # same dequantization noise in the bpd term
-        losses.append(posthoc.posthoc_loss(model, g, z_orig, z_orig, x, h, 0.9, alpha, 1.0)[1])
+        losses.append(floats(posthoc.posthoc_loss(model, g, z_orig, z_orig, x, h, 0.9, alpha, 1.0)[1]))
     for key in ("loss", "l_grad", "l_pred", "bpd"):
         assert losses[0][key] == pytest.approx(losses[1][key], rel=1e-4, abs=1e-6)
     # α → 0: x_mix = x, so L_grad drops to its floor (tensors whose gate gradients are all
     # ≥ 0 on x, e.g. zero biases, have an empty mask and always count cos = 0) and L_pred to 0
     floor = losses[0]["l_grad"]
-    _, tiny_alpha = posthoc.posthoc_loss(model, g, z_sim, z_orig, x, h, 0.9, 1e-7, 1.0)
-    _, full = posthoc.posthoc_loss(model, g, z_sim, z_orig, x, h, 0.9, 1.0, 1.0)
+    tiny_alpha = floats(posthoc.posthoc_loss(model, g, z_sim, z_orig, x, h, 0.9, 1e-7, 1.0)[1])
+    full = floats(posthoc.posthoc_loss(model, g, z_sim, z_orig, x, h, 0.9, 1.0, 1.0)[1])
     assert tiny_alpha["l_grad"] == pytest.approx(floor, abs=1e-3) and tiny_alpha["l_pred"] < 1e-6
     assert full["l_grad"] > floor + 0.05 and full["l_pred"] > 1e-4
     # simplify_step: Alg. 1 always uses α = 1, Alg. 2 draws α = 1 − U[0, 1) from torch's RNG
@@ -262,6 +268,7 @@ def test_posthoc_loss_matches_independent_computation(alpha):
     torch.manual_seed(12)
     loss, parts = posthoc.posthoc_loss(model=model, glow_model=g, z_sim=z, z_orig=z_orig, x=x, h=h,
                                        s=s, alpha=alpha, lambda_sim=lam)
+    parts = floats(parts)
     ref = reference_posthoc_loss(model, g, z_sim, z_orig, x, s, alpha, lam, noise_seed=12)
     assert parts["l_grad"] == pytest.approx(ref["l_grad"], rel=1e-9)
     assert parts["l_pred"] == pytest.approx(ref["l_pred"], rel=1e-9)
@@ -307,7 +314,7 @@ def test_simplify_step_draws_and_zeroes_non_finite_examples(monkeypatch):
     u = torch.rand(2)
     torch.manual_seed(14)
     posthoc.simplify_step(model=None, glow_model=None, z_sim=z, z_orig=None, x=None, h=None,
-                          optimizer=optimizer, args=args)
+                          optimizer=optimizer, cfg=args)
     assert seen["s"] == pytest.approx(0.3 + 0.4 * u[0].item(), rel=1e-6)
     assert seen["alpha"] == pytest.approx(1 - u[1].item(), rel=1e-6)
     assert seen["lambda_sim"] == 0.4 and seen["z_sim"] is z
@@ -316,7 +323,7 @@ def test_simplify_step_draws_and_zeroes_non_finite_examples(monkeypatch):
     torch.testing.assert_close(z[1][0], torch.full((5,), 0.03))
     # Alg. 1: α = 1 whatever the draw
     posthoc.simplify_step(model=None, glow_model=None, z_sim=z, z_orig=None, x=None, h=None,
-                          optimizer=optimizer, args=SimpleNamespace(**{**vars(args), "algorithm": 1}))
+                          optimizer=optimizer, cfg=SimpleNamespace(**{**vars(args), "algorithm": 1}))
     assert seen["alpha"] == 1.0
 
 
