@@ -10,11 +10,13 @@ ops on their inputs, no state changes in `forward`, so they work with
 Sec. 3 and the gradient matching of Sec. 4 differentiate through their gradients).
 Each model keeps its constructor arguments in `model.config`; `save_model` / `load_model`
 store and rebuild it. The bottom of the file holds small run utilities shared by the
-mode scripts (device, seeding, atomic files, progress lines).
+mode scripts (device, seeding, atomic files, progress lines, λ grids and their
+trade-off charts).
 
     python3 -c "import nets; print(nets.NFWideResNet(10))"
 """
 import argparse
+import csv
 import json
 import math
 import os
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 # γ of the γ-scaled ELU (Brock et al. 2021, their `_nonlin_gamma['elu']`): 1/std(ELU(z))
 # for z ~ N(0,1), so γ·ELU keeps unit variance. Their value was estimated by sampling;
@@ -323,7 +326,9 @@ def classifier_optimizer(classifier, lr=5e-4):
     decay = [p for n, p in classifier.named_parameters() if "weight" in n or "gain" in n]
     rest = [p for n, p in classifier.named_parameters() if not ("weight" in n or "gain" in n)]
     groups = [dict(params=decay, weight_decay=1e-5), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8)
+    # fused: one kernel per step, and it can skip a non-finite step on the device
+    # (per_instance.finite_step) without the host waiting for the check
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8, fused=True)
 
 
 def sample_crop_flip(n, pad, flip, device):
@@ -568,3 +573,222 @@ class Progress:
     def close(self):
         if self.printed:
             self._print()
+
+
+# ======================================================================================
+# λ grids and trade-off figures (Fig. 5, Fig. 6, Fig. S4)
+# ======================================================================================
+
+def float_grid(text):
+    """argparse type for grid flags: "0,0.4,1" -> (0.0, 0.4, 1.0) in the given order,
+    "2" -> (2.0,). Refuses empty items, non-numbers, nan/inf, repeats and negative values."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"grid {text!r} has an empty item; give "
+                                         "comma-separated numbers such as 0,0.4,1")
+    values = []
+    for item in items:
+        try:
+            value = finite_float(item)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"grid {text!r}: {e}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"grid {text!r}: {item!r} is negative; the "
+                                             "weights and strengths of a grid are at least 0")
+        if value in values:
+            raise argparse.ArgumentTypeError(f"grid {text!r}: {item!r} repeats an earlier "
+                                             "value; give each value once")
+        values.append(value)
+    return tuple(values)
+
+
+def grid_folder(out, knob, value):
+    """Folder of one grid value: grid_folder("g", "lambda_sim", 0.4) -> g/lambda_sim=0.4."""
+    return Path(out) / f"{knob}={value:g}"
+
+
+def run_grid(main, args, knob, grid_index=None, summary=None):
+    """Run a mode script's main(args) once per value of the tuple getattr(args, knob), each
+    into grid_folder(args.out, knob, value); with grid_index I only the I-th value (0-based,
+    one value per job of an array). A value whose folder holds results.json is finished and
+    skipped; one with only args.json was interrupted and continues with resume=True.
+    After each value `summarize([args.out], args.out, **summary)` refreshes tradeoff.csv/png
+    from whatever is finished, so array jobs need not wait for each other. Returns the
+    results dicts of the values run or found finished, in grid order."""
+    values, out = tuple(getattr(args, knob)), Path(args.out)
+    if grid_index is not None and not 0 <= grid_index < len(values):
+        raise RunError(f"--grid-index {grid_index} is out of range: --{knob.replace('_', '-')} "
+                       f"has {len(values)} values, so use 0 to {len(values) - 1}.")
+    done = []
+    for i, value in enumerate(values):
+        if grid_index is not None and i != grid_index:
+            continue
+        folder = grid_folder(out, knob, value)
+        if (folder / "results.json").is_file():
+            print(f"{folder} is finished; skipped", flush=True)
+        else:
+            run_args = argparse.Namespace(**vars(args))  # a copy: the caller's args stay as given
+            setattr(run_args, knob, value)
+            run_args.out, run_args.resume = str(folder), (folder / "args.json").is_file()
+            if hasattr(run_args, "grid_index"):
+                run_args.grid_index = None  # the value's own args.json describes one plain run
+            print(f"{knob} = {value:g} ({i + 1}/{len(values)}) -> {folder}", flush=True)
+            main(run_args)
+        done.append(json.loads((folder / "results.json").read_text()))
+        if summary is not None:
+            summarize([out], out, **summary)
+    return done
+
+
+def _grid_runs(grid_dir, knob):
+    """The finished runs of one grid folder, sorted by knob value: (name, knob, value, results).
+    The knob is `knob`, or the part before "=" of the sub-folder name (see grid_folder);
+    its value is read from results.json, else from the folder name."""
+    runs = []
+    for path in Path(grid_dir).glob("*/results.json"):  # quick-glow/ or unfinished: no results
+        results = json.loads(path.read_text())
+        key, _, text = path.parent.name.partition("=")
+        key = knob or key
+        try:
+            value = results[key] if key in results else float(text)
+        except ValueError:
+            value = None  # not a grid_folder name: listed last
+        runs.append((path.parent.name, key, value, results))
+    return sorted(runs, key=lambda r: (r[2] is None, r[2] or 0, r[0]))
+
+
+def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
+    """Collect the runs of one or more grid folders into out/tradeoff.csv and tradeoff.png.
+
+    CSV: one row per run, columns run ("<grid folder>/<sub-folder>"), the knob, then every
+    scalar of results.json (first-seen order; a missing cell is empty). Chart: each
+    `series` entry, (label, y_key) against x_key or (label, x_key, y_key), is drawn for the
+    runs that have both keys; with several grid folders each gets its own series labelled
+    "<folder>: <label>" (Fig. S4). ref_key (e.g. test_bpd, bpd_real): the original images'
+    bpd, a dashed line at its mean over runs. Returns the CSV rows as dicts.
+    """
+    rows, lines, refs, knob_keys = [], [], [], {}
+    for grid_dir in map(Path, grid_dirs):
+        runs = _grid_runs(grid_dir, knob)
+        for name, key, value, results in runs:
+            scalars = {k: v for k, v in results.items() if isinstance(v, (int, float, str, bool))}
+            rows.append({"run": f"{grid_dir.name}/{name}", key: value, **scalars})
+            knob_keys[key] = None  # an ordered set: the knob column(s) come right after run
+            refs += [results[ref_key]] if ref_key in results else []
+        for label, *keys in series:
+            xk, yk = keys if len(keys) == 2 else (x_key, keys[0])
+            points = [(r[xk], r[yk], f"{key}={value:g}" if value is not None else name)
+                      for name, key, value, r in runs if xk in r and yk in r]
+            if points:
+                lines.append((f"{grid_dir.name}: {label}" if len(grid_dirs) > 1 else label, points))
+    columns = list(dict.fromkeys(["run", *knob_keys] + [k for row in rows for k in row]))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    _atomic_write(Path(out) / "tradeoff.csv", write)
+    draw_tradeoff(Path(out) / "tradeoff.png", lines, "bits per dimension", "test accuracy (%)",
+                  ref_x=sum(refs) / len(refs) if refs else None, title=title)
+    return rows
+
+
+# tab10 colours and four marker shapes: series i gets colour i % 10 and shape i % 4
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+MARKERS = ["circle", "square", "triangle", "diamond"]
+REF_COLOUR = (80, 80, 80)  # the dashed reference line; in no series colour
+
+
+def _nice_ticks(lo, hi, target=6):
+    """About `target` ticks in [lo, hi] at multiples of 1, 2, 2.5 or 5 × 10^k."""
+    raw = (hi - lo) / target
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9)
+    return [k * step for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+
+
+def _padded(values):
+    """Axis limits around `values` with 5% room each side (±0.5 for a single value)."""
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5
+    return lo - pad, hi + pad
+
+
+def _marker(draw, shape, x, y, colour, r=6):
+    """A filled marker of radius r pixels centred on (x, y)."""
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    else:  # a regular polygon in the circle of radius r: (sides, rotation in degrees)
+        sides, rotation = {"square": (4, 45), "triangle": (3, 0), "diamond": (4, 0)}[shape]
+        draw.regular_polygon((x, y, r), sides, rotation=rotation, fill=colour)
+
+
+def draw_tradeoff(path, series, xlabel, ylabel, ref_x=None, ref_label="original images", title=""):
+    """Draw accuracy against bits per dimension (Fig. 5, Fig. 6) as an 800×560 PNG, atomically.
+
+    series: [(label, [(x, y, text), ...]), ...], points in knob order; x in bits/dim, y an
+    accuracy *fraction* in [0, 1] as results.json holds it, drawn in % on the axis; text
+    (e.g. "lambda_sim=0.4") is written beside the marker. A line joins a series' points.
+    ref_x: bpd of the original images, a dashed vertical line. Returns the mapping
+    to_pixel(x, y_fraction) -> (column, row) of the image, for checking where markers land.
+    """
+    width, rows = 800, math.ceil(len(series) / 2)  # legend: two columns under the axes
+    height = max(560, 480 + 20 * rows)
+    left, right, top, bottom = 80, width - 24, 48, 400  # plot box in pixels
+    xs = [x for _, pts in series for x, _, _ in pts] + ([ref_x] if ref_x is not None else [])
+    ys = [100 * y for _, pts in series for _, y, _ in pts]
+    (x0, x1), (y0, y1) = _padded(xs or [0.0]), _padded(ys or [0.0])
+
+    def to_pixel(x, y):
+        return (round(left + (x - x0) / (x1 - x0) * (right - left)),
+                round(bottom - (100 * y - y0) / (y1 - y0) * (bottom - top)))  # rows grow down
+
+    img = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)  # Pillow >= 10.1
+    # grid lines and tick labels at nice values, then the box, the axis labels and the title
+    for t in _nice_ticks(x0, x1):
+        px = to_pixel(t, 0)[0]
+        draw.line((px, top, px, bottom + 4), fill=(228, 228, 228))
+        draw.text((px, bottom + 8), f"{t:g}", fill="black", font=font, anchor="mt")
+    for t in _nice_ticks(y0, y1):
+        py = to_pixel(x0, t / 100)[1]
+        draw.line((left - 4, py, right, py), fill=(228, 228, 228))
+        draw.text((left - 8, py), f"{t:g}", fill="black", font=font, anchor="rm")
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text(((left + right) // 2, bottom + 30), xlabel, fill="black", font=font, anchor="mt")
+    draw.text((left - 8, top - 10), ylabel, fill="black", font=font, anchor="ls")
+    draw.text((width // 2, 8), title, fill="black", font=font, anchor="mt")
+    texts = []  # boxes of the texts in the plot: a text that would overlap one is left out
+
+    def write(x, y, text, colour):  # beside (x, y): to the right, or left near the right edge
+        anchor = "lb" if x + 9 + font.getlength(text) < width else "rb"
+        xy = (x + 9 if anchor == "lb" else x - 9, y)
+        box = draw.textbbox(xy, text, font=font, anchor=anchor)
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                   for b in texts):
+            draw.text(xy, text, fill=colour, font=font, anchor=anchor)
+            texts.append(box)
+    if ref_x is not None:
+        px = to_pixel(ref_x, 0)[0]
+        for row in range(top, bottom, 10):  # dashes of 6 pixels, gaps of 4
+            draw.line((px, row, px, min(row + 5, bottom)), fill=REF_COLOUR)
+        write(px - 5, bottom - 6, f"{ref_label} ({ref_x:.3g} bpd)", REF_COLOUR)
+    # series: all joining lines first, so that every marker and its text stay on top
+    for i, (_, points) in enumerate(series):
+        if len(points) > 1:
+            draw.line([to_pixel(x, y) for x, y, _ in points], fill=COLOURS[i % len(COLOURS)],
+                      width=2)
+    for i, (label, points) in enumerate(series):
+        colour, shape = COLOURS[i % len(COLOURS)], MARKERS[i % len(MARKERS)]
+        for x, y, text in points:
+            px, py = to_pixel(x, y)
+            _marker(draw, shape, px, py, colour)
+            write(px, py - 5, text, (70, 70, 70))
+        lx, ly = left + (i % 2) * (right - left) // 2, bottom + 60 + (i // 2) * 20
+        _marker(draw, shape, lx + 6, ly + 7, colour)
+        draw.text((lx + 18, ly), label, fill="black", font=font)
+    _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return to_pixel
