@@ -11,9 +11,9 @@ JPEG baselines (S7, Fig. S4) and PNG file sizes (S5).
 """
 import argparse
 import io
-import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,11 +108,11 @@ def resolve_config(args):
     if args.epochs is None and args.simplifier == "l2" and not args.quick:
         cfg["epochs"] = 50  # the authors' L2 baseline ran 50 epochs (S7)
     cfg["retrain_epochs"] = args.retrain_epochs or preset["epochs"]
-    name = os.path.basename(os.path.normpath(args.dataset))
+    name = Path(args.dataset).name
     knob = {"blur": f"sigma{args.blur_sigma:g}", "jpeg": f"q{args.jpeg_quality}"}.get(
         args.simplifier, f"lam{cfg['lambda_sim']:g}")
-    cfg["out"] = args.out or (f"runs/per_instance-{name}-{args.simplifier}-{knob}-seed{args.seed}"
-                              + ("-quick" if args.quick else ""))
+    cfg["out"] = Path(args.out or f"runs/per_instance-{name}-{args.simplifier}-{knob}"
+                                  f"-seed{args.seed}" + ("-quick" if args.quick else ""))
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
@@ -361,7 +361,7 @@ def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase)
         sim, _ = evaluate(classifier, None, *test["sim"], device)
         row = dict(phase=phase, epoch=epoch, train_loss=torch.stack(losses).mean().item(),
                    test_acc=orig["acc"], test_acc_simplified=sim["acc"])
-        nets.append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), row)
+        nets.append_jsonl(cfg.out / "metrics.jsonl", row)
         print(f"{phase} epoch {epoch}/{cfg.retrain_epochs}  loss {row['train_loss']:.3f}  "
               f"test_acc {orig['acc']:.3f}  test_acc_simplified {sim['acc']:.3f}", flush=True)
     return orig["acc"], sim["acc"]
@@ -380,13 +380,13 @@ def simplified_test_metrics(classifier, simplify, glow_model, test, device):
     return metrics, test_sim, sim_bpd
 
 
-def save_checkpoint(path, epoch, models, optimizers, history, skipped, args):
+def save_checkpoint(path, epoch, models, optimizers, history, skipped):
     """Everything --resume needs in one atomic file; models as {"kind", "config", "state_dict"}."""
     state = {name: {"kind": type(m).__name__, "config": dict(m.config),
                     "state_dict": m.state_dict()} for name, m in models.items()}
     state.update({name: opt.state_dict() for name, opt in optimizers.items()})
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-    nets.atomic_save(dict(state, epoch=epoch, history=history, skipped=skipped, args=vars(args),
+    nets.atomic_save(dict(state, epoch=epoch, history=history, skipped=skipped,
                           rng_cpu=torch.get_rng_state(), rng_cuda=cuda_rng), path)
 
 
@@ -421,10 +421,10 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
     number of skipped (non-finite) steps."""
     models = dict(classifier=classifier, simplifier=simplifier)
     optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    ckpt_path = cfg.out / "checkpoint.pt"
+    metrics_path = cfg.out / "metrics.jsonl"
     done, history, skipped_total = 0, [], 0
-    if resuming and os.path.exists(ckpt_path):
+    if resuming and ckpt_path.exists():
         done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
     nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
     joint = classifier if cfg.simplifier == "unet" else None  # l2: no classifier (S7)
@@ -456,7 +456,7 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
                    time_s=time.time() - t_start)
         history.append(row)
         nets.append_jsonl(metrics_path, row)
-        save_grid(os.path.join(cfg.out, f"simplified_epoch{epoch:03d}.png"), test["x"], test_sim,
+        save_grid(cfg.out / f"simplified_epoch{epoch:03d}.png", test["x"], test_sim,
                   test["bpd"], sim_bpd)
         accuracy = "" if joint is None else \
             f"  test acc {row['test_acc']:.3f} (simplified {row['test_acc_simplified']:.3f})"
@@ -464,9 +464,9 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
               f"{row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  skipped {skipped}  "
               f"{row['time_s']:.0f}s", flush=True)
         for name, model in models.items():
-            nets.save_model(model, os.path.join(cfg.out, f"{name}.pt"), epoch=epoch,
+            nets.save_model(model, cfg.out / f"{name}.pt", epoch=epoch,
                             dataset=train_set.info.name)
-        save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total, cfg)
+        save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total)
     progress.close()
     return skipped_total
 
@@ -485,7 +485,7 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
     if cfg.save_simplified:
         for name, images, labels in (("test", test_sim, test["y"]), ("train", train_sim, train_y)):
             nets.atomic_save(dict(images=images, labels=labels),
-                             os.path.join(cfg.out, f"simplified_{name}.pt"))
+                             cfg.out / f"simplified_{name}.pt")
     phases = {"orig": (test["x"], test["y"]), "sim": (test_sim, test["y"])}
     if cfg.retrain or cfg.simplifier != "unet":
         fresh = make_classifier(cfg, train_set.info, device)
@@ -493,7 +493,7 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
         results.update(retrain_test_acc=acc, retrain_test_acc_simplified=acc_sim)
         if cfg.simplifier != "unet":
             results.update(test_acc=acc, test_acc_simplified=acc_sim)
-            nets.save_model(fresh, os.path.join(cfg.out, "classifier.pt"),
+            nets.save_model(fresh, cfg.out / "classifier.pt",
                             dataset=train_set.info.name)
     if cfg.finetune:
         acc, acc_sim = retrain(classifier, train_sim, train_y, phases, cfg, flip, device, "finetune")
@@ -526,7 +526,7 @@ def main(args):
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     simplify = simplification(cfg, simplifier)
-    nets.write_json(os.path.join(cfg.out, "args.json"), vars(args))  # the run starts here
+    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
 
     # optimizers: the authors' code (the paper text says AdamW, wd 1e-5, for both)
     opt_clf = nets.classifier_optimizer(classifier, cfg.lr)
@@ -549,12 +549,12 @@ def main(args):
                    test_bpd=test["bpd"].mean().item(), **metrics,
                    png_bytes=png_bytes(datasets.to_uint8(test_x)),
                    png_bytes_simplified=png_bytes(test_sim), skipped_steps=skipped)
-    save_grid(os.path.join(cfg.out, "simplified.png"), test_x, test_sim, test["bpd"], sim_bpd, n=32)
+    save_grid(cfg.out / "simplified.png", test_x, test_sim, test["bpd"], sim_bpd, n=32)
     results.update(retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, device))
 
     # save
     results["time_s"] = time.time() - t_start
-    nets.write_json(os.path.join(cfg.out, "results.json"), results)
+    nets.write_json(cfg.out / "results.json", results)
     nets.check_finite(results, f"the run in {cfg.out}")
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}, flush=True)
     return results

@@ -644,7 +644,7 @@ def test_retrain_on_stored_simplified_images(monkeypatch, tmp_path):
         lambda m, args: seen.append(args[0].detach()) if m.training else None)
     drawn = spy_augmentation(monkeypatch)
     cfg = argparse.Namespace(lr=0.05, retrain_epochs=1, epochs=1, seed=0, batch_size=batch,
-                             out=str(tmp_path))
+                             out=tmp_path)
     test = {"orig": (torch.rand(4, 3, 32, 32), torch.randint(0, 3, (4,))),
             "sim": (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
                     torch.randint(0, 3, (4,)))}
