@@ -15,7 +15,6 @@ the same number of randomly chosen real images per class.
     python condense.py --dataset cifar10 --ipc 1 --lambda-sim 20 --glow glow-cifar10.pt
 """
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -270,15 +269,6 @@ def test_accuracy(net, x_test, y_test, batch_size=1000):
     return correct / len(x_test)
 
 
-@contextlib.contextmanager
-def isolated_rng(device, seed):
-    """A seeded random stream for evaluation and reporting that leaves the global one
-    untouched: where and how often a run evaluates never changes what it condenses."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
 def evaluate(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs, width,
              batch_size, seed):
     """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
@@ -289,7 +279,7 @@ def evaluate(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs,
     hence the same network initialisations and batch orders."""
     device = x_train.device
     accs = []
-    with isolated_rng(device, seed):
+    with nets.isolated_rng(device, seed):
         for _ in range(num_eval):
             net = make_convnet(num_classes, width, device)
             for epoch in range(epochs):
@@ -304,7 +294,7 @@ def evaluate(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs,
 @torch.no_grad()
 def mean_bpd(glow_model, x, seed, batch_size=100):
     """Mean bpd of 8-bit images x (one dequantization draw from a seeded stream)."""
-    with isolated_rng(x.device, seed):
+    with nets.isolated_rng(x.device, seed):
         return torch.cat([glow.bits_per_dim(glow_model, glow.quantize(b))
                           for b in x.split(batch_size)]).mean().item()
 

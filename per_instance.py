@@ -38,11 +38,12 @@ EVAL_BATCH = 256  # evaluation batch (authors' test loader)
 # smaller batches, 10x the learning rate, a larger λ (measured on shapes, see the README).
 # Any flag given explicitly wins.
 FULL = dict(epochs=100, batch_size=32, lambda_sim=2.0, lr=5e-4, arch="wrn", depth=16,
-            widen=2, width=128, ngf=64, train_size=None, test_size=None)
+            widen=2, width=128, ngf=64, train_size=None, test_size=None, eval_every=5)
 QUICK = dict(epochs=12, batch_size=16, lambda_sim=50.0, lr=5e-3, arch="convnet", depth=10,
-             widen=1, width=32, ngf=16, train_size=2000, test_size=500)
-# what --resume lets change: train longer, and add the phases after joint training (Fig. 5)
-RESUMABLE = ("epochs", "retrain", "finetune", "retrain_epochs", "save_simplified")
+             widen=1, width=32, ngf=16, train_size=2000, test_size=500, eval_every=1)
+# what --resume lets change: train longer, evaluate elsewhere, and add the phases after
+# joint training (Fig. 5)
+RESUMABLE = ("epochs", "eval_every", "retrain", "finetune", "retrain_epochs", "save_simplified")
 
 
 def get_args(argv=None):
@@ -54,6 +55,9 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=nets.positive_int, default=None,
                    help="epochs of joint training (Sec. 3; default 100, the L2 baseline 50 as "
                         "the authors; quick %d)" % QUICK["epochs"])
+    p.add_argument("--eval-every", type=nets.positive_int, default=None,
+                   help="evaluate on the test set every N epochs, and after the last (default "
+                        "5; quick 1)")
     p.add_argument("--batch-size", type=nets.positive_int, default=None,
                    help="training batch size (default 32 as the authors; quick %d)"
                         % QUICK["batch_size"])
@@ -288,22 +292,25 @@ def simplify_all(simplify, images, device):
 
 
 @torch.no_grad()
-def evaluate(classifier, glow_model, images, labels, device):
-    """Accuracy and loss of f (if given), and per-image bpd (Eq. 1) if glow_model is given."""
+def evaluate(classifier, glow_model, images, labels, device, seed=0):
+    """Accuracy and loss of f (if given), and per-image bpd (Eq. 1) if glow_model is given.
+    The bpd's dequantization noise comes from its own seeded stream, so that how often a
+    run evaluates never changes what it trains; counts are summed on the device."""
     correct, loss, bpd = 0, 0.0, []
-    for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH)):
-        x, y = x.to(device).float(), y.to(device)
-        x = x / 255 if images.dtype == torch.uint8 else x
-        if classifier is not None:
-            logits = classifier.eval()(x)  # no dropout
-            correct += (logits.argmax(1) == y).sum().item()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-        if glow_model is not None:
-            bpd.append(glow.bits_per_dim(glow_model, x).cpu())
+    with nets.isolated_rng(device, seed):
+        for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH)):
+            x, y = x.to(device).float(), y.to(device)
+            x = x / 255 if images.dtype == torch.uint8 else x
+            if classifier is not None:
+                logits = classifier.eval()(x)  # no dropout
+                correct += (logits.argmax(1) == y).sum()
+                loss += F.cross_entropy(logits, y, reduction="sum")
+            if glow_model is not None:
+                bpd.append(glow.bits_per_dim(glow_model, x))
     if classifier is not None:
         classifier.train()
-    bpd = torch.cat(bpd) if bpd else None
-    return dict(acc=correct / len(labels), loss=loss / len(labels)), bpd
+    bpd = torch.cat(bpd).cpu() if bpd else None
+    return dict(acc=float(correct) / len(labels), loss=float(loss) / len(labels)), bpd
 
 
 def png_bytes(images):
@@ -417,8 +424,8 @@ def load_checkpoint(path, models, optimizers):
 def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, train_set,
           test, flip, device, resuming):
     """Sec. 3 epoch by epoch: SimpleBits steps (unet), or the L2 baseline's steps (l2);
-    after each epoch the test metrics, a Fig. 3-style grid and a checkpoint. Returns the
-    number of skipped (non-finite) steps."""
+    after each epoch a checkpoint, every cfg.eval_every epochs the test metrics and a
+    Fig. 3-style grid. Returns the number of skipped (non-finite) steps."""
     models = dict(classifier=classifier, simplifier=simplifier)
     optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
     ckpt_path = cfg.out / "checkpoint.pt"
@@ -448,21 +455,25 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
         skipped = int(skipped)  # read once per epoch
         skipped_total += skipped
 
-        # evaluate on the test set, write the metrics, a Fig. 3-style grid, the checkpoints
-        metrics, test_sim, sim_bpd = simplified_test_metrics(joint, simplify, glow_model, test,
-                                                             device)
+        # every cfg.eval_every epochs and after the last: the test metrics and a Fig. 3-style
+        # grid; after every epoch the metrics row and the checkpoints
         row = dict(phase="train", epoch=epoch, **{f"train_{k}": float(v) for k, v in sums.items()},
-                   skipped_steps=skipped, test_bpd=test["bpd"].mean().item(), **metrics,
-                   time_s=time.time() - t_start)
+                   skipped_steps=skipped)
+        report = f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  skipped {skipped}"
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            metrics, test_sim, sim_bpd = simplified_test_metrics(joint, simplify, glow_model,
+                                                                 test, device)
+            row.update(test_bpd=test["bpd"].mean().item(), **metrics)
+            save_grid(cfg.out / f"simplified_epoch{epoch:03d}.png", test["x"], test_sim,
+                      test["bpd"], sim_bpd)
+            if joint is not None:
+                report += (f"  test acc {row['test_acc']:.3f} "
+                           f"(simplified {row['test_acc_simplified']:.3f})")
+            report += f"  test bpd {row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}"
+        row["time_s"] = time.time() - t_start
         history.append(row)
         nets.append_jsonl(metrics_path, row)
-        save_grid(cfg.out / f"simplified_epoch{epoch:03d}.png", test["x"], test_sim,
-                  test["bpd"], sim_bpd)
-        accuracy = "" if joint is None else \
-            f"  test acc {row['test_acc']:.3f} (simplified {row['test_acc_simplified']:.3f})"
-        print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}{accuracy}  test bpd "
-              f"{row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}  skipped {skipped}  "
-              f"{row['time_s']:.0f}s", flush=True)
+        print(f"{report}  {row['time_s']:.0f}s", flush=True)
         for name, model in models.items():
             nets.save_model(model, cfg.out / f"{name}.pt", epoch=epoch,
                             dataset=train_set.info.name)

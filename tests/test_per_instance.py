@@ -696,6 +696,24 @@ def optimizer_states(checkpoint):
     return [v for v in checkpoint.values() if isinstance(v, dict) and "param_groups" in v]
 
 
+def test_eval_every_never_changes_training(tmp_path):
+    """--eval-every N: the test metrics and grid every N epochs and after the last; the
+    evaluation draws its bpd noise from its own seeded stream, so training is the same
+    whether it evaluates every epoch or not (the same weights bit for bit)."""
+    run(tmp_path, "every", "--epochs", "3", "--eval-every", "1")
+    run(tmp_path, "rare", "--epochs", "3", "--eval-every", "2")
+    for out, evaluated in (("every", [1, 2, 3]), ("rare", [2, 3])):
+        rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").open()]
+        assert [r["epoch"] for r in rows if "test_acc" in r] == evaluated, out
+        assert [r["epoch"] for r in rows] == [1, 2, 3]
+        grids = sorted(p.name for p in (tmp_path / out).glob("simplified_epoch*.png"))
+        assert grids == [f"simplified_epoch{e:03d}.png" for e in evaluated]
+    for name in ("classifier.pt", "simplifier.pt"):
+        a, b = (torch.load(tmp_path / out / name, weights_only=True)["state_dict"]
+                for out in ("every", "rare"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_smoke_simplebits_resume_retrain_save(tmp_path, monkeypatch):
     drawn = spy_augmentation(monkeypatch)
     full = run(tmp_path, "full", "--epochs", "2")
