@@ -16,6 +16,7 @@ trade-off charts).
     python3 -c "import nets; print(nets.NFWideResNet(10))"
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -359,6 +360,16 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolated_rng(device, seed):
+    """A seeded random stream for evaluation and reporting that leaves the global one
+    untouched: where and how often a run evaluates never changes what it trains."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _atomic_write(path, write):
