@@ -595,8 +595,8 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
                seed=0, log=print):
     """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up
     (default: a tenth of the run, at most 4000 steps as the released model), ActNorm
-    data-dependent init on `init_images` augmented images, and skipping of steps with
-    non-finite gradients. Saves `out` atomically after every epoch (with `settings`, the
+    data-dependent init on `init_images` augmented images, and a zero gradient for batches
+    whose gradient is not finite. Saves `out` atomically after every epoch (with `settings`, the
     run's flags) and resumes from it when it holds an unfinished run of the same model.
     A run that diverges (non-finite weights or test bpd) raises instead of saving.
 
@@ -666,12 +666,15 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
             loss = bits_per_dim(model, x, noise=noise[mine]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over the processes
-            grad_norm = torch.nn.utils.clip_grad_norm_(glow.parameters(), float("inf"))
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped += 1
+            # a batch whose gradient is not finite contributes none: its gradient is zeroed
+            # on the device (no host sync per step); Adamax's moments still decay that step
+            finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(glow.parameters(), math.inf))
+            for p in glow.parameters():
+                if p.grad is not None:
+                    p.grad = torch.where(finite, p.grad, 0.0)
+            optimizer.step()
             warmup.step()
+            skipped = skipped + (~finite).long()
             total, count, step = total + loss.detach(), count + 1, step + 1
             progress.update()
             if max_steps and step >= max_steps:
@@ -691,7 +694,8 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         line = f"glow epoch {epoch + 1}: train bpd {total.item() / max(count, 1):.3f}"
         if test_set is not None:
             line += f", test bpd {test_bpd.item():.3f}"
-        log(line + (f", {skipped} non-finite steps skipped" if skipped else ""))
+        skipped = int(skipped)  # read once per epoch
+        log(line + (f", {skipped} non-finite gradients zeroed" if skipped else ""))
         finite = math.isfinite(test_bpd.item()) and all(bool(p.isfinite().all())
                                                         for p in glow.parameters())
         if not finite:

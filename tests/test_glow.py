@@ -464,6 +464,43 @@ def test_tiny_glow_trained_on_shapes_ranks_images_like_fig2(tmp_path):
     assert bpd_constant < bpd_shapes < bpd_noise, (bpd_constant, bpd_shapes, bpd_noise)
 
 
+def record_adamax_step(snapshots):
+    """torch.optim.Adamax.step, recording the gradients each step receives."""
+    original = torch.optim.Adamax.step
+
+    def step(self, *args, **kwargs):
+        snapshots.append({"grads": [None if p.grad is None else p.grad.clone()
+                                    for group in self.param_groups for p in group["params"]]})
+        return original(self, *args, **kwargs)
+    return step
+
+
+def test_train_glow_zeroes_a_non_finite_gradient(tmp_path, monkeypatch):
+    """A batch whose loss is NaN contributes a zero gradient: the weights stay finite (an
+    Adamax step on a NaN gradient would make them NaN), the epoch's log counts it, and
+    Adamax's step receives zero gradients."""
+    torch.manual_seed(0)
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 8, seed=0)
+    real_bpd, calls = glow.bits_per_dim, []
+
+    def nan_on_second_step(model, x, noise=True):
+        calls.append(len(x))
+        bpd = real_bpd(model, x, noise=noise)
+        return bpd * math.nan if len(calls) == 2 else bpd
+
+    model = glow.Glow(levels=1, steps=1, hidden=8)
+    snapshots = []
+    monkeypatch.setattr(torch.optim.Adamax, "step", record_adamax_step(snapshots))
+    monkeypatch.setattr(glow, "bits_per_dim", nan_on_second_step)
+    lines = []
+    glow.train_glow(model, train, torch.device("cpu"), epochs=1, batch_size=4, warmup_steps=1,
+                    init_images=8, log=lines.append)
+    assert len(calls) == 2 and all(p.isfinite().all() for p in model.parameters())
+    assert "1 non-finite gradients zeroed" in lines[-1]
+    grads = snapshots[1]["grads"]
+    assert all(g is None or not g.any() for g in grads)  # the second step saw zero gradients
+
+
 def test_quick_glow_rates_plain_backgrounds_cheap(tmp_path):
     """The tiny Glow of --quick (get_glow, ~25 s) must score the plain-background fifth of
     shapes well below the noisy rest, or the quick demos cannot show simplification."""
