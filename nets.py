@@ -658,12 +658,14 @@ def _grid_runs(grid_dir, knob):
     runs = []
     for path in Path(grid_dir).glob("*/results.json"):  # quick-glow/ or unfinished: no results
         results = json.loads(path.read_text())
-        key, _, text = path.parent.name.partition("=")
-        key = knob or key
-        try:
-            value = results[key] if key in results else float(text)
-        except ValueError:
-            value = None  # not a grid_folder name: listed last
+        name_key, _, text = path.parent.name.partition("=")
+        key = knob or name_key
+        value = results.get(key)
+        if value is None and key == name_key:
+            try:
+                value = float(text)  # e.g. a baseline whose results.json lacks its knob
+            except ValueError:
+                pass  # not a grid_folder name: listed last
         runs.append((path.parent.name, key, value, results))
     return sorted(runs, key=lambda r: (r[2] is None, r[2] or 0, r[0]))
 
