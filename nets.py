@@ -613,6 +613,11 @@ def float_grid(text):
     return tuple(values)
 
 
+def grid_text(value):
+    """A knob value or grid in a folder name: 2.0 -> "2", (0.0, 0.4, 1.0) -> "0,0.4,1"."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+
+
 def grid_folder(out, knob, value):
     """Folder of one grid value: grid_folder("g", "lambda_sim", 0.4) -> g/lambda_sim=0.4."""
     return Path(out) / f"{knob}={value:g}"
@@ -649,6 +654,49 @@ def run_grid(main, args, knob, grid_index=None, summary=None):
         if summary is not None:
             summarize([out], out, **summary)
     return done
+
+
+def add_grid_flags(parser, knobs):
+    """--grid-index and --summarize, shared by the scripts whose `knobs` (e.g. --lambda-sim)
+    take a grid: several comma-separated values, each run into its own sub-folder."""
+    names = "/".join("--" + k.replace("_", "-") for k in knobs)
+    parser.add_argument("--grid-index", type=int, default=None, metavar="I",
+                        help=f"with a grid (several comma-separated values of {names}): run "
+                             "only the I-th value (0-based), one value per job of an array "
+                             "(e.g. sbatch --array=0-4)")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="DIR",
+                        help="only write tradeoff.csv and tradeoff.png of the finished runs in "
+                             "these grid folders (several: one series each, as Fig. S4) into "
+                             "--out (default: the one DIR)")
+
+
+def settle_grid(parser, args, knob, knobs):
+    """After parsing: a grid of one value becomes that value; only `knob`, the knob of the
+    chosen method, may hold several; --grid-index needs a grid. Returns args."""
+    for name in knobs:
+        value = getattr(args, name)
+        if isinstance(value, tuple) and len(value) == 1:
+            setattr(args, name, value[0])
+        elif isinstance(value, tuple) and name != knob:
+            parser.error(f"--{name.replace('_', '-')} takes one value here; the grid of this "
+                         f"method is --{knob.replace('_', '-')}.")
+    if args.grid_index is not None and not isinstance(getattr(args, knob), tuple):
+        parser.error(f"--grid-index needs a grid: several comma-separated values of "
+                     f"--{knob.replace('_', '-')}.")
+    if args.summarize and len(args.summarize) > 1 and args.out is None:
+        parser.error("--summarize with several folders needs --out for the summary.")
+    return args
+
+
+def run_command(main, args, knob, out, summary):
+    """What a mode script's command line asks for: a trade-off summary (--summarize), every
+    value of a grid into its sub-folder of `out` (or the --grid-index one), or one run."""
+    if args.summarize:
+        return summarize(args.summarize, args.out or args.summarize[0], **summary)
+    if isinstance(getattr(args, knob), tuple):
+        grid = argparse.Namespace(**{**vars(args), "out": str(out)})
+        return run_grid(main, grid, knob, args.grid_index, summary)
+    return main(args)
 
 
 def _grid_runs(grid_dir, knob):

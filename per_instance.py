@@ -41,6 +41,9 @@ FULL = dict(epochs=100, batch_size=32, lambda_sim=2.0, lr=5e-4, arch="wrn", dept
             widen=2, width=128, ngf=64, train_size=None, test_size=None, eval_every=5)
 QUICK = dict(epochs=12, batch_size=16, lambda_sim=50.0, lr=5e-3, arch="convnet", depth=10,
              widen=1, width=32, ngf=16, train_size=2000, test_size=500, eval_every=1)
+# the flag that takes a grid (Fig. 5, Fig. S4), per --simplifier
+GRID_KNOB = dict(unet="lambda_sim", l2="lambda_sim", blur="blur_sigma", jpeg="jpeg_quality")
+GRID_KNOBS = ("lambda_sim", "blur_sigma", "jpeg_quality")
 # what --resume lets change: train longer, evaluate elsewhere, and add the phases after
 # joint training (Fig. 5)
 RESUMABLE = ("epochs", "eval_every", "retrain", "finetune", "retrain_epochs", "save_simplified")
@@ -64,14 +67,16 @@ def get_args(argv=None):
     p.add_argument("--lr", type=nets.finite_float, default=None,
                    help="learning rate of f and the simplifier (Sec. 3: default 5e-4; quick %g)"
                         % QUICK["lr"])
-    p.add_argument("--lambda-sim", type=nets.finite_float, default=None,
-                   help="weight λ_sim of L_sim in bits/dim (Eq. 5; default 2, paper grid 0-2; "
-                        "quick %g)" % QUICK["lambda_sim"])
+    p.add_argument("--lambda-sim", type=nets.float_grid, default=None,
+                   help="weight λ_sim of L_sim in bits/dim (Eq. 5; default 2; quick %g), or a "
+                        "grid such as 0,0.4,1,1.6,2 (Fig. 5)" % QUICK["lambda_sim"])
     p.add_argument("--simplifier", default="unet", choices=["unet", "l2", "blur", "jpeg"],
                    help="unet: SimpleBits (Sec. 3); l2, blur, jpeg: the baselines of S7")
-    p.add_argument("--blur-sigma", type=nets.finite_float, default=1.0,
-                   help="σ of the blur baseline (S7)")
-    p.add_argument("--jpeg-quality", type=int, default=20, help="quality of the JPEG baseline (S7)")
+    p.add_argument("--blur-sigma", type=nets.float_grid, default=1.0,
+                   help="σ of the blur baseline (S7), or a grid such as 0.5,1,2 (Fig. S4)")
+    p.add_argument("--jpeg-quality", type=nets.float_grid, default=20,
+                   help="quality 1-100 of the JPEG baseline (S7), or a grid such as 10,30,70 "
+                        "(Fig. S4)")
     p.add_argument("--arch", default=None, choices=["wrn", "convnet"],
                    help="architecture of the classifier f: wrn = the paper's NF-WideResNet "
                         "(S2.1, default); convnet = the DC ConvNet of Sec. 4 (quick, faster on "
@@ -93,9 +98,13 @@ def get_args(argv=None):
                         "quick %d)" % QUICK["epochs"])
     p.add_argument("--save-simplified", action="store_true",
                    help="write simplified_{train,test}.pt (uint8 images in dataset order; S5)")
+    nets.add_grid_flags(p, GRID_KNOBS)
     args = p.parse_args(argv)
-    if (args.lambda_sim or 0) < 0 or args.blur_sigma <= 0 or not 0 <= args.jpeg_quality <= 100:
-        p.error("--lambda-sim must be >= 0, --blur-sigma > 0 and --jpeg-quality in 0..100.")
+    nets.settle_grid(p, args, GRID_KNOB[args.simplifier], GRID_KNOBS)
+    sigmas, qualities = (v if isinstance(v, tuple) else (v,)
+                         for v in (args.blur_sigma, args.jpeg_quality))
+    if min(sigmas) <= 0 or not all(q == int(q) and 1 <= q <= 100 for q in qualities):
+        p.error("--blur-sigma must be > 0 and --jpeg-quality an integer in 1..100.")
     if args.lr is not None and args.lr <= 0:
         p.error("--lr must be positive.")
     if args.depth is not None and (args.depth < 10 or (args.depth - 4) % 6):
@@ -113,8 +122,8 @@ def resolve_config(args):
         cfg["epochs"] = 50  # the authors' L2 baseline ran 50 epochs (S7)
     cfg["retrain_epochs"] = args.retrain_epochs or preset["epochs"]
     name = Path(args.dataset).name
-    knob = {"blur": f"sigma{args.blur_sigma:g}", "jpeg": f"q{args.jpeg_quality}"}.get(
-        args.simplifier, f"lam{cfg['lambda_sim']:g}")
+    knob = {"blur": "sigma", "jpeg": "q"}.get(args.simplifier, "lam") + nets.grid_text(
+        {"blur": args.blur_sigma, "jpeg": args.jpeg_quality}.get(args.simplifier, cfg["lambda_sim"]))
     cfg["out"] = Path(args.out or f"runs/per_instance-{name}-{args.simplifier}-{knob}"
                                   f"-seed{args.seed}" + ("-quick" if args.quick else ""))
     return argparse.Namespace(**{**vars(args), **cfg})
@@ -279,7 +288,7 @@ def simplification(args, simplifier):
     if args.simplifier == "blur":
         return lambda x: glow.quantize(gaussian_blur(x, args.blur_sigma))
     if args.simplifier == "jpeg":
-        return lambda x: jpeg(x, args.jpeg_quality)
+        return lambda x: jpeg(x, int(args.jpeg_quality))
     return lambda x: glow.quantize(simplifier(x))
 
 
@@ -503,7 +512,6 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
         acc, acc_sim = retrain(fresh, train_sim, train_y, phases, cfg, flip, device, "retrain")
         results.update(retrain_test_acc=acc, retrain_test_acc_simplified=acc_sim)
         if cfg.simplifier != "unet":
-            results.update(test_acc=acc, test_acc_simplified=acc_sim)
             nets.save_model(fresh, cfg.out / "classifier.pt",
                             dataset=train_set.info.name)
     if cfg.finetune:
@@ -555,7 +563,8 @@ def main(args):
     # final evaluation (Fig. 3, Fig. 5 "joint", S5 PNG sizes), then the Fig. 5 phases
     joint = classifier if cfg.simplifier == "unet" else None
     metrics, test_sim, sim_bpd = simplified_test_metrics(joint, simplify, glow_model, test, device)
-    results = dict(dataset=info.name, simplifier=cfg.simplifier, lambda_sim=cfg.lambda_sim,
+    knob = GRID_KNOB[cfg.simplifier]  # lambda_sim, blur_sigma or jpeg_quality
+    results = dict(dataset=info.name, simplifier=cfg.simplifier, **{knob: getattr(cfg, knob)},
                    epochs=cfg.epochs if cfg.simplifier in ("unet", "l2") else 0,
                    test_bpd=test["bpd"].mean().item(), **metrics,
                    png_bytes=png_bytes(datasets.to_uint8(test_x)),
@@ -571,16 +580,25 @@ def main(args):
     return results
 
 
+# tradeoff.csv / tradeoff.png of a grid (Fig. 5, Fig. S4): accuracy against the bpd of the
+# simplified test images; the joint classifier is tested on simplified images, the
+# retrained and finetuned ones (and the baselines', which are retrained) on the originals
+SUMMARY = dict(x_key="test_bpd_simplified", ref_key="test_bpd",
+               series=[("joint (simplified test images)", "test_acc_simplified"),
+                       ("retrain", "retrain_test_acc"), ("finetune", "finetune_test_acc")],
+               title="Fig. 5: test accuracy against bits per dimension of simplified images")
+
 if __name__ == "__main__":
     args = get_args()
     try:
-        main(args)
+        nets.run_command(main, args, GRID_KNOB[args.simplifier], resolve_config(args).out,
+                         SUMMARY)
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted: the same command with --resume continues the run in "
-              f"{resolve_config(args).out} from its last finished epoch.",
-              file=sys.stderr)
+              f"{resolve_config(args).out} from its last finished epoch (a grid continues "
+              "without --resume).", file=sys.stderr)
         sys.exit(130)

@@ -1,6 +1,7 @@
 """How runs behave where users run them: the device every model lands on, output folders
 that are never mixed, --resume that checks its settings, and bad input, interrupts and
 corrupt files answered with one sentence. Tiny settings throughout (seconds each)."""
+import csv
 import hashlib
 import json
 import os
@@ -309,3 +310,60 @@ def test_posthoc_resume_reuses_its_classifier_and_rewrites_metrics(tmp_path, tin
     assert again["classifier_test_acc"] == first["classifier_test_acc"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["classifier", "simplify", "simplify"]  # no duplicates
+
+
+# ----------------------------------------------------------------------------- grids (Fig. 5)
+def test_grid_flags_are_settled_by_the_parser(capsys):
+    args = per_instance.get_args(["--lambda-sim", "0,2.5"])
+    assert args.lambda_sim == (0.0, 2.5) and args.grid_index is None
+    assert per_instance.get_args(["--lambda-sim", "2"]).lambda_sim == 2.0  # one value: a plain run
+    assert per_instance.get_args(["--simplifier", "jpeg", "--jpeg-quality", "10,30"]).jpeg_quality \
+        == (10.0, 30.0)
+    assert "lam0,2.5" in str(per_instance.resolve_config(args).out)
+    for bad, words in [(["--simplifier", "blur", "--lambda-sim", "0,1"], "--blur-sigma"),
+                       (["--grid-index", "0"], "needs a grid"),
+                       (["--simplifier", "jpeg", "--jpeg-quality", "20.5"], "integer"),
+                       (["--lambda-sim", "0,1,0"], "repeats"),
+                       (["--summarize", "a", "b"], "--out")]:
+        with pytest.raises(SystemExit) as exit_info:
+            per_instance.get_args(bad)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err, bad
+
+
+def test_grid_runs_each_value_skips_finished_ones_and_summarizes(tmp_path, tiny_glow_path,
+                                                                  monkeypatch):
+    """--lambda-sim 0,3: each value into its own sub-folder, tradeoff.csv with one row per
+    run holding that run's results; a rerun runs nothing; --grid-index runs one value."""
+    calls = []
+    main = per_instance.main
+    monkeypatch.setattr(per_instance, "main", lambda args: calls.append(args.lambda_sim) or main(args))
+
+    def grid(out, *extra):
+        args = per_instance.get_args(per_instance_argv(out, tiny_glow_path, "--lambda-sim", "0,3",
+                                                       *extra))
+        return nets.run_command(per_instance.main, args, "lambda_sim",
+                                per_instance.resolve_config(args).out, per_instance.SUMMARY)
+
+    grid(tmp_path / "g")
+    assert calls == [0.0, 3.0]
+    rows = list(csv.DictReader((tmp_path / "g" / "tradeoff.csv").open()))
+    assert [r["run"] for r in rows] == ["g/lambda_sim=0", "g/lambda_sim=3"]
+    for row in rows:
+        results = json.loads((tmp_path / "g" / row["run"].split("/")[1] / "results.json").read_text())
+        assert float(row["lambda_sim"]) == results["lambda_sim"]
+        for key in ("test_acc_simplified", "test_bpd_simplified", "test_bpd", "png_bytes"):
+            assert float(row[key]) == pytest.approx(results[key], rel=1e-12), key
+    assert (tmp_path / "g" / "tradeoff.png").stat().st_size > 1000
+    before = snapshot(tmp_path / "g" / "lambda_sim=0")
+    grid(tmp_path / "g")  # the same command again: both values are finished
+    assert calls == [0.0, 3.0] and snapshot(tmp_path / "g" / "lambda_sim=0") == before
+    grid(tmp_path / "h", "--grid-index", "1")  # one job of an array
+    assert calls[2:] == [3.0] and sorted(p.name for p in (tmp_path / "h").iterdir()) == [
+        "lambda_sim=3", "tradeoff.csv", "tradeoff.png"]
+    with pytest.raises(nets.RunError, match="0 to 1"):
+        grid(tmp_path / "h", "--grid-index", "2")
+    proc = cli("per_instance.py", "--summarize", str(tmp_path / "g"), str(tmp_path / "h"),
+               "--out", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "s" / "tradeoff.csv").open()))
+    assert [r["run"] for r in rows] == ["g/lambda_sim=0", "g/lambda_sim=3", "h/lambda_sim=3"]
