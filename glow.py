@@ -833,6 +833,7 @@ def main(args):
     log(vars(args))
     nets.seed_everything(args.seed)  # the same on every process
     device = nets.resolve_device(args.device)
+    nets.quick_threads(getattr(args, "quick", False), device)  # only `train` has --quick
     if args.command == "import-y0ast":
         if not os.path.isfile(args.checkpoint):
             raise GlowCheckpointError(f"{args.checkpoint} does not exist: download glow.zip from "

@@ -321,6 +321,15 @@ def resolve_device(name):
     return device
 
 
+def quick_threads(quick, device):
+    """--quick on a CPU uses one intra-op thread unless OMP_NUM_THREADS says otherwise. On
+    2 cores torch's default of one thread per core thrashes as soon as another process
+    runs: the quick loops' steps took 5-8x longer than with one thread (tests/benchmark.py
+    threads), while one thread costs 1.2-1.5x on an idle machine."""
+    if quick and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def classifier_optimizer(classifier, lr=5e-4):
     """The authors' classifier optimizer: AdamW(lr, betas (0.9, 0.995), eps 1e-8), weight
     decay 1e-5 on weights and gains, none on biases (the paper's text says AdamW, wd 1e-5)."""

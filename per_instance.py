@@ -526,6 +526,7 @@ def main(args):
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
+    nets.quick_threads(cfg.quick, device)
     t_start = time.time()
 
     # data: training items are read per epoch (composites re-draw their distractors);

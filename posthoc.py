@@ -372,6 +372,7 @@ def main(args):
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
+    nets.quick_threads(cfg.quick, device)
     start = time.time()
 
     # data: training images (for f and the quick Glow) and the test images to explain

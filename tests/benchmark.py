@@ -206,8 +206,67 @@ def bench_posthoc(device, full=False):
               flush=True)
 
 
+def quick_steps():
+    """Seconds per tiny-Glow training step (batch 64) and per quick per-instance step
+    (ConvNet 32, UNet ngf 16, batch 16, tiny Glow): the two loops of the quick demos."""
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    g = glow.Glow(**glow.QUICK_GLOW)
+    x = torch.rand(64, 3, 32, 32)
+    with torch.no_grad():
+        g(glow.to_glow_range(x))  # ActNorm data init
+    opt = torch.optim.Adamax(g.parameters(), lr=glow.QUICK_LR)
+
+    def glow_step():
+        opt.zero_grad()
+        glow.bits_per_dim(g, x).mean().backward()
+        opt.step()
+
+    frozen = glow.freeze(g)
+    classifier, simplifier = nets.ConvNet(5, width=32), nets.UNetSimplifier(ngf=16)
+    opt_clf = nets.classifier_optimizer(classifier, 5e-3)
+    opt_simp = torch.optim.Adam(simplifier.parameters(), lr=5e-3, betas=(0.5, 0.99), fused=True)
+    xb, yb = torch.rand(16, 3, 32, 32), torch.randint(0, 5, (16,))
+
+    def simplebits_step():
+        per_instance.simplebits_step(simplifier, classifier, opt_simp, opt_clf, frozen, xb, yb,
+                                     50.0, False)
+
+    return timed(glow_step, device, 15), timed(simplebits_step, device, 10)
+
+
+def bench_threads(device, full=False):
+    """The quick demos' two loops in a fresh process per setting: torch's default threads,
+    OMP_NUM_THREADS=1 and OMP_WAIT_POLICY=PASSIVE, on this machine as it is and with one
+    busy-looping process beside (a laptop that is never idle)."""
+    import subprocess
+    settings = {"default": {}, "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
+                "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    code = ("import sys; sys.path.insert(0, 'tests'); import benchmark, torch; "
+            "g, s = benchmark.quick_steps(); print(torch.get_num_threads(), g, s)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(f"quick loops, ms per step ({os.cpu_count()} CPUs): tiny-Glow training step | "
+          "per-instance quick step")
+    for load in ("as is", "one busy process beside"):
+        hog = None
+        if load != "as is":
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for name, env in settings.items():
+                env = {k: v for k, v in os.environ.items()
+                       if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")} | env
+                out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                                     capture_output=True, text=True, check=True).stdout.split()
+                threads, g, s = int(out[0]), float(out[1]), float(out[2])
+                print(f"  {load:24s} {name:24s} ({threads} threads): {g * 1e3:7.1f} | "
+                      f"{s * 1e3:7.1f}", flush=True)
+        finally:
+            if hog is not None:
+                hog.kill()
+
+
 BENCHMARKS = {"glow": bench_glow, "per_instance": bench_per_instance, "condense": bench_condense,
-              "posthoc": bench_posthoc}
+              "posthoc": bench_posthoc, "threads": bench_threads}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SimpleBits speed benchmarks")

@@ -367,3 +367,21 @@ def test_grid_runs_each_value_skips_finished_ones_and_summarizes(tmp_path, tiny_
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((tmp_path / "s" / "tradeoff.csv").open()))
     assert [r["run"] for r in rows] == ["g/lambda_sim=0", "g/lambda_sim=3", "h/lambda_sim=3"]
+
+
+def test_quick_runs_use_one_cpu_thread_unless_omp_num_threads_is_set(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        nets.quick_threads(False, torch.device("cpu"))  # full presets: torch's default
+        nets.quick_threads(True, torch.device("meta"))  # not a CPU run
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        nets.quick_threads(True, torch.device("cpu"))  # the user's choice wins
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        nets.quick_threads(True, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
