@@ -21,7 +21,6 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Subset
 
 import datasets
 import glow
@@ -349,9 +348,12 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 9973 + epoch))
 
 
-def train_batches(dataset, batch_size, seed, epoch):
-    order = epoch_order(len(dataset), seed, epoch)
-    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, drop_last=True)
+def train_batches(batches, batch_size, seed, epoch):
+    """The full batches of one epoch in the order epoch_order fixes, built by indexing on
+    the device (datasets.Batches); composites draw their distractors from the global RNG."""
+    order = epoch_order(len(batches), seed, epoch)
+    for idx in order[:len(order) // batch_size * batch_size].split(batch_size):
+        yield batches.get(idx)  # (B, 3, 32, 32) float32, (B,) long on the device
 
 
 def make_classifier(cfg, info, device):
@@ -444,14 +446,14 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
         done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
     nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
     joint = classifier if cfg.simplifier == "unet" else None  # l2: no classifier (S7)
+    batches = datasets.Batches(train_set, device)  # the training images, on the device
     steps = len(train_set) // cfg.batch_size
     progress = nets.Progress((cfg.epochs - done) * steps, "train")  # ETA of the whole run
     t_start = time.time()
     for epoch in range(done + 1, cfg.epochs + 1):
         sums, skipped = {}, 0
         progress.desc = f"epoch {epoch}/{cfg.epochs}"
-        for x, y in train_batches(train_set, cfg.batch_size, cfg.seed, epoch):
-            x, y = x.to(device), y.to(device)
+        for x, y in train_batches(batches, cfg.batch_size, cfg.seed, epoch):
             if cfg.simplifier == "unet":
                 parts, n_skip = simplebits_step(simplifier, classifier, opt_simp, opt_clf,
                                                 glow_model, x, y, cfg.lambda_sim, flip)

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader
 
 import datasets
 import glow
@@ -245,28 +244,29 @@ def train_classifier(train_set, cfg, device, log):
     model = nets.NFWideResNet(info.num_classes, cfg.depth, cfg.widen, mean=info.mean, std=info.std)
     model = model.to(device)
     optimizer = nets.classifier_optimizer(model, cfg.train_lr)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=len(train_set) > cfg.batch_size)
+    batches = datasets.Batches(train_set, device)  # the training images, on the device
+    size = min(cfg.batch_size, len(batches))
     flip = info.name in ("cifar10", "cifar100")  # authors: flips only for CIFAR
     for epoch in range(1, cfg.train_epochs + 1):
         model.train()
-        progress = nets.Progress(len(loader), f"classifier epoch {epoch}")
-        loss_sum, correct, count = 0.0, 0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+        order = torch.randperm(len(batches))[:len(batches) // size * size]  # full batches only
+        progress = nets.Progress(len(order) // size, f"classifier epoch {epoch}")
+        loss_sum, correct, count = 0.0, 0, 0  # summed on the device: no host sync per step
+        for idx in order.split(size):
+            x, y = batches.get(idx)  # (B, 3, 32, 32), (B,)
             aug = nets.sample_crop_flip(len(x), 4, flip, device)
             logits = model(nets.crop_flip(x, aug, 4, "reflect"))  # 4-px reflect crop (+ flip)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             count += len(y)
-            progress.update(loss=loss.item())
+            progress.update(loss=loss.detach())
         progress.close()
-        metrics = dict(phase="classifier", epoch=epoch, train_loss=loss_sum / count,
-                       train_acc=correct / count)
+        metrics = dict(phase="classifier", epoch=epoch, train_loss=float(loss_sum) / count,
+                       train_acc=float(correct) / count)
         print(f"classifier epoch {epoch}/{cfg.train_epochs}: train loss {metrics['train_loss']:.4f}, "
               f"train acc {metrics['train_acc']:.4f}", flush=True)
         log(metrics)

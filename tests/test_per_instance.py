@@ -808,3 +808,16 @@ def test_missing_glow_exits_with_status_2(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "glow" in err.lower()
+
+
+def test_train_batches_equal_the_items_in_epoch_order():
+    """The training batches of an epoch: full batches of the permutation fixed by (seed,
+    epoch), built by indexing — equal to stacking the dataset's items one by one."""
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 50, seed=0)
+    batches = list(pi.train_batches(datasets.Batches(train, "cpu"), 16, seed=3, epoch=2))
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(3 * 9973 + 2))
+    assert len(batches) == 3  # 50 // 16, the last partial batch dropped
+    for k, (x, y) in enumerate(batches):
+        items = [train[int(i)] for i in order[16 * k:16 * (k + 1)]]
+        assert torch.equal(x, torch.stack([img for img, _ in items]))
+        assert y.tolist() == [label for _, label in items]
