@@ -1,14 +1,22 @@
 """Speed benchmarks, run by hand (not collected by pytest):
 
-    python tests/benchmark.py                 # every benchmark on the default device
+    python tests/benchmark.py --device cuda --full   # the GPU check: every mode, every figure
     python tests/benchmark.py glow --device cuda --full
+    python tests/benchmark.py data threads --device cpu
 
 glow:         images/second of Glow scoring (bpd forward, and forward + backward to the
               input) at batch 32, small and (--full) the released K=32/hidden 512 Glow.
-per_instance: one SimpleBits step split into Glow scoring and the rest, against one plain
-              classifier step (paper networks; tiny or --full Glow).
+smoke:        every mode end to end on the device with tiny settings (the CUDA paths).
+data:         ms per training batch of 32, item by item against datasets.Batches.
+per_instance: one SimpleBits step at paper settings split into data, simplifier update,
+              classifier update and Glow scoring, a plain classifier step, and the
+              projected wall time of a 100-epoch CIFAR-10 run (tiny or --full Glow).
 condense:     seconds per outer iteration for ipc 1 and 10, with and without the bpd term.
 posthoc:      seconds per Alg. 2 step; torch.func per-example gate gradients vs a loop.
+threads:      the quick demos' loops with 1 or 2 CPU threads, idle and beside a busy process.
+
+Without names every benchmark but threads runs: on a GPU the first command above is the
+one prepared check (a few minutes).
 """
 import argparse
 import os
@@ -104,17 +112,53 @@ def bench_per_instance(device, full=False, batch=32, repeats=5):
         x_sim = x.clone().requires_grad_()
         glow.bits_per_dim(g, x_sim).mean().backward()
 
+    def simplifier_update():  # Eq. 5 through the unrolled step, and its optimizer step
+        aug = nets.sample_crop_flip(batch, per_instance.PAD, True, device)
+        x_sim = glow.quantize(simplifier(x))
+        loss, _ = per_instance.simplifier_loss(classifier, opt_clf, g, x, x_sim, y, aug, 2.0)
+        per_instance.finite_step(opt_simp, loss, list(simplifier.parameters()))
+
+    def classifier_update():  # f on the new simplified batch
+        aug = nets.sample_crop_flip(batch, per_instance.PAD, True, device)
+        with torch.no_grad():
+            x_sim = glow.quantize(simplifier(x))
+        per_instance.classifier_step(classifier, opt_clf, nets.crop_flip(x_sim, aug, per_instance.PAD), y)
+
+    import datasets
+    info = datasets.DatasetInfo("x", 10, [str(k) for k in range(10)], (0.5,) * 3, (0.25,) * 3)
+    cifar = datasets.Batches(datasets.TensorImages(
+        torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8), torch.arange(50000) % 10,
+        info), device)
+    test_x = torch.rand(1000, 3, 32, 32)
+
+    def evaluation_1000():  # what an evaluation does per 1000 test images (Fig. 3, Fig. 5)
+        simplify = per_instance.simplification(SimpleNamespace(simplifier="unet"), simplifier)
+        per_instance.simplified_test_metrics(classifier, simplify, g, dict(x=test_x, y=y.new_zeros(
+            1000).cpu()), device)
+
+    t_data = timed(lambda: cifar.get(torch.randint(50000, (batch,))), device, 5 * repeats)
     t_plain = timed(plain, device, repeats)
     t_rest = timed(step(0.0), device, repeats)
     t_glow = timed(glow_scoring, device, repeats)
     t_full = timed(step(2.0), device, repeats)
+    t_simp = timed(simplifier_update, device, repeats)
+    t_clf = timed(classifier_update, device, repeats)
+    t_eval = timed(evaluation_1000, device, 2, warmup=1)
+    steps = 50000 // batch
+    total = 100 * steps * (t_data + t_full) + 20 * 10 * t_eval  # evaluations every 5 epochs
     print(f"per_instance [{device}, batch {batch}, threads {torch.get_num_threads()}, "
           f"Glow {glow_cfg}]")
-    print(f"  plain classifier step        {t_plain * 1e3:9.1f} ms")
+    print(f"  data: a CIFAR-size batch      {t_data * 1e3:9.2f} ms")
     print(f"  SimpleBits step, λ = 2       {t_full * 1e3:9.1f} ms")
+    print(f"    simplifier update (Eq. 5)  {t_simp * 1e3:9.1f} ms")
+    print(f"    classifier update          {t_clf * 1e3:9.1f} ms")
     print(f"    Glow scoring (fwd+bwd)     {t_glow * 1e3:9.1f} ms")
     print(f"    rest (same step, λ = 0)    {t_rest * 1e3:9.1f} ms  = {t_rest / t_plain:.1f}x plain "
           f"(target <= 8x)")
+    print(f"  plain classifier step        {t_plain * 1e3:9.1f} ms")
+    print(f"  evaluation per 1000 images   {t_eval:9.2f} s")
+    print(f"  projected CIFAR-10 run (100 epochs x {steps} steps, 20 evaluations of 10k images): "
+          f"{total / 3600:.1f} h")
     return dict(plain=t_plain, full=t_full, glow=t_glow, rest=t_rest, ratio=t_rest / t_plain)
 
 
@@ -206,6 +250,59 @@ def bench_posthoc(device, full=False):
               flush=True)
 
 
+def bench_data(device, full=False, batch=32, repeats=200):
+    """ms to build one training batch of 32: item by item (a DataLoader over the dataset's
+    items, the old path) against datasets.Batches (indexing on the device), for CIFAR-size
+    data in memory and for the composites, on random stand-in images (no download)."""
+    import datasets
+    from torch.utils.data import DataLoader
+    torch.manual_seed(0)
+    info = datasets.DatasetInfo("x", 10, [str(k) for k in range(10)], (0.5,) * 3, (0.25,) * 3)
+
+    def images(n, channels):
+        return datasets.TensorImages(torch.randint(0, 256, (n, channels, 32, 32), dtype=torch.uint8),
+                                     torch.arange(n) % 10, info)
+    mnist, fashion, cifar = images(60000, 1), images(60000, 1), images(50000, 3)
+    cases = {"cifar10-size, in memory": cifar}
+    for kind, target, other in (("mnist-fashion", mnist, fashion), ("mnist-noise", mnist, None),
+                                ("mnist-cifar", mnist, cifar), ("cifar-stripes", cifar, None)):
+        cases[kind] = datasets.Composite(kind, target, other, True, info)
+    print(f"data: ms per training batch of {batch} [{device}, threads {torch.get_num_threads()}]")
+    for name, dataset in cases.items():
+        loader = iter(DataLoader(dataset, batch_size=batch, shuffle=True))
+        fast = datasets.Batches(dataset, device)
+        item = timed(lambda: next(loader)[0].to(device), device, repeats // 4)
+        new = timed(lambda: fast.get(torch.randint(len(fast), (batch,))), device, repeats)
+        print(f"  {name:24s} item by item {item * 1e3:7.2f}   Batches {new * 1e3:6.3f}", flush=True)
+
+
+def bench_smoke(device, full=False):
+    """Every mode end to end on `device` with tiny settings (seconds): the CUDA paths of
+    training, checkpoints, --resume and evaluation, not just the maths."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        glow_path = os.path.join(tmp, "glow.pt")
+        glow.save_glow(glow.Glow(levels=1, steps=1, hidden=8), glow_path)
+        common = ["--dataset", "shapes", "--glow", glow_path, "--device", str(device)]
+        runs = {per_instance: ["--train-size", "64", "--test-size", "32", "--epochs", "2",
+                               "--batch-size", "16", "--arch", "convnet", "--width", "8",
+                               "--ngf", "4", "--retrain", "--retrain-epochs", "1"],
+                condense: ["--train-size", "60", "--test-size", "40", "--ipc", "2",
+                           "--iterations", "2", "--width", "8", "--num-eval", "1",
+                           "--eval-epochs", "2", "--lambda-sim", "1"],
+                posthoc: ["--train-size", "64", "--test-size", "40", "--steps", "3",
+                          "--num-images", "2", "--train-epochs", "1", "--depth", "10",
+                          "--widen", "1", "--select", "correct", "--confidence", "0"]}
+        for module, argv in runs.items():
+            out = os.path.join(tmp, module.__name__)
+            start = time.perf_counter()
+            module.main(module.get_args(common + argv + ["--out", out]))
+            if module is not condense:  # --resume of a finished run: reloads onto the device
+                module.main(module.get_args(common + argv + ["--out", out, "--resume"]))
+            print(f"smoke {module.__name__} on {device}: ok ({time.perf_counter() - start:.1f} s)",
+                  flush=True)
+
+
 def quick_steps():
     """Seconds per tiny-Glow training step (batch 64) and per quick per-instance step
     (ConvNet 32, UNet ngf 16, batch 16, tiny Glow): the two loops of the quick demos."""
@@ -265,13 +362,16 @@ def bench_threads(device, full=False):
                 hog.kill()
 
 
-BENCHMARKS = {"glow": bench_glow, "per_instance": bench_per_instance, "condense": bench_condense,
+BENCHMARKS = {"smoke": bench_smoke, "data": bench_data, "glow": bench_glow, "per_instance": bench_per_instance, "condense": bench_condense,
               "posthoc": bench_posthoc, "threads": bench_threads}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SimpleBits speed benchmarks")
-    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="benchmarks to run")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
+    parser.add_argument("which", nargs="*", choices=list(BENCHMARKS),
+                        default=[b for b in BENCHMARKS if b != "threads"],
+                        help="benchmarks to run (default: all but threads, which is CPU-only)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda:1, mps")
     parser.add_argument("--full", action="store_true", help="also the full-size configurations")
     args = parser.parse_args()
     device = nets.resolve_device(args.device)
