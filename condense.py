@@ -5,7 +5,10 @@ Condenses a training set into `ipc` synthetic images per class by gradient match
 makes those images simple: their code length under a frozen Glow (bits per dimension)
 is added to the matching loss with weight λ. The condensed set is evaluated the DC way:
 fresh ConvNets are trained on it and tested on the real test set (mean ± std), next to
-the same number of randomly chosen real images per class.
+the same number of randomly chosen real images per class. A two-class dataset also gets
+Fig. 7's view (two_class.png): the two condensed classes and their colour-coded difference,
+beside an earlier run (--compare, typically λ = 0). --continual evaluates condensed sets for
+task-incremental continual learning (S11, Fig. S8/S9, Zhao & Bilen 2021).
 
     # CPU quick start (~3-4 min, pretrains a tiny Glow on the fly), then the same without
     # the simplification term (λ = 0, plain DC), scored by the same cached quick Glow
@@ -13,15 +16,25 @@ the same number of randomly chosen real images per class.
     python condense.py --dataset shapes --quick --lambda-sim 0
     # the paper's setting on a GPU (Fig. 6): CIFAR-10, 1 image per class, λ sweep
     python condense.py --dataset cifar10 --ipc 1 --lambda-sim 20 --glow glow-cifar10.pt
+    # continual learning (S11) on CPU (~1 min): shapes, then any ImageFolder task, replaying
+    # the quick start's condensed shapes (RUN = runs/condense-shapes-ipc10-lam50-seed0-quick);
+    # with --no-replay instead of --condensed RUN: the Fig. S8 ablation
+    python condense.py --continual --dataset shapes,FOLDER --condensed RUN --quick
+    # S11 on a GPU: SVHN -> MNIST -> USPS, replaying condensed SVHN and MNIST (ipc 10 runs)
+    python condense.py --continual --dataset svhn,mnist,usps --condensed RUN_SVHN,RUN_MNIST
 """
 import argparse
+import copy
+import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 import datasets
 import glow
@@ -38,6 +51,15 @@ QUICK = dict(train_size=2000, test_size=1000, iterations=400, batch_real=64, wid
              num_eval=3, eval_epochs=100, eval_at="", outer_loop=1, inner_loop=1)
 # --resume may condense longer, evaluate elsewhere, and chunk the bpd term differently
 RESUMABLE = ("iterations", "eval_at", "bpd_chunk")
+# --continual (S11): the paper's schedule, 3 cosine cycles of 50 epochs on the first task and
+# one on each later one, DC ConvNet width 128, batches of 512 (authors); quick: 2 cycles of
+# 5 epochs, then 5 per task, on batches of 128 (with 512, 2000 images give 4 steps an epoch:
+# the first task stayed at 46% and nothing was forgotten; measured on shapes -> digits).
+CONTINUAL = dict(train_size=None, test_size=None, width=128, cycle_epochs=50, first_cycles=3,
+                 train_batch=512)
+CONTINUAL_QUICK = dict(train_size=2000, test_size=1000, width=32, cycle_epochs=5,
+                       first_cycles=2, train_batch=128)
+CROP_PAD = 3  # random-crop padding of the continual training images (authors' RandomCrop pad 3)
 
 
 def get_args(argv=None):
@@ -81,19 +103,68 @@ def get_args(argv=None):
     p.add_argument("--eval-at", default=None,
                    help="comma-separated iterations to evaluate at; the last one always is "
                         "(default 0,500,1000; quick only the last)")
+    p.add_argument("--compare", default=None, metavar="RUN",
+                   help="two-class datasets (e.g. chest radiographs, Fig. 7: an ImageFolder of "
+                        "grayscale or larger images loads, resized to 32×32 and repeated to 3 "
+                        "channels): an earlier run on the same dataset, typically --lambda-sim "
+                        "0, whose condensed images two_class.png shows above this run's")
+    # continual learning with condensed sets (S11, Fig. S8/S9)
+    p.add_argument("--continual", action="store_true",
+                   help="task-incremental continual learning (S11): --dataset T1,T2,... "
+                        "(names or ImageFolder paths) trained in turn with shared features and "
+                        "one head per task, replaying the condensed sets of the earlier tasks")
+    p.add_argument("--condensed", default=None, metavar="RUN_1,...",
+                   help="with --continual: output folders of earlier condense.py runs on T1 ... "
+                        "Tn−1, in task order (their synthetic.pt is replayed)")
+    p.add_argument("--distill", action="store_true",
+                   help="with --continual: add knowledge distillation (temperature 2) from the "
+                        "frozen network of the previous stage, on every previous head")
+    p.add_argument("--no-replay", action="store_true",
+                   help="with --continual: plain sequential training without condensed sets "
+                        "(the Fig. S8 ablation)")
+    p.add_argument("--cycle-epochs", type=nets.positive_int, default=None,
+                   help="with --continual: epochs per cosine cycle (default 50; quick 5); the "
+                        "first task trains 3 cycles (quick 2), each later task one")
     args = p.parse_args(argv)
     if (args.iterations is not None and args.iterations < 0) or args.lambda_sim < 0:
         p.error("--iterations and --lambda-sim must not be negative.")
     if args.eval_at is not None and not all(v.strip().isdigit() for v in args.eval_at.split(",")
                                             if v.strip()):
         p.error(f"--eval-at must be comma-separated iterations, got {args.eval_at!r}.")
+    if not args.continual:
+        if args.condensed or args.distill or args.no_replay or args.cycle_epochs:
+            p.error("--condensed, --distill, --no-replay and --cycle-epochs need --continual.")
+        return args
+    tasks = args.dataset.split(",")
+    names = [Path(t).name for t in tasks]
+    if len(tasks) < 2 or not all(names) or len(set(names)) < len(names):
+        p.error(f"--continual needs --dataset T1,T2,... with two or more different tasks, got "
+                f"{args.dataset!r}.")
+    if args.compare:
+        p.error("--compare draws a condensation run; it does not go with --continual.")
+    runs = args.condensed.split(",") if args.condensed else []
+    if args.no_replay and runs:
+        p.error("--no-replay trains without condensed sets; drop --condensed.")
+    if not args.no_replay and (len(runs) != len(tasks) - 1 or not all(runs)):
+        p.error(f"--condensed needs {len(tasks) - 1} run folder(s), one per task but the last "
+                f"({', '.join(tasks[:-1])}); got {len(runs)} (or pass --no-replay).")
     return args
 
 
 def resolve_config(args):
     """Quick-sensitive defaults, resolved once into a new namespace; args is never changed."""
-    preset = QUICK if args.quick else FULL
-    cfg = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()}
+    if args.continual:
+        preset = CONTINUAL_QUICK if args.quick else CONTINUAL
+    else:
+        preset = QUICK if args.quick else FULL
+    cfg = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in preset.items()}
+    if args.continual:
+        names = "-".join(Path(t).name for t in args.dataset.split(","))
+        cfg["out"] = Path(args.out or f"runs/condense-continual-{names}-"
+                                      f"{'noreplay' if args.no_replay else 'replay'}"
+                                      f"{'-distill' if args.distill else ''}-seed{args.seed}"
+                                      + ("-quick" if args.quick else ""))
+        return argparse.Namespace(**{**vars(args), **cfg})
     outer_loop, inner_loop = get_loops(args.ipc)
     cfg["outer_loop"] = cfg["outer_loop"] or outer_loop
     cfg["inner_loop"] = cfg["inner_loop"] or inner_loop
@@ -311,6 +382,71 @@ def save_grid(images, class_names, ipc, path):
                              captions=captions)
 
 
+def two_class_difference(a, b, scale):
+    """Fig. 7's colour-coded mixed image of two condensed images a (class A) and b (class B),
+    (..., 3, H, W) in [0, 1] -> (..., 3, H, W) in [0, 1]:
+
+        d = mean_rgb(a) − mean_rgb(b),  w = min(|d| / scale, 1),  grey = mean_rgb(a + b) / 2
+        mix = (1 − w)·grey + w·green  where d > 0 (A brighter)
+        mix = (1 − w)·grey + w·red    where d ≤ 0 (B brighter; w = 0 where d = 0)
+
+    i.e. the pair's grey average, tinted in proportion to |d|; `scale` is the |d| drawn in
+    full colour (save_two_class passes the largest |d| of the figure, so rows compare)."""
+    d = (a - b).mean(-3, keepdim=True)  # (..., 1, H, W) in [−1, 1]
+    grey = (a + b).mean(-3, keepdim=True) / 2  # (..., 1, H, W)
+    w = (d.abs() / scale).clamp(max=1)
+    green, red = a.new_tensor([0.0, 1.0, 0.0]), a.new_tensor([1.0, 0.0, 0.0])
+    colour = torch.where(d > 0, green[:, None, None], red[:, None, None])  # (..., 3, H, W)
+    return (1 - w) * grey + w * colour
+
+
+def load_run_images(run, dataset, class_names, flag):
+    """(images (N, 3, 32, 32), labels (N,), args of the run) of the synthetic.pt of an earlier
+    condense.py run in folder `run`, checked to be a condensation of `dataset` with these
+    classes; `flag` names the flag that gave it in the one-sentence error."""
+    run = Path(run)
+    if not (run / "synthetic.pt").is_file() or not (run / "args.json").is_file():
+        raise nets.CheckpointError(f"{flag} {run}: no synthetic.pt and args.json there; give "
+                                   f"the folder of a finished condense.py run on {dataset}.")
+    try:
+        stored = json.loads((run / "args.json").read_text())
+        syn = torch.load(run / "synthetic.pt", map_location="cpu", weights_only=True)
+        images, labels, names = syn["images"], syn["labels"], list(syn["class_names"])
+    except Exception as e:  # truncated, or not written by condense.py
+        raise nets.CheckpointError(f"{flag} {run}: cannot read its args.json and synthetic.pt "
+                                   f"({type(e).__name__}); condense {dataset} again.") from None
+    if Path(str(stored.get("dataset"))).name != Path(dataset).name:
+        raise nets.CheckpointError(f"{flag} {run} condensed {stored.get('dataset')!r}, not "
+                                   f"{dataset!r}; give a run on {dataset} (in task order).")
+    if names != list(class_names):
+        raise nets.CheckpointError(f"{flag} {run} has {len(names)} classes ("
+                                   f"{', '.join(names[:3])}...) but {dataset} has "
+                                   f"{len(class_names)} ({', '.join(class_names[:3])}...); "
+                                   "give a run on this dataset.")
+    if images.shape[1:] != (3, 32, 32) or len(images) != len(labels):
+        raise nets.CheckpointError(f"{flag} {run} holds images of shape "
+                                   f"{tuple(images.shape[1:])}, not (3, 32, 32); condense "
+                                   f"{dataset} again with this code.")
+    return images.float(), labels.long(), stored
+
+
+def save_two_class(path, runs, class_names):
+    """Fig. 7: per run and image pair k, a row [image k of class A, image k of class B, their
+    two_class_difference]; runs = [(caption, images (N, 3, 32, 32), labels (N,))], e.g. the
+    λ = 0 run above the simplified one. With ipc > 1 the k-th images of the two classes are
+    paired as stored (DC does not match them, so a pair also differs in what it depicts)."""
+    pairs = [(cap, x[y == 0], x[y == 1]) for cap, x, y in runs]
+    pairs = [(cap, a[:len(b)], b[:len(a)]) for cap, a, b in pairs]  # (ipc, 3, 32, 32) each
+    scale = max(max((a - b).mean(1).abs().max().item() for _, a, b in pairs), 1 / 255)
+    tiles, captions = [], []
+    for cap, a, b in pairs:
+        for xa, xb, mix in zip(a, b, two_class_difference(a, b, scale)):
+            tiles += [xa, xb, mix]
+            captions += [f"{class_names[0]} {cap}", f"{class_names[1]} {cap}",
+                         f"g:{class_names[0]} r:{class_names[1]}"]
+    datasets.save_image_grid(torch.stack(tiles), path, nrow=3, captions=captions)
+
+
 def save_checkpoint(path, iteration, alpha, optimizer, history):
     """Everything --resume needs in one atomic file: α, its Adam state, the RNG, the log."""
     cuda_rng = torch.cuda.get_rng_state(alpha.device) if alpha.device.type == "cuda" else None
@@ -391,7 +527,255 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
     return accs
 
 
+# --------------------------------------------------------------------------------------
+# Continual learning with condensed sets (S11, Fig. S8/S9; Zhao & Bilen 2021)
+# --------------------------------------------------------------------------------------
+
+class MultiHeadConvNet(nn.Module):
+    """Task-incremental network (Zhao & Bilen 2021, the authors' continual code): the
+    features of the DC ConvNet of make_convnet (depth 3, instance norm, input x − 0.5)
+    shared by all tasks, and a new linear head per task (all made here; head j is trained
+    during task j only, see stage_optimizer)."""
+
+    def __init__(self, class_counts, width):
+        super().__init__()
+        convnet = make_convnet(1, width, "cpu")  # only its features and input shift are kept
+        self.register_buffer("mean", convnet.mean)  # (1, 3, 1, 1)
+        self.register_buffer("std", convnet.std)
+        self.features = convnet.features
+        self.heads = nn.ModuleList(nn.Linear(convnet.classifier.in_features, n)
+                                   for n in class_counts)
+
+    def embed(self, x):  # (B, 3, 32, 32) in [0,1] -> shared features (B, width·4·4)
+        return self.features((x - self.mean) / self.std).flatten(1)
+
+    def forward(self, x, task):  # -> logits of head `task` (B, classes of that task)
+        return self.heads[task](self.embed(x))
+
+
+def distillation_loss(student_logits, teacher_logits, temperature=2.0):
+    """Knowledge distillation (Hinton et al. 2015) as in the authors' continual code, T = 2:
+    KD = mean_batch −Σ_c softmax(z_teacher/T)_c · log softmax(z_student/T)_c, no T² factor."""
+    target = F.softmax(teacher_logits / temperature, dim=1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean()
+
+
+def continual_loss(net, x, y, task, replay, teacher=None):
+    """The loss of one step of task t = `task` (S11; Zhao & Bilen 2021; authors' code):
+
+        L = ℓ(x, y, t) + Σ_{j<t} ℓ(S_j, y_j, j),   ℓ(x, y, j) = CE(h_j(φ(x)), y)
+
+    φ the shared features, h_j the head of task j, x a batch of task t's real images, and
+    (S_j, y_j) = replay[j] the whole condensed set of task j (none with --no-replay), each
+    through its own head; the earlier heads are frozen (stage_optimizer), so replay keeps
+    φ usable for them. With a teacher (--distill: φ', h' frozen after the previous stage;
+    the authors kept one per earlier task, the network after that task) every input also
+    distils all t previous heads, and each term is averaged as the authors did:
+
+        ℓ(x, y, j) = [CE(h_j(φ(x)), y) + Σ_{k<t} KD(h_k(φ(x)), h'_k(φ'(x)))] / (1 + t)
+
+    so the KD inputs are the current real batch and the condensed images of every earlier
+    task (through every previous head, as in the authors' code)."""
+    loss = 0.0
+    terms = [(x, y, task)] + [(xs, ys, j) for j, (xs, ys) in enumerate(replay)]
+    for inputs, labels, head in terms:
+        h = net.embed(inputs)  # (B, width·16)
+        term = F.cross_entropy(net.heads[head](h), labels)
+        if teacher is not None:
+            with torch.no_grad():
+                h_old = teacher.embed(inputs)
+            for k in range(task):
+                term = term + distillation_loss(net.heads[k](h), teacher.heads[k](h_old))
+            term = term / (1 + task)
+        loss = loss + term
+    return loss
+
+
+def stage_optimizer(net, task, steps_per_cycle):
+    """The optimizer of task `task`: SGD (lr 0.1, momentum 0.9, weight decay 1e-4; S11 and
+    the authors' code), new for each task as the authors', on the shared features and this
+    task's head; the other heads are frozen (the authors' train_old_clfs=False: replay
+    trains only the features; also training the earlier heads on their replayed sets lost
+    6-9 points on the earlier tasks in our quick runs). The schedule is the cosine of S11
+    (Loshchilov & Hutter 2017), stepped every iteration and restarted at 0.1 every
+    `steps_per_cycle` iterations: lr(i) = 0.05·(1 + cos(π·(i mod T)/T)). The authors' code
+    re-created its scheduler every epoch, a per-epoch warm-up sawtooth; this is the paper's."""
+    for j, head in enumerate(net.heads):
+        head.requires_grad_(j == task)
+    params = [*net.features.parameters(), *net.heads[task].parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, steps_per_cycle)
+    return optimizer, scheduler
+
+
+def train_continual_epoch(net, optimizer, scheduler, x_train, y_train, task, replay, teacher,
+                          batch_size):
+    """One epoch on task `task` (minibatches, continual_loss, one lr step per batch);
+    returns the mean batch loss. Augmentation: a random crop with zero padding 3 and no
+    flip (digits); the authors also translated by up to 10% (RandomAffine). The condensed
+    images are replayed unaugmented, as the authors did."""
+    net.train()
+    losses = []
+    for idx in torch.randperm(len(x_train)).split(batch_size):  # CPU draws: any device
+        idx = idx.to(x_train.device)
+        x = x_train[idx].float() / 255  # uint8 storage -> (B, 3, 32, 32) in [0, 1]
+        x = nets.crop_flip(x, nets.sample_crop_flip(len(x), CROP_PAD, False, x.device), CROP_PAD)
+        loss = continual_loss(net, x, y_train[idx], task, replay, teacher)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item()
+
+
+@torch.no_grad()
+def task_accuracies(net, tasks, batch_size=1000):
+    """{task name: test accuracy through the task's own head} for the given tasks."""
+    net.eval()
+    return {t.name: sum((net(x.float() / 255, j).argmax(1) == y).sum().item()
+                        for x, y in zip(t.x_test.split(batch_size), t.y_test.split(batch_size)))
+            / len(t.x_test) for j, t in enumerate(tasks)}
+
+
+def save_accuracy_table(path, stage_accs, title):
+    """Fig. S8/S9 as a PNG table: a row per task (and the mean of the tasks seen), a column
+    per stage ("after task k"), each cell the test accuracy in %, shaded white (0) to green
+    (100)."""
+    names = list(stage_accs[-1])
+    rows = [(n, [a.get(n) for a in stage_accs]) for n in names]
+    rows.append(("mean of tasks seen", [sum(a.values()) / len(a) for a in stage_accs]))
+    left, cell_w, cell_h = 150, 96, 26  # pixels
+    img = Image.new("RGB", (left + cell_w * len(stage_accs) + 4, cell_h * (len(rows) + 2)), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    draw.text((6, cell_h // 2), title, fill="black", font=font, anchor="lm")
+    for j in range(len(stage_accs)):
+        draw.text((left + j * cell_w + cell_w // 2, cell_h * 3 // 2), f"after task {j + 1}",
+                  fill="black", font=font, anchor="mm")
+    for i, (name, accs) in enumerate(rows):
+        top = cell_h * (i + 2)
+        draw.text((6, top + cell_h // 2), name[:22], fill="black", font=font, anchor="lm")
+        for j, acc in enumerate(accs):
+            if acc is not None:  # a task not seen yet has no cell
+                x0, shade = left + j * cell_w, round(255 - 155 * acc)
+                draw.rectangle((x0, top, x0 + cell_w - 3, top + cell_h - 3),
+                               fill=(shade, 255, shade))
+                draw.text((x0 + cell_w // 2, top + cell_h // 2), f"{100 * acc:.1f}",
+                          fill="black", font=font, anchor="mm")
+    img.save(path, format="PNG")
+
+
+def frozen_copy(net):
+    """The teacher of --distill: a copy of the network that no optimizer changes."""
+    return copy.deepcopy(net).requires_grad_(False).eval()
+
+
+def continual(args):
+    """S11: train the tasks in turn (3 cosine cycles on the first, one on each later task),
+    replaying the earlier tasks' condensed sets; after each stage the test accuracy of every
+    task seen so far. A checkpoint after every epoch; --resume continues bit for bit."""
+    cfg = resolve_config(args)
+    print(vars(cfg), flush=True)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume)
+    nets.seed_everything(cfg.seed)
+    device = nets.resolve_device(cfg.device)
+
+    # data: each task's splits (uint8 on the device) and the condensed sets to replay
+    tasks, replay = [], []
+    runs = cfg.condensed.split(",") if cfg.condensed else []
+    for i, name in enumerate(cfg.dataset.split(",")):
+        train_set, test_set = datasets.load_splits(name, cfg.data_root, cfg.train_size,
+                                                   cfg.test_size, cfg.seed)
+        (x_train, y_train), (x_test, y_test) = map(datasets.to_tensors, (train_set, test_set))
+        tasks.append(argparse.Namespace(
+            name=Path(name).name, num_classes=train_set.info.num_classes,
+            x_train=datasets.to_uint8(x_train).to(device), y_train=y_train.to(device),
+            x_test=datasets.to_uint8(x_test).to(device), y_test=y_test.to(device)))
+        if i < len(runs):
+            x_syn, y_syn, _ = load_run_images(runs[i], name, train_set.info.class_names,
+                                              "--condensed")
+            replay.append((x_syn.to(device), y_syn.to(device)))
+
+    # model, and the run's state: resumed from the checkpoint after the last finished epoch
+    net = MultiHeadConvNet([t.num_classes for t in tasks], cfg.width).to(device)
+    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
+    ckpt_path, metrics_path = cfg.out / "checkpoint.pt", cfg.out / "metrics.jsonl"
+    stage_epochs = [cfg.cycle_epochs * (cfg.first_cycles if i == 0 else 1)
+                    for i in range(len(tasks))]
+    steps_per_cycle = [cfg.cycle_epochs * math.ceil(len(t.x_train) / cfg.train_batch)
+                       for t in tasks]
+    start_stage, start_epoch, history, stage_accs = 0, 0, [], []
+    optimizer = scheduler = teacher = None
+    if resuming and ckpt_path.exists():
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+            net.load_state_dict(ckpt["model"])
+        except Exception as e:  # truncated, or not a checkpoint of this run
+            raise nets.CheckpointError(f"--resume: cannot use {ckpt_path} ({type(e).__name__});"
+                                       " delete it to restart, or choose another --out.") from None
+        start_stage, start_epoch = ckpt["stage"], ckpt["epoch"]
+        history, stage_accs = ckpt["history"], ckpt["stage_accs"]
+        optimizer, scheduler = stage_optimizer(net, start_stage,
+                                               steps_per_cycle[start_stage])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["teacher"] is not None:
+            teacher = frozen_copy(net)
+            teacher.load_state_dict(ckpt["teacher"])
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
+        if ckpt["rng_cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+        print(f"resuming after epoch {start_epoch} of task {start_stage + 1} from {ckpt_path}",
+              flush=True)
+    nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
+
+    # train the tasks in turn
+    for stage in range(start_stage, len(tasks)):
+        task = tasks[stage]
+        if start_epoch == 0:  # a new task: new optimizer and schedule, the teacher frozen now
+            optimizer, scheduler = stage_optimizer(net, stage, steps_per_cycle[stage])
+            teacher = frozen_copy(net) if cfg.distill and stage > 0 else None
+        print(f"task {stage + 1}/{len(tasks)}: {task.name}, {stage_epochs[stage]} epochs, "
+              f"replaying {len(replay[:stage]) if not cfg.no_replay else 0} condensed set(s)"
+              f"{', distilling' if teacher is not None else ''}, device {device}", flush=True)
+        for epoch in range(start_epoch, stage_epochs[stage]):
+            t0, lr = time.time(), optimizer.param_groups[0]["lr"]
+            loss = train_continual_epoch(net, optimizer, scheduler, task.x_train, task.y_train,
+                                         stage, [] if cfg.no_replay else replay[:stage], teacher,
+                                         cfg.train_batch)
+            row = {"stage": stage + 1, "task": task.name, "epoch": epoch + 1,
+                   "train_loss": loss, "lr": lr, "seconds": time.time() - t0}
+            if epoch + 1 == stage_epochs[stage]:  # end of the stage: every task seen so far
+                stage_accs.append(task_accuracies(net, tasks[:stage + 1]))
+                row["test_acc"] = stage_accs[-1]
+                print(f"after task {stage + 1} ({task.name}): " + ", ".join(
+                    f"{k} {100 * v:.2f}%" for k, v in stage_accs[-1].items()), flush=True)
+            history.append(row)
+            nets.append_jsonl(metrics_path, row)
+            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            nets.atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
+                                  scheduler=scheduler.state_dict(), stage=stage, epoch=epoch + 1,
+                                  teacher=None if teacher is None else teacher.state_dict(),
+                                  history=history, stage_accs=stage_accs,
+                                  rng_cpu=torch.get_rng_state(), rng_cuda=cuda_rng), ckpt_path)
+        start_epoch = 0
+
+    # save: accuracies after every stage (Fig. S8/S9) and their mean at the end
+    results = {"tasks": [t.name for t in tasks], "replay": not cfg.no_replay,
+               "distill": cfg.distill, "stage_test_acc": stage_accs,
+               "final_mean_acc": sum(stage_accs[-1].values()) / len(tasks)}
+    save_accuracy_table(cfg.out / "accuracy.png", stage_accs,
+                        f"test accuracy (%), {'no replay' if cfg.no_replay else 'replay'}"
+                        f"{' + distillation' if cfg.distill else ''}")
+    nets.write_json(cfg.out / "results.json", results)
+    nets.check_finite(results, f"the run in {cfg.out}")
+    print(f"final mean test accuracy {100 * results['final_mean_acc']:.2f}% -> {cfg.out}")
+    return results
+
+
 def main(args):
+    if args.continual:
+        return continual(args)
     cfg = resolve_config(args)
     print(vars(cfg), flush=True)
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
@@ -408,6 +792,11 @@ def main(args):
     empty = [info.class_names[c] for c, x in enumerate(real_by_class) if len(x) == 0]
     if empty:
         raise nets.RunError(f"class {empty[0]} has no training images; raise --train-size.")
+    if cfg.compare and info.num_classes != 2:
+        raise nets.RunError(f"--compare draws Fig. 7 for two classes, but {info.name} has "
+                            f"{info.num_classes}; drop --compare.")
+    compare = cfg.compare and load_run_images(cfg.compare, cfg.dataset, info.class_names,
+                                              "--compare")
 
     # models: the frozen Glow that scores bpd, and the synthetic images X = sigmoid(α)
     made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
@@ -459,6 +848,11 @@ def main(args):
                       "class_names": info.class_names}, cfg.out / "synthetic.pt")
     save_grid(x_syn, info.class_names, cfg.ipc, cfg.out / "synthetic.png")
     save_grid(x_random, info.class_names, cfg.ipc, cfg.out / "random_real.png")
+    if info.num_classes == 2:  # Fig. 7: the classes and their difference, the --compare run above
+        # captions say "lam": the default PIL font of the grid has no λ
+        rows = [(f"lam{compare[2].get('lambda_sim', math.nan):g}", *compare[:2])] if compare else []
+        save_two_class(cfg.out / "two_class.png", rows + [(f"lam{cfg.lambda_sim:g}", x_syn.cpu(),
+                                                          labels)], info.class_names)
     nets.write_json(cfg.out / "results.json", results)
     nets.check_finite(results, f"the run in {cfg.out}")
     print(f"condensed ({cfg.ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "
@@ -478,6 +872,7 @@ if __name__ == "__main__":
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted: the same command with --resume continues the run in "
-              f"{resolve_config(args).out} from its last checkpoint (every 10 iterations).",
+              f"{resolve_config(args).out} from its last checkpoint (every 10 iterations; "
+              "every epoch with --continual).",
               file=sys.stderr)
         sys.exit(130)
