@@ -79,9 +79,10 @@ def get_args(argv=None):
     p.add_argument("--inner-loop", type=nets.positive_int, default=None,
                    help="ConvNet epochs on the synthetic set between image updates (default "
                         "DC's: ipc 1 -> 1, 10 -> 50, 50 -> 10; quick 1)")
-    p.add_argument("--lambda-sim", type=nets.finite_float, default=50.0,
+    p.add_argument("--lambda-sim", type=nets.float_grid, default=50.0,
                    help="simplification weight λ in L = Σ_c D_c + λ·mean bpd(X_syn), Eq. 7 "
-                        "(ours = authors' λ·max(N//50,1)/(5C))")
+                        "(ours = authors' λ·max(N//50,1)/(5C)), or a grid such as 0,20,200 "
+                        "(Fig. 6)")
     p.add_argument("--batch-real", type=nets.positive_int, default=None,
                    help="real images of one class per matching step, Eq. 6 (default 256; "
                         "quick 64)")
@@ -125,9 +126,11 @@ def get_args(argv=None):
     p.add_argument("--cycle-epochs", type=nets.positive_int, default=None,
                    help="with --continual: epochs per cosine cycle (default 50; quick 5); the "
                         "first task trains 3 cycles (quick 2), each later task one")
+    nets.add_grid_flags(p, ["lambda_sim"])
     args = p.parse_args(argv)
-    if (args.iterations is not None and args.iterations < 0) or args.lambda_sim < 0:
-        p.error("--iterations and --lambda-sim must not be negative.")
+    nets.settle_grid(p, args, "lambda_sim", ["lambda_sim"])
+    if args.iterations is not None and args.iterations < 0:
+        p.error("--iterations must not be negative.")
     if args.eval_at is not None and not all(v.strip().isdigit() for v in args.eval_at.split(",")
                                             if v.strip()):
         p.error(f"--eval-at must be comma-separated iterations, got {args.eval_at!r}.")
@@ -140,8 +143,9 @@ def get_args(argv=None):
     if len(tasks) < 2 or not all(names) or len(set(names)) < len(names):
         p.error(f"--continual needs --dataset T1,T2,... with two or more different tasks, got "
                 f"{args.dataset!r}.")
-    if args.compare:
-        p.error("--compare draws a condensation run; it does not go with --continual.")
+    if args.compare or isinstance(args.lambda_sim, tuple) or args.summarize:
+        p.error("--compare, a --lambda-sim grid and --summarize are for condensation runs; "
+                "they do not go with --continual.")
     runs = args.condensed.split(",") if args.condensed else []
     if args.no_replay and runs:
         p.error("--no-replay trains without condensed sets; drop --condensed.")
@@ -171,8 +175,9 @@ def resolve_config(args):
     at = {int(v) for v in cfg["eval_at"].split(",") if v.strip()}
     cfg["eval_at"] = {i for i in at if i <= cfg["iterations"]} | {cfg["iterations"]}
     name = Path(args.dataset).name
-    cfg["out"] = Path(args.out or f"runs/condense-{name}-ipc{args.ipc}-lam{args.lambda_sim:g}"
-                                  f"-seed{args.seed}" + ("-quick" if args.quick else ""))
+    cfg["out"] = Path(args.out or f"runs/condense-{name}-ipc{args.ipc}-lam"
+                                  f"{nets.grid_text(args.lambda_sim)}-seed{args.seed}"
+                                  + ("-quick" if args.quick else ""))
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
@@ -269,16 +274,16 @@ def condensation_grad(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc,
         L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x),  X_syn = quantize(σ(α))
 
     and its gradient w.r.t. α. Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits per
-    dimension incl. the +8 of the 256-bin term), what the authors optimise. A non-finite
-    bpd term is left out of L and of the gradient (authors' code), selected on the device
-    without a host sync. Returns (∂L/∂α, L, Σ_c D_c, mean bpd; NaN when λ = 0 or left out).
+    dimension incl. the +8 of the 256-bin term), what the authors optimise. A bpd term whose
+    value or gradient is not finite is left out of L and of the gradient (the authors
+    skipped a non-finite bpd), selected on the device without a host sync. Returns (∂L/∂α, L, Σ_c D_c, mean bpd; NaN when λ = 0 or left out).
     """
     match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real)
     grad = torch.autograd.grad(match, alpha)[0]
     if lambda_sim == 0:  # plain DC: Glow is not needed
         return grad, match.detach(), match.detach(), match.new_tensor(math.nan)
     bpd, bpd_grad = simplicity_grad(glow_model, alpha, bpd_chunk)
-    use = torch.isfinite(bpd)  # a 0-dim bool on the device
+    use = torch.isfinite(bpd) & torch.isfinite(bpd_grad).all()  # a 0-dim bool on the device
     grad = grad + torch.where(use, lambda_sim * bpd_grad, 0.0)
     loss = match.detach() + torch.where(use, lambda_sim * bpd, 0.0)
     return grad, loss, match.detach(), torch.where(use, bpd, math.nan)
@@ -679,6 +684,7 @@ def continual(args):
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
+    nets.quick_threads(cfg.quick, device)
 
     # data: each task's splits (uint8 on the device) and the condensed sets to replay
     tasks, replay = [], []
@@ -781,6 +787,7 @@ def main(args):
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
+    nets.quick_threads(cfg.quick, device)
 
     # data: the real training set grouped by class, on the device
     train_set, test_set = datasets.load_splits(cfg.dataset, cfg.data_root, cfg.train_size,
@@ -862,10 +869,17 @@ def main(args):
     return results
 
 
+# tradeoff.csv / tradeoff.png of a λ grid (Fig. 6): the DC accuracy of the condensed set
+# and of as many random real images per class, each against its own bpd
+SUMMARY = dict(x_key="bpd_synthetic", ref_key="bpd_real",
+               series=[("condensed", "test_acc_mean"),
+                       ("random real images", "bpd_random_real", "random_real_acc_mean")],
+               title="Fig. 6: test accuracy against bits per dimension of the training images")
+
 if __name__ == "__main__":
     args = get_args()
     try:
-        main(args)
+        nets.run_command(main, args, "lambda_sim", resolve_config(args).out, SUMMARY)
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -385,3 +386,24 @@ def test_quick_runs_use_one_cpu_thread_unless_omp_num_threads_is_set(monkeypatch
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_condense_grid_summary_has_both_series(tmp_path, tiny_glow_path):
+    """condense.py --lambda-sim 0,1: tradeoff.csv holds each run's results; the chart's two
+    series (condensed, random real) are drawn (their colours appear in tradeoff.png)."""
+    argv = condense_argv(tmp_path / "g", tiny_glow_path)
+    argv[argv.index("--lambda-sim") + 1] = "0,1"
+    args = condense.get_args(argv)
+    assert args.lambda_sim == (0.0, 1.0) and "lam0,1" in str(condense.resolve_config(
+        condense.get_args(argv[:-2])).out)
+    nets.run_command(condense.main, args, "lambda_sim", args.out, condense.SUMMARY)
+    rows = list(csv.DictReader((tmp_path / "g" / "tradeoff.csv").open()))
+    assert [float(r["lambda_sim"]) for r in rows] == [0.0, 1.0]
+    for row in rows:
+        results = json.loads((tmp_path / row["run"] / "results.json").read_text())
+        for key in ("test_acc_mean", "random_real_acc_mean", "bpd_synthetic", "bpd_real"):
+            assert float(row[key]) == pytest.approx(results[key], rel=1e-12), key
+    from PIL import Image
+    pixels = np.asarray(Image.open(tmp_path / "g" / "tradeoff.png").convert("RGB"))
+    colours = set(map(tuple, pixels.reshape(-1, 3).tolist()))
+    assert set(map(tuple, nets.COLOURS[:2])) <= colours
