@@ -11,7 +11,8 @@ tensor indexing on the device with the same formulas as the items.
   * the composite distractor datasets of Sec. 3.1 / Fig. 4: mnist-fashion, mnist-noise,
     mnist-cifar, cifar-stripes (built as the paper and the authors' repository do);
   * `shapes`: an offline synthetic set of coloured shapes on a busy textured background
-    that carries no label information (the data of the quick demos and the tests).
+    that carries no label information (the data of the quick demos and the tests), and
+    `shapes-colour`: the same images labelled by the shape's colour.
 
 Preview a dataset as a PNG grid:
     python datasets.py shapes --out shapes.png
@@ -35,7 +36,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_cla
 from torchvision.transforms import v2
 
 DATASET_NAMES = ("mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "usps",
-                 "mnist-fashion", "mnist-noise", "mnist-cifar", "cifar-stripes", "shapes")
+                 "mnist-fashion", "mnist-noise", "mnist-cifar", "cifar-stripes", "shapes",
+                 "shapes-colour")
 
 
 class DatasetError(Exception):
@@ -57,6 +59,7 @@ FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
 SHAPES = ["disk", "square", "triangle", "cross", "ring"]
+COLOURS = ["red", "green", "cyan", "blue", "magenta"]  # hue bins of width 0.2 from red
 
 # name -> (torchvision class, class names (None: take ds.classes), mean, std, where the
 # files go). Mean/std: the authors' values (their wide_nf_net.py) for mnist, fashion,
@@ -306,8 +309,9 @@ def load_composite(name, root, train, download):
 
 
 # ----------------------------------------------------------------------- shapes (offline)
-def make_shapes(n, seed):
-    """n coloured shapes on a busy, label-free background: uint8 (n, 3, 32, 32), labels (n,).
+def make_shapes(n, seed, label="shape"):
+    """n coloured shapes on a busy, label-free background: uint8 (n, 3, 32, 32), labels (n,):
+    the shape, or with label="colour" the hue of the shape in five bins (`COLOURS`).
 
     Classes: disk, square, triangle, cross, ring (balanced), with random centre, radius
     6.5-10 px and saturated hue. The background (smooth 4×4 colour field + pixel noise, in
@@ -342,18 +346,23 @@ def make_shapes(n, seed):
     ], 1)  # (n, 5, 32, 32)
     mask = masks[torch.arange(n), labels][:, None]  # (n, 1, 32, 32)
     x = torch.where(mask, colour, bg)
+    if label == "colour":  # the same images; the label is the hue bin, not the shape
+        labels = (hue[:, 0] * len(COLOURS)).long().clamp(max=len(COLOURS) - 1)
     return (x * 255).round().to(torch.uint8), labels
 
 
 @functools.lru_cache(maxsize=None)
-def load_shapes(train):
+def load_shapes(train, label="shape"):
+    """`shapes` (label: the shape) or `shapes-colour` (the same images, label: the hue bin;
+    a second task on the same images for the continual-learning demo of S11)."""
     n = 5000 if train else 1000  # default sizes of the quick demos
-    images, labels = make_shapes(n, seed=0 if train else 1)  # different train/test seeds
+    images, labels = make_shapes(n, 0 if train else 1, label)  # different train/test seeds
     if not train:  # normalization statistics always come from the training images
-        return TensorImages(images, labels, load_shapes(True).info)
+        return TensorImages(images, labels, load_shapes(True, label).info)
     pixels = images.float().div(255).transpose(0, 1).reshape(3, -1)  # (3, N*32*32)
-    info = DatasetInfo("shapes", len(SHAPES), list(SHAPES), tuple(pixels.mean(1).tolist()),
-                       tuple(pixels.std(1).tolist()))
+    names = list(SHAPES) if label == "shape" else list(COLOURS)
+    info = DatasetInfo("shapes" if label == "shape" else "shapes-colour", len(names), names,
+                       tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist()))
     return TensorImages(images, labels, info)
 
 
@@ -366,10 +375,10 @@ def load_dataset(name, root="data", train=True, download=True):
     """
     if name in TORCHVISION:
         return load_torchvision(name, os.path.abspath(root), bool(train), bool(download))
-    if name in DATASET_NAMES and name != "shapes":
+    if name in DATASET_NAMES and not name.startswith("shapes"):
         return load_composite(name, os.path.abspath(root), bool(train), bool(download))
-    if name == "shapes":
-        return load_shapes(bool(train))
+    if name.startswith("shapes"):
+        return load_shapes(bool(train), "shape" if name == "shapes" else "colour")
     if os.path.isdir(name):
         return load_image_folder(os.path.abspath(name))["train" if train else "test"]
     if os.path.exists(name):

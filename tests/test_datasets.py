@@ -445,3 +445,24 @@ def test_save_image_grid(tmp_path):
     band = pixels[2 + 96:2 + 96 + 14, 2:98]  # under the first image
     assert (band < 100).any() and (band > 200).any()  # dark text on white
     assert sorted(os.listdir(tmp_path / "sub")) == ["captions.png"]  # no temp file left
+
+
+def test_shapes_colour_labels_the_hue_of_the_same_images():
+    """shapes-colour: the images of `shapes`, labelled by the shape's hue in five bins of
+    width 0.2 (red, green, cyan, blue, magenta). The shape is the most saturated pixel
+    (the background is greyish): its hue, by colorsys, gives the label by hand."""
+    import colorsys
+    shapes = datasets.load_dataset("shapes", train=False)
+    colour = datasets.load_dataset("shapes-colour", train=False)
+    assert torch.equal(colour.images, shapes.images)
+    assert colour.info.class_names == ["red", "green", "cyan", "blue", "magenta"]
+    assert not torch.equal(colour.labels, shapes.labels)
+    checked = 0
+    for image, label in zip(colour.images[:200], colour.labels[:200]):
+        pixels = image.reshape(3, -1).T.float() / 255  # (1024, 3)
+        hsv = [colorsys.rgb_to_hsv(*p) for p in pixels.tolist()]
+        hue = max(hsv, key=lambda v: v[1])[0]
+        if abs(hue * 5 - round(hue * 5)) > 0.05:  # not within rounding of a bin edge
+            assert int(hue * 5) % 5 == int(label), (hue, int(label))
+            checked += 1
+    assert checked > 150
