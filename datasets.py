@@ -114,11 +114,8 @@ class TensorImages(Dataset):
 
 
 def to_uint8_32(images):
-    """(N, C, H, W) uint8 -> (N, C, 32, 32) uint8: bilinear resize, rounded back to 8 bit.
-
-    Grayscale MNIST/Fashion 28→32 and USPS 16→32, like the authors' Resize(32);
-    8-bit storage keeps 60k images in 60 MB and makes every epoch a memory read.
-    """
+    """(N, C, H, W) uint8 -> (N, C, 32, 32) uint8: bilinear resize, rounded back to 8 bit
+    (MNIST/Fashion 28→32, USPS 16→32, like the authors' Resize(32))."""
     if images.shape[-2:] == (32, 32):
         return images.contiguous()
     out = [F.interpolate(chunk.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
@@ -220,14 +217,10 @@ def index_generator(i):
 
 
 class Composite(Dataset):
-    """A distractor dataset of Sec. 3.1 / Fig. 4 built on the fly from 32×32 sources.
-
-    `draw` makes the randomness of the items, `compose` builds them with it (one formula
-    for single items and batches). Train sets draw fresh randomness on every access
-    (torch's global RNG, or the generator given to `batch`); test sets draw it from a
-    generator seeded with the index, so they hold the same images every epoch and run (a
-    fixed test set; the authors redrew the test stripes on every access).
-    """
+    """A distractor dataset of Sec. 3.1 / Fig. 4 built on the fly from 32×32 sources:
+    `draw` makes the randomness, `compose` the images (one formula for items and batches).
+    Train sets draw afresh on every access; test sets from a generator seeded with the
+    index, so they are fixed (the authors redrew the test stripes on every access)."""
 
     def __init__(self, kind, target, other, train, info):
         self.kind, self.target, self.other, self.train, self.info = kind, target, other, train, info
@@ -313,12 +306,10 @@ def make_shapes(n, seed, label="shape"):
     """n coloured shapes on a busy, label-free background: uint8 (n, 3, 32, 32), labels (n,):
     the shape, or with label="colour" the hue of the shape in five bins (`COLOURS`).
 
-    Classes: disk, square, triangle, cross, ring (balanced), with random centre, radius
-    6.5-10 px and saturated hue. The background (smooth 4×4 colour field + pixel noise, in
-    [0.25, 0.75]) is drawn independently of the label: a simplifier can drop all of it.
-    One image in five has a plain background (the colour field without the noise), as
-    photos sometimes do; a Glow trained on these images then learns that plain backgrounds
-    are cheap, the way a Glow trained on natural images rates smooth images (Fig. 2).
+    Balanced classes, random centre, radius 6.5-10 px, saturated hue. The background
+    (smooth 4×4 colour field + pixel noise, in [0.25, 0.75]) is independent of the label:
+    a simplifier can drop all of it. One in five is plain (no noise), so a Glow trained
+    on these images learns that plain backgrounds are cheap, as natural-image Glows do (Fig. 2).
     """
     g = torch.Generator().manual_seed(seed)
     labels = (torch.arange(n) % len(SHAPES))[torch.randperm(n, generator=g)]
@@ -412,18 +403,10 @@ def to_uint8(x):
 
 
 class Batches:
-    """Batches of a dataset built by tensor indexing on `device`, not item by item.
-
-    For a TensorImages or a Composite, or a Subset of one (what load_splits returns). The
-    uint8 sources move to `device` once; a batch of 32 then takes 0.1-0.6 ms on one CPU
-    core instead of 0.7-7 ms through a DataLoader (measured). In a training loop:
-
-        batches = Batches(train_set, device)
-        for epoch in range(epochs):
-            g = torch.Generator().manual_seed(seed * 9973 + epoch)  # resumable epochs
-            for idx in torch.randperm(len(batches), generator=g).split(batch_size):
-                x, y = batches.get(idx, g)  # (B, 3, 32, 32) float32 in [0, 1], (B,) long
-    """
+    """Batches of a TensorImages or a Composite (or a Subset of one, as load_splits gives)
+    built by tensor indexing on `device`: the uint8 sources move there once, and a batch of
+    32 takes 0.1-0.5 ms on one CPU core instead of 0.7-5.5 ms item by item (measured,
+    tests/benchmark.py data). Usage: `x, y = Batches(train_set, device).get(indices)`."""
 
     def __init__(self, dataset, device):
         index = torch.arange(len(dataset))
@@ -454,10 +437,8 @@ def to_tensors(dataset):
 
 
 def save_image_grid(images, path, nrow=8, captions=None):
-    """Write images (N, 3, H, W) in [0, 1] as one PNG grid, atomically (temp file + rename).
-
-    With captions, each image is upscaled (to at least 96 px) so the text under it is readable.
-    """
+    """Write images (N, 3, H, W) in [0, 1] as one PNG grid, atomically (temp file + rename);
+    with captions, each image is upscaled (to at least 96 px) so the text under it is readable."""
     images = images.detach().float().cpu().clamp(0, 1)
     band = 0
     if captions is not None:
