@@ -623,8 +623,9 @@ def float_grid(text):
 
 
 def grid_text(value):
-    """A knob value or grid in a folder name: 2.0 -> "2", (0.0, 0.4, 1.0) -> "0,0.4,1"."""
-    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+    """A knob value or grid in a folder name: 2.0 -> "2", (0.0, 0.4, 1.0) -> "0_0.4_1" (no
+    commas: folder lists such as condense.py's --condensed are comma-separated)."""
+    return "_".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
 
 
 def grid_folder(out, knob, value):

@@ -320,7 +320,7 @@ def test_grid_flags_are_settled_by_the_parser(capsys):
     assert per_instance.get_args(["--lambda-sim", "2"]).lambda_sim == 2.0  # one value: a plain run
     assert per_instance.get_args(["--simplifier", "jpeg", "--jpeg-quality", "10,30"]).jpeg_quality \
         == (10.0, 30.0)
-    assert "lam0,2.5" in str(per_instance.resolve_config(args).out)
+    assert "lam0_2.5" in str(per_instance.resolve_config(args).out)
     for bad, words in [(["--simplifier", "blur", "--lambda-sim", "0,1"], "--blur-sigma"),
                        (["--grid-index", "0"], "needs a grid"),
                        (["--simplifier", "jpeg", "--jpeg-quality", "20.5"], "integer"),
@@ -394,7 +394,7 @@ def test_condense_grid_summary_has_both_series(tmp_path, tiny_glow_path):
     argv = condense_argv(tmp_path / "g", tiny_glow_path)
     argv[argv.index("--lambda-sim") + 1] = "0,1"
     args = condense.get_args(argv)
-    assert args.lambda_sim == (0.0, 1.0) and "lam0,1" in str(condense.resolve_config(
+    assert args.lambda_sim == (0.0, 1.0) and "lam0_1" in str(condense.resolve_config(
         condense.get_args(argv[:-2])).out)
     nets.run_command(condense.main, args, "lambda_sim", args.out, condense.SUMMARY)
     rows = list(csv.DictReader((tmp_path / "g" / "tradeoff.csv").open()))
