@@ -315,7 +315,9 @@ def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, 
     """One outer iteration of DC with the simplification term: a fresh ConvNet; then
     `outer_loop` times: one Adam step on α minimising Eq. 7, and (except after the last)
     `inner_loop` epochs of SGD (lr 0.01, momentum 0.5) of the net on the synthetic set.
-    Returns the last step's loss, Σ_c D_c and mean bpd (None when left out)."""
+    Returns the last step's loss, Σ_c D_c and mean bpd (NaN when left out), as 0-dim
+    tensors on the device: reading them waits for the device, so the caller does it
+    rarely."""
     num_classes = len(real_by_class)
     labels = torch.arange(num_classes, device=alpha.device).repeat_interleave(ipc)
     net = make_convnet(num_classes, width, alpha.device)
@@ -333,8 +335,7 @@ def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, 
         # update the network: inner_loop epochs on the current (detached) synthetic set
         train_network(net, net_optimizer, synthetic_images(alpha).detach(), labels,
                       inner_loop, batch_size)
-    loss, match, bpd = torch.stack([loss, match, bpd]).tolist()  # one host sync
-    return {"loss": loss, "match": match, "bpd": bpd if math.isfinite(bpd) else None}
+    return {"loss": loss, "match": match, "bpd": bpd}  # 0-dim tensors on the device
 
 
 @torch.no_grad()
@@ -501,11 +502,22 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
         history.append(row)
         nets.append_jsonl(metrics_path, row)
 
+    pending = []  # rows of iterations whose losses are still on the device
+
+    def flush():  # one host sync for all pending rows: before checkpoints and evaluations
+        if pending:
+            values = torch.stack([torch.stack(list(m.values())) for _, m, _ in pending]).tolist()
+            for (it, metrics, seconds), row in zip(pending, values):
+                parts = {k: v if math.isfinite(v) else None for k, v in zip(metrics, row)}
+                log({"iteration": it, **parts, "seconds": seconds})
+            pending.clear()
+
     labels = torch.arange(len(real_by_class), device=alpha.device).repeat_interleave(cfg.ipc)
     progress = nets.Progress(cfg.iterations - start, "condense")
     accs = []
     for it in range(start, cfg.iterations + 1):
         if it in cfg.eval_at:
+            flush()
             x_syn = synthetic_images(alpha).detach()
             accs = evaluate_images(x_syn, labels)
             acc, std = mean_std(accs)
@@ -522,10 +534,12 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
                                   batch_real=cfg.batch_real, width=cfg.width,
                                   outer_loop=cfg.outer_loop, inner_loop=cfg.inner_loop,
                                   batch_size=cfg.batch_size, bpd_chunk=cfg.bpd_chunk)
-        log({"iteration": it + 1, **metrics, "seconds": time.time() - t0})
-        progress.update(1, **{k: v for k, v in metrics.items() if v is not None})
+        pending.append((it + 1, metrics, time.time() - t0))
+        progress.update(1, **metrics)  # read only when a progress line is printed
         if (it + 1) % 10 == 0:
+            flush()
             save_checkpoint(ckpt_path, it + 1, alpha, optimizer, history)
+    flush()
     progress.close()
     # with the last evaluation: a longer rerun keeps its row
     save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, history)

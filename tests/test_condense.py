@@ -325,9 +325,9 @@ def test_outer_iteration_matches_reference(float64):
                 net_optimizer.step()
 
     torch.testing.assert_close(alpha.detach(), ref_alpha.detach(), rtol=1e-9, atol=1e-11)
-    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-9)
-    assert metrics["match"] == pytest.approx(match.item(), rel=1e-9)
-    assert metrics["bpd"] == pytest.approx(bpd.item(), rel=1e-9)
+    assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-9)
+    assert float(metrics["match"]) == pytest.approx(match.item(), rel=1e-9)
+    assert float(metrics["bpd"]) == pytest.approx(bpd.item(), rel=1e-9)
     assert torch.equal(rng_after, torch.get_rng_state())  # the same random draws, no more
     assert not torch.equal(alpha.detach(), alpha0)
 
