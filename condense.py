@@ -10,16 +10,16 @@ Fig. 7's view (two_class.png): the two condensed classes and their colour-coded 
 beside an earlier run (--compare, typically λ = 0). --continual evaluates condensed sets for
 task-incremental continual learning (S11, Fig. S8/S9, Zhao & Bilen 2021).
 
-    # CPU quick start (~3-4 min, pretrains a tiny Glow on the fly), then the same without
-    # the simplification term (λ = 0, plain DC), scored by the same cached quick Glow
+    # CPU quick start (~4 min, pretrains a tiny Glow on the fly); a grid of λ = 0 (plain DC)
+    # and 50, each into a sub-folder, with tradeoff.csv/png (~9 min)
     python condense.py --dataset shapes --quick
-    python condense.py --dataset shapes --quick --lambda-sim 0
-    # the paper's setting on a GPU (Fig. 6): CIFAR-10, 1 image per class, λ sweep
-    python condense.py --dataset cifar10 --ipc 1 --lambda-sim 20 --glow glow-cifar10.pt
-    # continual learning (S11) on CPU (~1 min): shapes, then any ImageFolder task, replaying
-    # the quick start's condensed shapes (RUN = runs/condense-shapes-ipc10-lam50-seed0-quick);
-    # with --no-replay instead of --condensed RUN: the Fig. S8 ablation
-    python condense.py --continual --dataset shapes,FOLDER --condensed RUN --quick
+    python condense.py --dataset shapes --quick --lambda-sim 0,50
+    # the paper's setting on a GPU (Fig. 6): CIFAR-10, 1 image per class, the λ grid
+    python condense.py --dataset cifar10 --ipc 1 --lambda-sim 0,0.2,2,20,200 --glow glow-cifar10.pt
+    # continual learning (S11) on CPU (~1 min): shapes, then shapes-colour, replaying the
+    # quick start's condensed shapes; --no-replay instead of --condensed: Fig. S8's ablation
+    python condense.py --continual --dataset shapes,shapes-colour --quick \
+        --condensed runs/condense-shapes-ipc10-lam50-seed0-quick
     # S11 on a GPU: SVHN -> MNIST -> USPS, replaying condensed SVHN and MNIST (ipc 10 runs)
     python condense.py --continual --dataset svhn,mnist,usps --condensed RUN_SVHN,RUN_MNIST
 """

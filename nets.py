@@ -336,9 +336,15 @@ def classifier_optimizer(classifier, lr=5e-4):
     decay = [p for n, p in classifier.named_parameters() if "weight" in n or "gain" in n]
     rest = [p for n, p in classifier.named_parameters() if not ("weight" in n or "gain" in n)]
     groups = [dict(params=decay, weight_decay=1e-5), dict(params=rest, weight_decay=0.0)]
-    # fused: one kernel per step, and it can skip a non-finite step on the device
-    # (per_instance.finite_step) without the host waiting for the check
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8,
+                             fused=fused_ok(classifier.parameters()))
+
+
+def fused_ok(params):
+    """Whether torch's fused Adam/AdamW kernel runs on these parameters (CUDA and CPU; not
+    MPS or meta in every torch version). Fused: one kernel per step, and it can skip a
+    non-finite step on the device (per_instance.finite_step) without a host sync."""
+    return all(p.device.type in ("cuda", "cpu") for p in params)
 
 
 def sample_crop_flip(n, pad, flip, device):

@@ -5,7 +5,8 @@ trained on its outputs does not need, measured in Glow bits per dimension (Eq. 1
 retraining / finetuning a classifier on the simplified images (Fig. 5), the L2, blur and
 JPEG baselines (S7, Fig. S4) and PNG file sizes (S5).
 
-    python per_instance.py --dataset shapes --quick                  # CPU, a few minutes
+    python per_instance.py --dataset shapes --quick                  # CPU, about 7 minutes
+    python per_instance.py --dataset shapes --quick --lambda-sim 0,10,50   # a Fig. 5 grid, 17 min
     python per_instance.py --dataset cifar10 --lambda-sim 2.0 --glow glow-cifar10.pt --retrain
     python per_instance.py --dataset mnist --simplifier blur --blur-sigma 1 --glow glow-cifar10.pt
 """
@@ -232,13 +233,17 @@ def finite_step(optimizer, loss, params):
     (authors' code: such steps are skipped). The check never leaves the device: the fused
     Adam/AdamW kernel reads it as `found_inf`, the flag torch.amp.GradScaler hands it, and
     then leaves parameters, moments and step count untouched; so no step waits for the
-    host. Returns 1 when the step was skipped, else 0 (a tensor on the device)."""
+    host (an unfused optimizer reads the check on the host). Returns 1 when the step was
+    skipped, else 0 (a tensor on the device)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=params)
     grads = [p.grad for p in params if p.grad is not None]
     finite = torch.stack([loss.isfinite().all()] + [g.isfinite().all() for g in grads]).all()
-    optimizer.found_inf = (~finite).float()  # read by the fused kernel (float32, 0-dim)
-    optimizer.step()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()  # read by the fused kernel (float32, 0-dim)
+        optimizer.step()
+    elif finite:  # an unfused optimizer (e.g. on MPS): the check is read on the host
+        optimizer.step()
     return (~finite).long()
 
 
@@ -553,7 +558,7 @@ def main(args):
     # optimizers: the authors' code (the paper text says AdamW, wd 1e-5, for both)
     opt_clf = nets.classifier_optimizer(classifier, cfg.lr)
     opt_simp = torch.optim.Adam(simplifier.parameters(), lr=cfg.lr, betas=(0.5, 0.99),
-                                weight_decay=5e-5, fused=True)  # fused: see finite_step
+                                weight_decay=5e-5, fused=nets.fused_ok(simplifier.parameters()))
 
     # train: Sec. 3 (unet) or the L2 baseline (l2); the blur and JPEG baselines train nothing.
     # The original test images' bpd is computed once, before --resume restores the RNG.

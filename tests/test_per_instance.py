@@ -251,12 +251,14 @@ def test_differentiable_adamw_step_matches_torch_adamw(previous_steps):
     assert torch.equal(unused["fc.weight"], params["fc.weight"])
 
 
-def test_non_finite_steps_are_skipped():
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_steps_are_skipped(fused):
     """A step with a non-finite loss or gradient leaves parameters, Adam's moments and its
     step count exactly as they were (authors: skipped), decided on the device by the fused
-    kernel; a finite step then is torch's ordinary Adam step (compared on a copy)."""
+    kernel (or on the host for an unfused optimizer); a finite step then is torch's
+    ordinary Adam step (compared on a copy)."""
     model = nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
     reference = copy.deepcopy(model)
     ref_optimizer = torch.optim.Adam(reference.parameters(), lr=0.1)  # not fused
     for m, opt in ((model, optimizer), (reference, ref_optimizer)):  # one real step first
