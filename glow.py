@@ -18,7 +18,6 @@ import math
 import os
 import re
 import sys
-import time
 
 import torch
 import torch.distributed as dist

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import datasets
 import glow
-import nets
 
 torch.set_default_dtype(torch.float32)
 

@@ -5,7 +5,6 @@ resume flag fails the way a real run would) and writes results derived from its 
 """
 import argparse
 import csv
-import json
 import math
 
 import numpy as np
