@@ -255,14 +255,14 @@ def simplicity_grad(glow_model, alpha, bpd_chunk):
     the released size) stay bounded whatever the number of synthetic images; the authors
     backpropagated chunks of 50. The dequantization noise is drawn once for the whole set,
     so the result equals the one-graph computation (the same numbers, the same draws)."""
-    x_syn = synthetic_images(alpha.detach())
-    noise = torch.rand_like(x_syn) / glow.N_BINS  # u ~ U(0, 1/256), as bits_per_dim draws it
+    noise = torch.rand_like(alpha) / glow.N_BINS  # u ~ U(0, 1/256), as bits_per_dim draws it
     bpd, grad = alpha.new_zeros(()), torch.zeros_like(alpha)
-    for idx in torch.arange(len(alpha), device=alpha.device).split(bpd_chunk):
-        chunk = alpha.detach()[idx].requires_grad_()
-        part = glow.bits_per_dim(glow_model, synthetic_images(chunk), noise=noise[idx])
+    for start in range(0, len(alpha), bpd_chunk):
+        rows = slice(start, start + bpd_chunk)
+        chunk = alpha.detach()[rows].requires_grad_()
+        part = glow.bits_per_dim(glow_model, synthetic_images(chunk), noise=noise[rows])
         part = part.sum() / len(alpha)  # this chunk's share of the mean
-        grad[idx] = torch.autograd.grad(part, chunk)[0]
+        grad[rows] = torch.autograd.grad(part, chunk)[0]
         bpd = bpd + part.detach()
     return bpd, grad
 
@@ -276,7 +276,8 @@ def condensation_grad(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc,
     and its gradient w.r.t. α. Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits per
     dimension incl. the +8 of the 256-bin term), what the authors optimise. A bpd term whose
     value or gradient is not finite is left out of L and of the gradient (the authors
-    skipped a non-finite bpd), selected on the device without a host sync. Returns (∂L/∂α, L, Σ_c D_c, mean bpd; NaN when λ = 0 or left out).
+    skipped a non-finite bpd), selected on the device without a host sync. Returns
+    (∂L/∂α, L, Σ_c D_c, mean bpd; NaN when λ = 0 or left out).
     """
     match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real)
     grad = torch.autograd.grad(match, alpha)[0]

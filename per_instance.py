@@ -145,21 +145,25 @@ def differentiable_adamw_step(model, optimizer, params, grads):
     new = dict(params)
     for group in optimizer.param_groups:
         lr, (beta1, beta2), eps, wd = (group[k] for k in ("lr", "betas", "eps", "weight_decay"))
+        # t, shared by the group (Adam steps its parameters together); a tensor on the
+        # device for fused optimizers, used there (no host sync), once per group
+        first = group["params"][0]
+        steps = [optimizer.state[p]["step"] for p in group["params"] if p in optimizer.state]
+        step = torch.as_tensor(steps[0] if steps else 0, dtype=first.dtype, device=first.device) + 1
+        bias1, bias2 = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
         for p in group["params"]:
             name, g = names[id(p)], grads[names[id(p)]]
             if g is None:  # a parameter the loss does not use: unchanged, as in torch
                 continue
             state = optimizer.state.get(p, {})
-            # t: a tensor on the device for fused optimizers, read there (no host sync)
-            step = torch.as_tensor(state.get("step", 0), dtype=p.dtype, device=p.device) + 1
             m = state.get("exp_avg", torch.zeros_like(p)).detach()
             v = state.get("exp_avg_sq", torch.zeros_like(p)).detach()
             m = beta1 * m + (1 - beta1) * g
             v = beta2 * v + (1 - beta2) * g * g
             # clamp: √ has an infinite derivative at 0 (0·∞ = NaN where g = 0 and v = 0);
             # 1e-30 changes √v by at most 1e-15, far below eps
-            denom = v.clamp_min(1e-30).sqrt() / (1 - beta2 ** step) ** 0.5 + eps
-            new[name] = params[name] * (1 - lr * wd) - lr / (1 - beta1 ** step) * m / denom
+            denom = v.clamp_min(1e-30).sqrt() / bias2 + eps
+            new[name] = params[name] * (1 - lr * wd) - lr / bias1 * m / denom
     return new
 
 
