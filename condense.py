@@ -892,6 +892,7 @@ SUMMARY = dict(x_key="bpd_synthetic", ref_key="bpd_real",
                title="Fig. 6: test accuracy against bits per dimension of the training images")
 
 if __name__ == "__main__":
+    nets.console()  # before --help: its text has λ
     args = get_args()
     try:
         nets.run_command(main, args, "lambda_sim", resolve_config(args).out, SUMMARY)
@@ -899,7 +900,7 @@ if __name__ == "__main__":
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
         print(f"interrupted: the same command with --resume continues the run in "
               f"{resolve_config(args).out} from its last checkpoint (every 10 iterations; "
               "every epoch with --continual).",

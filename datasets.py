@@ -19,6 +19,7 @@ Preview a dataset as a PNG grid:
     python datasets.py mnist-fashion --data-root data --out mnist-fashion.png
 """
 import argparse
+import difflib
 import functools
 import math
 import os
@@ -366,16 +367,19 @@ def load_dataset(name, root="data", train=True, download=True):
     """
     if name in TORCHVISION:
         return load_torchvision(name, os.path.abspath(root), bool(train), bool(download))
-    if name in DATASET_NAMES and not name.startswith("shapes"):
-        return load_composite(name, os.path.abspath(root), bool(train), bool(download))
-    if name.startswith("shapes"):
+    if name in ("shapes", "shapes-colour"):  # exact names: ./shapes_mine is a folder
         return load_shapes(bool(train), "shape" if name == "shapes" else "colour")
+    if name in DATASET_NAMES:
+        return load_composite(name, os.path.abspath(root), bool(train), bool(download))
     if os.path.isdir(name):
         return load_image_folder(os.path.abspath(name))["train" if train else "test"]
     if os.path.exists(name):
         raise DatasetError(f"Dataset path '{name}' is not a directory; give an ImageFolder folder.")
-    raise DatasetError(f"Unknown dataset '{name}'; valid names are {', '.join(DATASET_NAMES)}, "
-                       f"or the path of an ImageFolder directory.")
+    close = difflib.get_close_matches(name, DATASET_NAMES, n=1)
+    raise DatasetError(f"Unknown dataset '{name}'" + (f" (did you mean {close[0]}?)" if close
+                                                      else "")
+                       + f"; valid names are {', '.join(DATASET_NAMES)}, or the path of an "
+                       "ImageFolder directory.")
 
 
 def load_splits(name, root, train_size, test_size, seed):

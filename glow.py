@@ -793,7 +793,7 @@ def get_args(argv=None):
         sub.add_argument("--device", default="auto",
                          help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
         sub.add_argument("--data-root", default="data", help="where datasets are (downloaded)")
-        sub.add_argument("--seed", type=int, default=0, help="random seed")
+        sub.add_argument("--seed", type=nets.seed_int, default=0, help="random seed")
     return parser.parse_args(argv)
 
 
@@ -824,6 +824,12 @@ def check_resume_settings(path, settings):
         raise GlowCheckpointError(f"--resume: {path} was started with other settings ("
                                   + ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)!r}"
                                               for k in changed[:4]) + "); rerun with those flags.")
+
+
+def train_out(args):
+    """The checkpoint `glow.py train` writes: --out, else runs/glow-<dataset>.pt."""
+    name = args.dataset or ("shapes" if args.quick else "cifar10")
+    return args.out or f"runs/glow-{name.replace(',', '+').replace(os.sep, '_')}.pt"
 
 
 def main(args):
@@ -860,7 +866,7 @@ def main(args):
             raise nets.RunError(f"--levels {config['levels']}: 32×32 images allow at most 5 levels.")
         if args.lr is not None and args.lr <= 0:
             raise nets.RunError(f"--lr must be positive, got {args.lr}.")
-        out = args.out or f"runs/glow-{name.replace(',', '+').replace(os.sep, '_')}.pt"
+        out = train_out(args)
         if os.path.isfile(out) and not args.resume:
             raise GlowCheckpointError(f"{out} exists: pass --resume to continue it or another --out.")
         if os.path.isfile(out):
@@ -903,12 +909,15 @@ def main(args):
 
 
 if __name__ == "__main__":
+    nets.console()  # before --help: its text has λ
+    args = get_args()
     try:
-        main(get_args())
+        main(args)
     except (GlowCheckpointError, datasets.DatasetError, nets.CheckpointError, nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command with --resume to continue from the last "
-              "saved epoch.", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
+        print("interrupted" + (f": the same command with --resume continues {train_out(args)} "
+                               "from its last saved epoch." if args.command == "train" else "."),
+              file=sys.stderr)
         sys.exit(130)

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -321,6 +323,24 @@ def resolve_device(name):
     return device
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def console():
+    """What every script's __main__ sets up first. Standard output and error never fail on
+    a character they cannot encode: a run printing "λ" or "±" into a cp1252 or ASCII
+    stream (a Windows redirect, LANG=C) shows "?" instead of crashing. SIGTERM, what Slurm
+    and most schedulers send before killing a job, is raised as KeyboardInterrupt, so it is
+    answered like Ctrl-C: the last checkpoint is intact and one line says how to resume.
+    A SIGTERM the process was started to ignore stays ignored."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a TextIOWrapper; not when replaced (e.g. pytest)
+            stream.reconfigure(errors="replace")
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
+
+
 def quick_threads(quick, device):
     """--quick on a CPU uses one intra-op thread unless OMP_NUM_THREADS says otherwise. On
     2 cores torch's default of one thread per core thrashes as soon as another process
@@ -469,7 +489,7 @@ def add_run_flags(parser, dataset_names, quick, out, may_change=()):
     add("--out", default=None, help=f"output folder (default {out})")
     add("--device", default="auto",
         help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
-    add("--seed", type=int, default=0,
+    add("--seed", type=seed_int, default=0,
         help="seed of python, numpy and torch: the same seed gives the same numbers on a CPU")
     add("--quick", action="store_true",
         help="CPU preset of a few minutes: subsets, small networks, a tiny Glow; a flag given "
@@ -505,6 +525,17 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text):
+    """argparse type for --seed: an integer in [0, 2**32 - 1], the range numpy accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {2 ** 32 - 1}, got {value}")
     return value
 
 

@@ -601,6 +601,7 @@ SUMMARY = dict(x_key="test_bpd_simplified", ref_key="test_bpd",
                title="Fig. 5: test accuracy against bits per dimension of simplified images")
 
 if __name__ == "__main__":
+    nets.console()  # before --help: its text has λ
     args = get_args()
     try:
         nets.run_command(main, args, GRID_KNOB[args.simplifier], resolve_config(args).out,
@@ -609,7 +610,7 @@ if __name__ == "__main__":
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
         print(f"interrupted: the same command with --resume continues the run in "
               f"{resolve_config(args).out} from its last finished epoch (a grid continues "
               "without --resume).", file=sys.stderr)

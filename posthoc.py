@@ -444,6 +444,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    nets.console()  # before --help: its text has λ
     args = get_args()
     try:
         main(args)
@@ -451,7 +452,7 @@ if __name__ == "__main__":
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
         print(f"interrupted: the same command with --resume continues the run in "
               f"{resolve_config(args).out} with the classifier it trained.",
               file=sys.stderr)

@@ -234,6 +234,20 @@ def write_png(path, colour, size):
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 0, 255), "emu": (0, 255, 0)}
 
 
+def test_built_in_names_match_exactly_and_a_typo_is_named(tmp_path, monkeypatch):
+    # an ImageFolder whose name starts like a built-in set trains on its own images
+    for c in ("cat", "dog"):
+        for k in range(2):
+            write_png(str(tmp_path / "shapes_mine" / c / f"{k}.png"), COLOURS[c], (32, 32))
+    monkeypatch.chdir(tmp_path)
+    mine = load_dataset("shapes_mine", train=True)
+    assert mine.info.class_names == ["cat", "dog"]  # not the five shapes
+    with pytest.raises(DatasetError, match="Unknown dataset 'shapes-color' .did you mean "
+                                           "shapes-colour"):
+        load_dataset("shapes-color")
+    assert load_dataset("shapes-colour").info.class_names == datasets.COLOURS
+
+
 def test_image_folder_with_train_and_test(tmp_path):
     for split, n in (("train", 3), ("test", 2)):
         for c, colour in COLOURS.items():

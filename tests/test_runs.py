@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +186,9 @@ def test_cached_quick_glow_and_classifier_of_other_data_are_refused(tmp_path, ti
     ["condense.py", "--lambda-sim", "inf"], ["posthoc.py", "--lr", "-1"],
     ["posthoc.py", "--lambda-sim", "nan"], ["glow.py", "train", "--epochs", "0"],
     ["glow.py", "train", "--hidden", "-4"], ["glow.py", "train", "--lr", "nan"],
+    ["per_instance.py", "--seed", "-1"], ["condense.py", "--seed", str(2 ** 32)],
+    ["posthoc.py", "--seed", "1.5"], ["glow.py", "bpd", "--glow", "g.pt", "--dataset", "shapes",
+                                      "--seed", "-1"],
 ])
 def test_non_finite_and_nonsense_flags_are_refused_by_the_parser(argv, capsys):
     module = {"per_instance.py": per_instance, "condense.py": condense, "posthoc.py": posthoc,
@@ -195,6 +197,11 @@ def test_non_finite_and_nonsense_flags_are_refused_by_the_parser(argv, capsys):
         module.get_args(argv[1:])
     assert exit_info.value.code == 2
     assert argv[-2] in capsys.readouterr().err  # the message names the flag
+
+
+def test_every_seed_numpy_accepts_is_accepted():
+    assert per_instance.get_args(["--seed", str(2 ** 32 - 1)]).seed == 2 ** 32 - 1
+    nets.seed_everything(2 ** 32 - 1)  # numpy's upper end
 
 
 def test_non_finite_result_is_an_error(tmp_path, tiny_glow_path, monkeypatch):
@@ -223,9 +230,18 @@ def test_batch_larger_than_the_training_set_is_one_sentence(tmp_path, tiny_glow_
         run(per_instance, per_instance_argv(tmp_path / "r", tiny_glow_path, "--batch-size", "64"))
 
 
-def cli(*argv, timeout=120):
+def default_signals():
+    """In the child, before exec: SIGINT and SIGTERM as a fresh terminal gives them. A suite
+    started in the background of a script, or under nohup, ignores SIGINT, and a child
+    inherits that; the scripts rightly honour it, so the tests must not depend on it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def cli(*argv, timeout=120, **env):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          timeout=timeout, preexec_fn=default_signals,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **env))
 
 
 def test_corrupt_and_foreign_checkpoints_are_one_sentence(tmp_path, tiny_glow_path):
@@ -251,20 +267,35 @@ def test_corrupt_and_foreign_checkpoints_are_one_sentence(tmp_path, tiny_glow_pa
     assert len(lines) == 1 and lines[0].startswith("error: --resume: cannot read"), proc.stderr
 
 
-def test_ctrl_c_prints_one_line_that_says_how_to_resume(tmp_path, tiny_glow_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_print_one_line_that_says_how_to_resume(tmp_path, tiny_glow_path,
+                                                                    signum):
     argv = per_instance_argv(tmp_path / "r", tiny_glow_path)
     argv[argv.index("--epochs") + 1] = "1000"
     proc = subprocess.Popen([sys.executable, "per_instance.py", *argv], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    proc.stdout.readline()  # the settings line: imports are done, the run has started
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
+                            preexec_fn=default_signals, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stdout:  # wait for an event: epoch 1 is checkpointed, 2 is printed
+        if line.startswith("epoch 2/1000"):
+            break
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert err.strip().splitlines() == [err.strip()] and "--resume" in err
     assert str(tmp_path / "r") in err  # where the run can be resumed from
     assert "Traceback" not in err
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()  # what --resume continues from
+
+
+def test_a_stdout_that_cannot_encode_greek_letters_does_not_crash_a_run(tmp_path,
+                                                                        tiny_glow_path):
+    # condense prints "λ = 1" and "±" in its progress lines; a Windows redirect is cp1252
+    # (no λ), LANG=C is ASCII
+    proc = cli("condense.py", *condense_argv(tmp_path / "c", tiny_glow_path),
+               PYTHONIOENCODING="ascii")
+    assert proc.returncode == 0, proc.stderr
+    assert "λ = 1" not in proc.stdout and "? = 1" in proc.stdout
+    assert (tmp_path / "c" / "results.json").is_file()
 
 
 def test_one_class_and_non_square_folders_warn(tmp_path):
