@@ -539,6 +539,11 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
         progress.update(1, **metrics)  # read only when a progress line is printed
         if (it + 1) % 10 == 0:
             flush()
+            if cfg.lambda_sim > 0:  # a simplicity term left out (nearly) every time: plain DC
+                recent = [row for row in history if "match" in row and row["iteration"] > it - 9]
+                nets.check_skipped(sum(row["bpd"] is None for row in recent), len(recent),
+                                   f"iterations {it - 8}-{it + 1}",
+                                   "bpd terms (non-finite bpd or gradient)")
             save_checkpoint(ckpt_path, it + 1, alpha, optimizer, history)
     flush()
     progress.close()
@@ -788,8 +793,8 @@ def continual(args):
     save_accuracy_table(cfg.out / "accuracy.png", stage_accs,
                         f"test accuracy (%), {'no replay' if cfg.no_replay else 'replay'}"
                         f"{' + distillation' if cfg.distill else ''}")
+    nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
-    nets.check_finite(results, f"the run in {cfg.out}")
     print(f"final mean test accuracy {100 * results['final_mean_acc']:.2f}% -> {cfg.out}")
     return results
 
@@ -814,6 +819,13 @@ def main(args):
     empty = [info.class_names[c] for c, x in enumerate(real_by_class) if len(x) == 0]
     if empty:
         raise nets.RunError(f"class {empty[0]} has no training images; raise --train-size.")
+    sizes = [len(x) for x in real_by_class]
+    if cfg.ipc > min(sizes):  # checked before the quick Glow's pretraining
+        name = info.class_names[sizes.index(min(sizes))]
+        raise nets.RunError(f"--ipc {cfg.ipc} is more than the {min(sizes)} training images of "
+                            f"class {name}: a condensed set is smaller than its data, and the "
+                            "random-real baseline draws --ipc real images per class; lower "
+                            "--ipc or raise --train-size.")
     if cfg.compare and info.num_classes != 2:
         raise nets.RunError(f"--compare draws Fig. 7 for two classes, but {info.name} has "
                             f"{info.num_classes}; drop --compare.")
@@ -875,8 +887,8 @@ def main(args):
         rows = [(f"lam{compare[2].get('lambda_sim', math.nan):g}", *compare[:2])] if compare else []
         save_two_class(cfg.out / "two_class.png", rows + [(f"lam{cfg.lambda_sim:g}", x_syn.cpu(),
                                                           labels)], info.class_names)
+    nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
-    nets.check_finite(results, f"the run in {cfg.out}")
     print(f"condensed ({cfg.ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "
           f"{results['bpd_synthetic']:.3f} | random real: {100 * random_acc:.2f} ± "
           f"{100 * random_std:.2f}%, bpd {results['bpd_random_real']:.3f} | "

@@ -589,13 +589,29 @@ def score_dataset(glow, dataset, device, batch_size=256, noise=True):
     return torch.cat([bits_per_dim(glow, x.to(device), noise).cpu() for x, _ in loader])
 
 
+def glow_step(model, optimizer, x, noise):
+    """One maximum-likelihood step: Adamax on the mean bpd of the batch x (Eq. 1). A batch
+    whose gradient is not finite is skipped (authors): weights and Adamax's moments and
+    step count stay untouched. Adamax has no fused kernel that could read the check on
+    the device, so it is read on the host. Under DDP the check sees the averaged
+    gradient, so every process decides alike. Returns (loss, 1 if skipped else 0)."""
+    loss = bits_per_dim(model, x, noise=noise).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # DDP averages the gradients over the processes
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, math.inf)))
+    if finite:
+        optimizer.step()
+    return loss.detach(), int(not finite)
+
+
 def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr=5e-4,
                warmup_steps=None, max_steps=None, out=None, init_images=512, settings=None,
                seed=0, log=print):
     """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up
     (default: a tenth of the run, at most 4000 steps as the released model), ActNorm
-    data-dependent init on `init_images` augmented images, and a zero gradient for batches
-    whose gradient is not finite. Saves `out` atomically after every epoch (with `settings`, the
+    data-dependent init on `init_images` augmented images; a batch whose gradient is not
+    finite is skipped (glow_step), and an epoch that skipped (nearly) all is an error. Saves `out` atomically after every epoch (with `settings`, the
     run's flags) and resumes from it when it holds an unfinished run of the same model.
     A run that diverges (non-finite weights or test bpd) raises instead of saving.
 
@@ -662,19 +678,10 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
             noise = torch.rand(batch_size, *x.shape[1:], device=device) / N_BINS
             mine = slice(rank, None, world)
             x = nets.crop_flip(x.to(device), (shifts[mine], flips[mine]), 3, "reflect")
-            loss = bits_per_dim(model, x, noise=noise[mine]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients over the processes
-            # a batch whose gradient is not finite contributes none: its gradient is zeroed
-            # on the device (no host sync per step); Adamax's moments still decay that step
-            finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(glow.parameters(), math.inf))
-            for p in glow.parameters():
-                if p.grad is not None:
-                    p.grad = torch.where(finite, p.grad, 0.0)
-            optimizer.step()
-            warmup.step()
-            skipped = skipped + (~finite).long()
-            total, count, step = total + loss.detach(), count + 1, step + 1
+            loss, bad = glow_step(model, optimizer, x, noise[mine])
+            warmup.step()  # the warm-up counts batches, skipped ones included
+            total = total if bad else total + loss  # the mean over the batches it learned from
+            count, step, skipped = count + 1, step + 1, skipped + bad
             progress.update()
             if max_steps and step >= max_steps:
                 break
@@ -690,11 +697,11 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
                 test_bpd += score_dataset(glow, test_set, device).mean().to(device)
         if world > 1:
             dist.broadcast(test_bpd, 0)
-        line = f"glow epoch {epoch + 1}: train bpd {total.item() / max(count, 1):.3f}"
+        line = f"glow epoch {epoch + 1}: train bpd {total.item() / max(count - skipped, 1):.3f}"
         if test_set is not None:
             line += f", test bpd {test_bpd.item():.3f}"
-        skipped = int(skipped)  # read once per epoch
-        log(line + (f", {skipped} non-finite gradients zeroed" if skipped else ""))
+        log(line + (f", {skipped} batches with non-finite gradients skipped" if skipped else ""))
+        nets.check_skipped(skipped, count, f"glow epoch {epoch + 1}")
         finite = math.isfinite(test_bpd.item()) and all(bool(p.isfinite().all())
                                                         for p in glow.parameters())
         if not finite:

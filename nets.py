@@ -583,6 +583,19 @@ def check_out(out, settings, resume, may_change=()):
     return True
 
 
+SKIP_LIMIT = 0.9  # the share of skipped steps at which an epoch counts as having learned nothing
+
+
+def check_skipped(skipped, steps, what, kind="steps (non-finite loss or gradients)"):
+    """Steps whose loss or gradient is not finite are skipped (authors' code). When (nearly)
+    all steps of an epoch were, the run learns nothing: a RunError, raised before that
+    epoch is checkpointed or any result is written."""
+    if steps and skipped >= SKIP_LIMIT * steps:
+        raise RunError(f"{what} skipped {skipped} of its {steps} {kind}, so the run stopped, "
+                       "keeping its last checkpoint; check the data (an image channel that "
+                       "never varies?) or lower --lr or λ.")
+
+
 def check_finite(results, what):
     """A run whose numbers are NaN or infinite has failed: say which, as a RunError."""
     bad = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -778,6 +791,14 @@ def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
     rows, lines, refs, knob_keys = [], [], [], {}
     for grid_dir in map(Path, grid_dirs):
         runs = _grid_runs(grid_dir, knob)
+        if not runs:
+            if not grid_dir.is_dir():
+                raise RunError(f"--summarize: {grid_dir} is not a folder; give a grid's --out.")
+            unfinished = sorted(p.name for p in grid_dir.iterdir()
+                                if (p / "args.json").is_file())
+            raise RunError(f"--summarize: {grid_dir} holds no finished run (a sub-folder with "
+                           "results.json)" + (f"; unfinished: {', '.join(unfinished)}"
+                                              if unfinished else "") + ".")
         for name, key, value, results in runs:
             scalars = {k: v for k, v in results.items() if isinstance(v, (int, float, str, bool))}
             rows.append({"run": f"{grid_dir.name}/{name}", key: value, **scalars})

@@ -27,7 +27,8 @@ import datasets
 import glow
 import nets
 
-TAU = 0.1  # S3: L_sim is switched off (soft ramp, authors' code) where l(f'(x_orig)) > 0.1
+TAU = 0.1  # S3: L_sim's per-example weight w = max(0, 1 − l(f'(x_orig))/τ) ramps linearly to 0
+# at a loss of 0.1 (the authors' soft form of S3's "switched off where the loss > 0.1")
 ORIG_WEIGHT = 10.0  # S3, Eq. S3: weight of l(f'(X_orig))
 MSE_WEIGHT = 10.0  # S7 L2 baseline: (10·MSE + λ·bpd)/(10 + λ), authors' mse_weight
 PAD = 4  # random-crop padding, zeros (the authors' kornia RandomCrop)
@@ -192,7 +193,8 @@ def simplifier_loss(classifier, optimizer, glow_model, x, x_sim, y, aug, lambda_
 
     ~ marks the augmentation `aug`, shared by X and X_sim; bpd is taken on the un-augmented
     X_sim. w_i is the authors' soft form of S3's "turn L_sim off where the loss > 0.1", and
-    is not differentiated. With λ_sim = 0 Glow is not called (glow_model may be None) and L
+    is not differentiated. Each pass of f or f' draws its own dropout mask (see the README's
+    deviations: the authors meant to reuse one, and on a GPU drew fresh ones too). With λ_sim = 0 Glow is not called (glow_model may be None) and L
     is the classification loss of plain training through a simplifier. Returns (L, parts).
     """
     x_sim_aug, x_aug = nets.crop_flip(x_sim, aug, PAD), nets.crop_flip(x, aug, PAD)  # (B, 3, 32, 32)
@@ -379,11 +381,14 @@ def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase)
     optimizer = nets.classifier_optimizer(classifier, cfg.lr)
     for epoch in range(1, cfg.retrain_epochs + 1):
         order = epoch_order(len(train_sim), cfg.seed, epoch)
-        losses = []
+        losses, skipped = [], 0
         for idx in order[:len(order) // cfg.batch_size * cfg.batch_size].split(cfg.batch_size):
             x, y = train_sim[idx].to(device).float() / 255, train_labels[idx].to(device)
             aug = nets.sample_crop_flip(len(x), PAD, flip, device)
-            losses.append(classifier_step(classifier, optimizer, nets.crop_flip(x, aug, PAD), y)[0])
+            loss, n_skip = classifier_step(classifier, optimizer, nets.crop_flip(x, aug, PAD), y)
+            losses.append(loss)
+            skipped += n_skip
+        nets.check_skipped(int(skipped), len(losses), f"{phase} epoch {epoch}/{cfg.retrain_epochs}")
         orig, _ = evaluate(classifier, None, *test["orig"], device)
         sim, _ = evaluate(classifier, None, *test["sim"], device)
         row = dict(phase=phase, epoch=epoch, train_loss=torch.stack(losses).mean().item(),
@@ -473,6 +478,8 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
                 sums[k] = sums.get(k, 0.0) + v / steps
             progress.update(loss=parts["loss"])
         skipped = int(skipped)  # read once per epoch
+        nets.check_skipped(skipped, steps * (2 if cfg.simplifier == "unet" else 1),
+                           f"epoch {epoch}/{cfg.epochs}")  # unet: simplifier and classifier
         skipped_total += skipped
 
         # every cfg.eval_every epochs and after the last: the test metrics and a Fig. 3-style
@@ -559,7 +566,9 @@ def main(args):
     simplify = simplification(cfg, simplifier)
     nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
 
-    # optimizers: the authors' code (the paper text says AdamW, wd 1e-5, for both)
+    # optimizers, the authors' code (the paper text says AdamW, wd 1e-5, for both): f takes
+    # AdamW, betas (0.9, 0.995), decoupled wd 1e-5 on weights and gains only; the simplifier
+    # Adam, betas (0.5, 0.99), coupled L2 5e-5 on every parameter
     opt_clf = nets.classifier_optimizer(classifier, cfg.lr)
     opt_simp = torch.optim.Adam(simplifier.parameters(), lr=cfg.lr, betas=(0.5, 0.99),
                                 weight_decay=5e-5, fused=nets.fused_ok(simplifier.parameters()))
@@ -586,8 +595,8 @@ def main(args):
 
     # save
     results["time_s"] = time.time() - t_start
+    nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
-    nets.check_finite(results, f"the run in {cfg.out}")
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}, flush=True)
     return results
 

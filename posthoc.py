@@ -18,6 +18,7 @@ Alg. 2 also interpolates z_sim with the original's latents z.
         --classifier runs/posthoc-shapes-alg2-seed0-quick/classifier.pt
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -267,6 +268,10 @@ def train_classifier(train_set, cfg, device, log):
         progress.close()
         metrics = dict(phase="classifier", epoch=epoch, train_loss=float(loss_sum) / count,
                        train_acc=float(correct) / count)
+        if not math.isfinite(metrics["train_loss"]):
+            raise nets.RunError(f"classifier epoch {epoch}: the training loss is not finite, so "
+                                "f was not saved; check the data (an image channel that never "
+                                "varies?) or lower --train-lr.")
         print(f"classifier epoch {epoch}/{cfg.train_epochs}: train loss {metrics['train_loss']:.4f}, "
               f"train acc {metrics['train_acc']:.4f}", flush=True)
         log(metrics)
@@ -383,12 +388,13 @@ def main(args):
         raise nets.RunError(f"--indices {max(cfg.indices)} is outside the test set of "
                             f"{len(test_set)} images.")
 
-    # models: the Glow G, and the classifier f (given, trained earlier in this run, or now)
+    # models: the classifier f (given, trained earlier in this run, or below; a given one is
+    # checked against the data before the quick Glow's pretraining), and the Glow G
+    model, history = load_classifier(cfg, info, device, resuming)  # history: metrics rows
     made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     print(f"Glow ready ({time.time() - start:.0f} s)")
-    model, history = load_classifier(cfg, info, device, resuming)  # history: metrics rows
     nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
     nets.write_jsonl(cfg.out / "metrics.jsonl", history)
 
@@ -430,8 +436,8 @@ def main(args):
         seconds=time.time() - start, images=images)
 
     # save: results.json, simplified.pt and a PNG of (original, start, simplified) triples
+    nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
-    nets.check_finite(results, f"the run in {cfg.out}")
     nets.atomic_save(dict(indices=indices, labels=labels, originals=datasets.to_uint8(x).cpu(),
                           images=datasets.to_uint8(result["x_sim"]).cpu(),
                           latents=[z.detach().cpu() for z in z_sim],

@@ -1,6 +1,7 @@
 """glow.py against trusted references: brute-force Jacobians, hand computations (ActNorm
 init, one flow step, glow range, quantization, bpd of Eq. 1, dequantization noise), and an
 independent implementation of the density of y0ast Glow-PyTorch, written from its code."""
+import copy
 import math
 import os
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import datasets
 import glow
+import nets
 
 torch.set_default_dtype(torch.float32)
 
@@ -474,30 +476,59 @@ def record_adamax_step(snapshots):
     return step
 
 
-def test_train_glow_zeroes_a_non_finite_gradient(tmp_path, monkeypatch):
-    """A batch whose loss is NaN contributes a zero gradient: the weights stay finite (an
-    Adamax step on a NaN gradient would make them NaN), the epoch's log counts it, and
-    Adamax's step receives zero gradients."""
+def test_glow_step_skips_a_non_finite_batch_leaving_weights_and_adamax_untouched():
+    torch.manual_seed(0)
+    model = glow.Glow(levels=1, steps=1, hidden=8)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3, weight_decay=5e-5)
+    x = torch.rand(4, 3, 32, 32)
+    assert glow.glow_step(model, optimizer, x, torch.rand_like(x) / 256)[1] == 0  # a real step
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(optimizer.state_dict())
+    poisoned = x.clone()
+    poisoned[1, 0, 5, 5] = math.nan
+    loss, skipped = glow.glow_step(model, optimizer, poisoned, torch.rand_like(x) / 256)
+    assert skipped == 1 and not loss.isfinite()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for i, moments in state["state"].items():  # exp_avg, exp_inf and the step count
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in moments.items())
+    assert glow.glow_step(model, optimizer, x, torch.rand_like(x) / 256)[1] == 0
+    assert optimizer.state_dict()["state"][0]["step"] == 2  # the skipped batch did not count
+
+
+def test_train_glow_skips_a_non_finite_batch_and_refuses_an_epoch_that_skipped_all(
+        tmp_path, monkeypatch):
+    """A batch whose loss is NaN is skipped (Adamax never steps on it, the weights stay
+    finite) and counted in the epoch's log; an epoch whose every batch was skipped is a
+    RunError and its Glow is not saved."""
     torch.manual_seed(0)
     train = datasets.subset(datasets.load_dataset("shapes", train=True), 8, seed=0)
-    real_bpd, calls = glow.bits_per_dim, []
+    real_bpd, calls, poison = glow.bits_per_dim, [], {2}
 
-    def nan_on_second_step(model, x, noise=True):
+    def nan_on_some_steps(model, x, noise=True):
         calls.append(len(x))
         bpd = real_bpd(model, x, noise=noise)
-        return bpd * math.nan if len(calls) == 2 else bpd
+        return bpd * math.nan if len(calls) in poison else bpd
 
     model = glow.Glow(levels=1, steps=1, hidden=8)
     snapshots = []
     monkeypatch.setattr(torch.optim.Adamax, "step", record_adamax_step(snapshots))
-    monkeypatch.setattr(glow, "bits_per_dim", nan_on_second_step)
+    monkeypatch.setattr(glow, "bits_per_dim", nan_on_some_steps)
     lines = []
     glow.train_glow(model, train, torch.device("cpu"), epochs=1, batch_size=4, warmup_steps=1,
                     init_images=8, log=lines.append)
-    assert len(calls) == 2 and all(p.isfinite().all() for p in model.parameters())
-    assert "1 non-finite gradients zeroed" in lines[-1]
-    grads = snapshots[1]["grads"]
-    assert all(g is None or not g.any() for g in grads)  # the second step saw zero gradients
+    assert len(calls) == 2 and len(snapshots) == 1  # Adamax stepped on the first batch only
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert "1 batches with non-finite gradients skipped" in lines[-1]
+    calls.clear()
+    poison.update({1, 2})
+    out = tmp_path / "g.pt"
+    with pytest.raises(nets.RunError, match="glow epoch 1 skipped 2 of its 2 steps"):
+        glow.train_glow(glow.Glow(levels=1, steps=1, hidden=8), train, torch.device("cpu"),
+                        epochs=2, batch_size=4, warmup_steps=1, init_images=8, out=str(out),
+                        log=lines.append)
+    assert not out.exists()
 
 
 def test_quick_glow_rates_plain_backgrounds_cheap(tmp_path):

@@ -4,6 +4,7 @@ corrupt files answered with one sentence. Tiny settings throughout (seconds each
 import csv
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -180,6 +181,17 @@ def test_cached_quick_glow_and_classifier_of_other_data_are_refused(tmp_path, ti
     assert not (tmp_path / "p").exists()  # refused before anything was written
 
 
+def test_posthoc_checks_a_given_classifier_before_the_quick_glow_is_trained(tmp_path,
+                                                                            monkeypatch):
+    clf = tmp_path / "clf.pt"
+    nets.save_model(nets.ConvNet(5, width=4), clf, dataset="cifar-stripes")
+    monkeypatch.setattr(glow, "train_glow", lambda *a, **k: pytest.fail("Glow was trained"))
+    with pytest.raises(nets.CheckpointError, match="made for dataset 'cifar-stripes'"):
+        run(posthoc, ["--dataset", "shapes", "--quick", "--classifier", str(clf), "--device",
+                      "cpu", "--out", str(tmp_path / "p")])
+    assert not (tmp_path / "quick-glow").exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv", [
     ["per_instance.py", "--lambda-sim", "nan"], ["per_instance.py", "--lr", "inf"],
@@ -213,6 +225,7 @@ def test_non_finite_result_is_an_error(tmp_path, tiny_glow_path, monkeypatch):
     monkeypatch.setattr(posthoc, "evaluate", diverged)
     with pytest.raises(nets.RunError, match="non-finite .*mean_bpd_simplified"):
         run(posthoc, posthoc_argv(tmp_path / "p", tiny_glow_path))
+    assert not (tmp_path / "p" / "results.json").exists()  # a grid would count it finished
 
 
 def test_diverged_glow_training_is_not_saved(tmp_path):
@@ -296,6 +309,87 @@ def test_a_stdout_that_cannot_encode_greek_letters_does_not_crash_a_run(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "λ = 1" not in proc.stdout and "? = 1" in proc.stdout
     assert (tmp_path / "c" / "results.json").is_file()
+
+
+def red_shapes_folder(root):
+    """Two classes of pure red shapes on black: green and blue never vary (std 0)."""
+    from PIL import Image, ImageDraw
+    for split, n in (("train", 16), ("test", 8)):
+        for name in ("disk", "square"):
+            (root / split / name).mkdir(parents=True)
+            for k in range(n):
+                image = Image.new("RGB", (32, 32))
+                box = (4 + k % 5, 6 + k % 4, 22 + k % 7, 24 + k % 6)
+                draw = ImageDraw.Draw(image)
+                (draw.ellipse if name == "disk" else draw.rectangle)(box, fill=(255, 0, 0))
+                image.save(root / split / name / f"{k}.png")
+    return str(root)
+
+
+def test_a_channel_that_never_varies_trains(tmp_path, tiny_glow_path):
+    folder = red_shapes_folder(tmp_path / "red")
+    import datasets
+    assert datasets.load_dataset(folder).info.std[1:] == (datasets.STD_FLOOR,) * 2
+    results = run(per_instance, per_instance_argv(tmp_path / "pi", tiny_glow_path, "--dataset",
+                                                  folder))
+    assert results["skipped_steps"] == 0
+    results = run(posthoc, posthoc_argv(tmp_path / "ph", tiny_glow_path, "--dataset", folder,
+                                        "--train-size", "32", "--test-size", "16"))
+    assert math.isfinite(results["classifier_test_acc"])
+
+
+def nan_images(monkeypatch):
+    import datasets
+    real = datasets.Batches.get
+    monkeypatch.setattr(datasets.Batches, "get",
+                        lambda self, *a, **k: (lambda x, y: (x * math.nan, y))(*real(self, *a, **k)))
+
+
+def test_a_run_that_skipped_every_step_fails_without_results(tmp_path, tiny_glow_path,
+                                                             monkeypatch):
+    nan_images(monkeypatch)  # every loss is NaN, so every step is skipped
+    out = tmp_path / "pi"
+    with pytest.raises(nets.RunError, match=r"epoch 1/1 skipped 4 of its 4 steps"):
+        run(per_instance, per_instance_argv(out, tiny_glow_path))
+    assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()
+    with pytest.raises(nets.RunError, match="classifier epoch 1: the training loss is not finite"):
+        run(posthoc, posthoc_argv(tmp_path / "ph", tiny_glow_path))
+    assert not (tmp_path / "ph" / "results.json").exists()
+
+
+def test_a_condensation_whose_bpd_term_was_always_left_out_fails(tmp_path, tiny_glow_path,
+                                                                 monkeypatch):
+    real = glow.bits_per_dim
+    monkeypatch.setattr(glow, "bits_per_dim", lambda *a, **k: real(*a, **k) * math.nan)
+    out = tmp_path / "c"
+    argv = condense_argv(out, tiny_glow_path)
+    argv[argv.index("--iterations") + 1] = "10"
+    with pytest.raises(nets.RunError, match=r"iterations 1-10 skipped 10 of its 10 bpd terms"):
+        run(condense, argv)
+    assert not (out / "results.json").exists()
+
+
+def test_summarize_of_a_folder_without_finished_runs_says_so(tmp_path):
+    (tmp_path / "grid" / "lambda_sim=1").mkdir(parents=True)
+    (tmp_path / "grid" / "lambda_sim=1" / "args.json").write_text("{}")  # interrupted
+    (tmp_path / "grid" / "quick-glow").mkdir()
+    for folder, words in ((tmp_path / "grid", "holds no finished run (a sub-folder with "
+                                              "results.json); unfinished: lambda_sim=1."),
+                          (tmp_path / "none", "is not a folder")):
+        proc = cli("per_instance.py", "--summarize", str(folder))
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert not (folder / "tradeoff.csv").exists()
+
+
+def test_ipc_above_the_smallest_class_is_refused_before_any_glow_is_trained(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(glow, "train_glow", lambda *a, **k: pytest.fail("Glow was trained"))
+    out = tmp_path / "c"
+    with pytest.raises(nets.RunError, match=r"--ipc 100000 is more than the \d+ training "
+                                            "images of class"):
+        run(condense, ["--dataset", "shapes", "--quick", "--ipc", "100000", "--device", "cpu",
+                       "--out", str(out)])
+    assert not out.exists() and not (tmp_path / "quick-glow").exists()
 
 
 def test_one_class_and_non_square_folders_warn(tmp_path):
