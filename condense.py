@@ -415,13 +415,15 @@ def load_run_images(run, dataset, class_names, flag):
     if not (run / "synthetic.pt").is_file() or not (run / "args.json").is_file():
         raise nets.CheckpointError(f"{flag} {run}: no synthetic.pt and args.json there; give "
                                    f"the folder of a finished condense.py run on {dataset}.")
+    syn = nets.read_checkpoint(run / "synthetic.pt", "a condensed set of condense.py",
+                               f"give {flag} a finished condense.py run on {dataset}",
+                               keys=("images", "labels", "class_names"))
+    images, labels, names = syn["images"], syn["labels"], list(syn["class_names"])
     try:
         stored = json.loads((run / "args.json").read_text())
-        syn = torch.load(run / "synthetic.pt", map_location="cpu", weights_only=True)
-        images, labels, names = syn["images"], syn["labels"], list(syn["class_names"])
-    except Exception as e:  # truncated, or not written by condense.py
-        raise nets.CheckpointError(f"{flag} {run}: cannot read its args.json and synthetic.pt "
-                                   f"({type(e).__name__}); condense {dataset} again.") from None
+    except (OSError, ValueError):  # truncated, or not written by condense.py
+        raise nets.CheckpointError(f"{flag} {run}: cannot read its args.json; condense "
+                                   f"{dataset} again.") from None
     if Path(str(stored.get("dataset"))).name != Path(dataset).name:
         raise nets.CheckpointError(f"{flag} {run} condensed {stored.get('dataset')!r}, not "
                                    f"{dataset!r}; give a run on {dataset} (in task order).")
@@ -456,22 +458,15 @@ def save_two_class(path, runs, class_names):
 
 def save_checkpoint(path, iteration, alpha, optimizer, history):
     """Everything --resume needs in one atomic file: α, its Adam state, the RNG, the log."""
-    cuda_rng = torch.cuda.get_rng_state(alpha.device) if alpha.device.type == "cuda" else None
     nets.atomic_save(dict(alpha=alpha.detach(), optimizer=optimizer.state_dict(),
-                          iteration=iteration, history=history,
-                          rng_cpu=torch.get_rng_state(), rng_cuda=cuda_rng), path)
+                          iteration=iteration, history=history, rng=nets.rng_state()), path)
 
 
 def load_checkpoint(path, alpha, optimizer, iterations):
     """Restore what save_checkpoint wrote; returns (iteration, metrics history)."""
-    try:
-        ckpt = torch.load(path, map_location=alpha.device, weights_only=True)
-    except Exception as e:  # truncated, empty, or not a torch file
-        raise nets.CheckpointError(f"--resume: cannot read {path} ({type(e).__name__}); "
-                                   "delete it to restart the run, or choose another --out.") from None
-    if not isinstance(ckpt, dict) or not {"alpha", "optimizer", "iteration"} <= ckpt.keys():
-        raise nets.CheckpointError(f"--resume: {path} is not a checkpoint of condense.py; "
-                                   "choose another --out.")
+    ckpt = nets.read_checkpoint(path, "a checkpoint of condense.py", nets.RESUME_HINT,
+                                keys=("alpha", "optimizer", "iteration", "rng"),
+                                map_location=alpha.device)
     if ckpt["alpha"].shape != alpha.shape:
         raise nets.CheckpointError(f"{path} holds {len(ckpt['alpha'])} synthetic images, not "
                                    f"{len(alpha)}; use another --out or drop --resume.")
@@ -481,9 +476,7 @@ def load_checkpoint(path, alpha, optimizer, iterations):
     with torch.no_grad():
         alpha.copy_(ckpt["alpha"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng_cpu"].cpu())
-    if ckpt.get("rng_cuda") is not None and alpha.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), alpha.device)
+    nets.set_rng_state(ckpt["rng"])
     print(f"resuming at iteration {ckpt['iteration']} from {path}", flush=True)
     return ckpt["iteration"], ckpt["history"]
 
@@ -700,7 +693,7 @@ def continual(args):
     replaying the earlier tasks' condensed sets; after each stage the test accuracy of every
     task seen so far. A checkpoint after every epoch; --resume continues bit for bit."""
     cfg = resolve_config(args)
-    print(vars(cfg), flush=True)
+    print(nets.settings_line(vars(cfg)), flush=True)
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
@@ -733,12 +726,15 @@ def continual(args):
     start_stage, start_epoch, history, stage_accs = 0, 0, [], []
     optimizer = scheduler = teacher = None
     if resuming and ckpt_path.exists():
+        ckpt = nets.read_checkpoint(ckpt_path, "a checkpoint of condense.py --continual",
+                                    nets.RESUME_HINT, map_location=device,
+                                    keys=("model", "optimizer", "scheduler", "stage", "epoch",
+                                          "teacher", "history", "stage_accs", "rng"))
         try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
             net.load_state_dict(ckpt["model"])
-        except Exception as e:  # truncated, or not a checkpoint of this run
-            raise nets.CheckpointError(f"--resume: cannot use {ckpt_path} ({type(e).__name__});"
-                                       " delete it to restart, or choose another --out.") from None
+        except RuntimeError:  # the weights of other tasks or widths
+            raise nets.CheckpointError(f"--resume: {ckpt_path} holds a network of other "
+                                       f"settings; {nets.RESUME_HINT}.") from None
         start_stage, start_epoch = ckpt["stage"], ckpt["epoch"]
         history, stage_accs = ckpt["history"], ckpt["stage_accs"]
         optimizer, scheduler = stage_optimizer(net, start_stage,
@@ -748,9 +744,7 @@ def continual(args):
         if ckpt["teacher"] is not None:
             teacher = frozen_copy(net)
             teacher.load_state_dict(ckpt["teacher"])
-        torch.set_rng_state(ckpt["rng_cpu"].cpu())
-        if ckpt["rng_cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+        nets.set_rng_state(ckpt["rng"])
         print(f"resuming after epoch {start_epoch} of task {start_stage + 1} from {ckpt_path}",
               flush=True)
     nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
@@ -778,12 +772,11 @@ def continual(args):
                     f"{k} {100 * v:.2f}%" for k, v in stage_accs[-1].items()), flush=True)
             history.append(row)
             nets.append_jsonl(metrics_path, row)
-            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             nets.atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
                                   scheduler=scheduler.state_dict(), stage=stage, epoch=epoch + 1,
                                   teacher=None if teacher is None else teacher.state_dict(),
                                   history=history, stage_accs=stage_accs,
-                                  rng_cpu=torch.get_rng_state(), rng_cuda=cuda_rng), ckpt_path)
+                                  rng=nets.rng_state()), ckpt_path)
         start_epoch = 0
 
     # save: accuracies after every stage (Fig. S8/S9) and their mean at the end
@@ -803,7 +796,7 @@ def main(args):
     if args.continual:
         return continual(args)
     cfg = resolve_config(args)
-    print(vars(cfg), flush=True)
+    print(nets.settings_line(vars(cfg)), flush=True)
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
@@ -907,14 +900,13 @@ if __name__ == "__main__":
     nets.console()  # before --help: its text has λ
     args = get_args()
     try:
-        nets.run_command(main, args, "lambda_sim", resolve_config(args).out, SUMMARY)
+        nets.run_command(main, args, "lambda_sim", resolve_config(args).out, SUMMARY,
+                         RESUMABLE)
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
-        print(f"interrupted: the same command with --resume continues the run in "
-              f"{resolve_config(args).out} from its last checkpoint (every 10 iterations; "
-              "every epoch with --continual).",
-              file=sys.stderr)
+        grid = isinstance(args.lambda_sim, tuple)
+        print(nets.interrupted(resolve_config(args).out, grid), file=sys.stderr)
         sys.exit(130)

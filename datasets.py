@@ -36,6 +36,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
 from torchvision.transforms import v2
 
+import nets
+
 DATASET_NAMES = ("mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "usps",
                  "mnist-fashion", "mnist-noise", "mnist-cifar", "cifar-stripes", "shapes",
                  "shapes-colour")
@@ -471,14 +473,7 @@ def save_image_grid(images, path, nrow=8, captions=None):
             row, col = divmod(k, min(nrow, len(images)))
             draw.text((col * (w + 2) + 3, row * (h + 2) + 2 + h - band), text, fill=(0, 0, 0),
                       font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # same folder, so os.replace is an atomic rename
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    nets.save_png(img, path)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Save a PNG grid of 64 images of a dataset.")

@@ -496,21 +496,15 @@ def load_glow(path, device="cpu", frozen=True, made_from=None):
     scoring by default. The checkpoint is read on the CPU; every parameter and buffer of
     the returned model lives on `device`. With `made_from`, a Glow that was pretrained on
     other data (its stored "made_from") is refused."""
-    if not os.path.isfile(path):
-        raise GlowCheckpointError(f"Glow checkpoint {path} does not exist: {HOW_TO_GET_A_GLOW}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise GlowCheckpointError(f"cannot read {path} as a torch checkpoint "
-                                  f"({type(error).__name__}: empty, truncated or not a checkpoint); "
-                                  f"{HOW_TO_GET_A_GLOW}.") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "glow":
-        if isinstance(checkpoint, dict) and any(str(k).startswith("flow.layers.") for k in checkpoint):
+    checkpoint = nets.read_checkpoint(path, "a checkpoint", HOW_TO_GET_A_GLOW,
+                                      error=GlowCheckpointError)
+    if checkpoint.get("kind") != "glow":
+        if any(str(k).startswith("flow.layers.") for k in checkpoint):
             raise GlowCheckpointError(
                 f"{path} is a y0ast state dict, not a checkpoint of this project: convert it "
                 f"with `python glow.py import-y0ast {path} --out glow-cifar10.pt`.")
-        kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise GlowCheckpointError(f"{path} holds a {kind!r}, not a Glow: {HOW_TO_GET_A_GLOW}.")
+        raise GlowCheckpointError(f"{path} holds a {checkpoint.get('kind')!r}, not a Glow: "
+                                  f"{HOW_TO_GET_A_GLOW}.")
     if made_from is not None and checkpoint.get("made_from") != made_from:
         raise GlowCheckpointError(f"{path} was pretrained on {checkpoint.get('made_from')}, not "
                                   f"on {made_from}; delete it or choose another --out.")
@@ -648,7 +642,8 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
     start_epoch, step = 0, 0
     if out and os.path.isfile(out):
-        state = torch.load(out, map_location=device, weights_only=True)
+        state = nets.read_checkpoint(out, "a Glow checkpoint", nets.RESUME_HINT,
+                                     keys=("state_dict",), error=GlowCheckpointError)
         glow.load_state_dict(state["state_dict"])
         if "optimizer" not in state:
             log(f"{out} holds a finished run; nothing to resume")
@@ -656,7 +651,7 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         optimizer.load_state_dict(state["optimizer"])
         warmup.load_state_dict(state["scheduler"])
         start_epoch, step = state["epoch"], state["step"]
-        torch.set_rng_state(state["rng"].cpu())
+        nets.set_rng_state(state["rng"])
         log(f"resumed {out} at epoch {start_epoch}")
     else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1), from the
         # same images on every process
@@ -711,7 +706,7 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         if out and rank == 0:
             save_glow(glow, out, settings=settings, **({} if done else dict(
                 optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),
-                epoch=epoch + 1, step=step, rng=torch.get_rng_state())))
+                epoch=epoch + 1, step=step, rng=nets.rng_state())))
         if world > 1:
             dist.barrier()  # nobody runs ahead of the checkpoint
         if done:
@@ -817,20 +812,13 @@ def load_many(names, root, train, size, seed):
 def check_resume_settings(path, settings):
     """`glow.py train --resume` continues only a run of the same flags (more epochs or steps
     allowed); a foreign, truncated or finished checkpoint is one sentence."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise GlowCheckpointError(f"--resume: cannot read {path} ({type(error).__name__}); "
-                                  "it is not an unfinished `glow.py train` run.") from None
-    if not isinstance(state, dict) or "optimizer" not in state or "settings" not in state:
-        raise GlowCheckpointError(f"--resume: {path} is not an unfinished `glow.py train` run "
-                                  "(finished, imported, or foreign); choose another --out.")
-    free = set(nets.ALWAYS_MAY_CHANGE) | {"epochs", "max_steps"}
-    changed = [k for k in settings if k not in free and state["settings"].get(k) != settings[k]]
+    state = nets.read_checkpoint(path, "an unfinished `glow.py train` run (finished, imported "
+                                 "or foreign)", "choose another --out",
+                                 keys=("optimizer", "settings"), error=GlowCheckpointError)
+    changed = nets.changed_settings(state["settings"], settings, may_change=("epochs", "max_steps"))
     if changed:
-        raise GlowCheckpointError(f"--resume: {path} was started with other settings ("
-                                  + ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)!r}"
-                                              for k in changed[:4]) + "); rerun with those flags.")
+        raise GlowCheckpointError(f"--resume: {path} was started with other settings "
+                                  f"({', '.join(changed[:4])}); rerun with those flags.")
 
 
 def train_out(args):
@@ -842,23 +830,14 @@ def train_out(args):
 def main(args):
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 prints
     log = print if rank == 0 else (lambda *a, **k: None)
-    log(vars(args))
+    log(nets.settings_line(vars(args)))
     nets.seed_everything(args.seed)  # the same on every process
     device = nets.resolve_device(args.device)
     nets.quick_threads(getattr(args, "quick", False), device)  # only `train` has --quick
     if args.command == "import-y0ast":
-        if not os.path.isfile(args.checkpoint):
-            raise GlowCheckpointError(f"{args.checkpoint} does not exist: download glow.zip from "
-                                      f"the y0ast/Glow-PyTorch README and unzip it.")
-        try:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        except Exception as error:  # text, empty, truncated, or a pickled module
-            raise GlowCheckpointError(f"cannot read {args.checkpoint} as a y0ast state dict "
-                                      f"({type(error).__name__}); use glow_affine_coupling.pt "
-                                      "from y0ast's glow.zip.") from None
-        if not isinstance(state, dict):
-            raise GlowCheckpointError(f"{args.checkpoint} holds a {type(state).__name__}, not a "
-                                      "y0ast state dict.")
+        state = nets.read_checkpoint(args.checkpoint, "a y0ast state dict", "download glow.zip "
+                                     "from the y0ast/Glow-PyTorch README, unzip it and give "
+                                     "glow_affine_coupling.pt", error=GlowCheckpointError)
         glow = import_y0ast(state)
         save_glow(glow, args.out)
         print(f"wrote {args.out}: {glow.config}")
@@ -874,9 +853,16 @@ def main(args):
         if args.lr is not None and args.lr <= 0:
             raise nets.RunError(f"--lr must be positive, got {args.lr}.")
         out = train_out(args)
+        if os.path.isdir(out):
+            raise nets.RunError(f"--out {out} is a folder; give the checkpoint file to write, "
+                                f"e.g. {os.path.join(out, 'glow.pt')}.")
+        nets.check_folder(os.path.dirname(os.path.abspath(out)), "--out's folder")
         if os.path.isfile(out) and not args.resume:
             raise GlowCheckpointError(f"{out} exists: pass --resume to continue it or another --out.")
-        if os.path.isfile(out):
+        if args.resume and not os.path.isfile(out):
+            raise GlowCheckpointError(f"--resume: {out} does not exist, so there is no run to "
+                                      "continue; drop --resume to start one.")
+        if args.resume:
             check_resume_settings(out, vars(args))
         train_set = load_many(name, args.data_root, True, args.train_size, args.seed)
         test_set = load_many(name, args.data_root, False, args.test_size, args.seed)

@@ -18,6 +18,7 @@ trade-off charts).
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -261,17 +262,9 @@ def load_model(path, kind=None, map_location="cpu", expect=None):
     (e.g. {"dataset": "cifar10"}), or its weights do not fit the architecture its config
     describes.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"Checkpoint {path} does not exist; "
-                              "check the path or train a model first.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"Could not read checkpoint {path} ({type(e).__name__}); "
-                              "it is not a file written by nets.save_model.") from None
-    if not isinstance(ckpt, dict) or not {"kind", "config", "state_dict"} <= ckpt.keys():
-        raise CheckpointError(f"Checkpoint {path} lacks kind/config/state_dict; "
-                              "save it with nets.save_model.")
+    ckpt = read_checkpoint(path, "a model saved by nets.save_model (kind, config, state_dict)",
+                           "check the path, or train a model first",
+                           keys=("kind", "config", "state_dict"))
     kinds = (kind,) if isinstance(kind, str) else tuple(kind or MODEL_KINDS)
     if ckpt["kind"] not in MODEL_KINDS or ckpt["kind"] not in kinds:
         wanted = " or ".join(kinds)
@@ -407,26 +400,91 @@ def isolated_rng(device, seed):
         yield
 
 
-def _atomic_write(path, write):
-    """Call write(temp_path) for a temporary file next to `path`, then rename it onto `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
+def rng_state():
+    """The random state of python, numpy, torch's CPU generator and every CUDA device's, for
+    a checkpoint (loadable with weights_only=True): restored by set_rng_state, a resumed
+    run draws exactly what an uninterrupted one would, on any device."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned (CUDA generators only where this machine has them)."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        count = min(len(state["cuda"]), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"][:count]])
+
+
+RESUME_HINT = "delete it to restart the run, or choose another --out"  # a bad checkpoint of a run
+
+
+def read_checkpoint(path, what, hint, keys=(), error=None, map_location="cpu"):
+    """The one reader of every file torch wrote here: the dict in `path`, or one sentence
+    (an `error`, default CheckpointError) when it is missing, unreadable (empty, truncated,
+    not a torch file) or not `what` (a dict holding `keys`). `hint` says what to do."""
+    error = error or CheckpointError
+    if not os.path.isfile(path):
+        raise error(f"{path} does not exist; {hint}.")
     try:
-        write(tmp)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # empty, truncated, pickled code, or not a torch file at all
+        raise error(f"cannot read {path} ({type(e).__name__}: empty, truncated or not a "
+                    f"checkpoint); {hint}.") from None
+    if not isinstance(ckpt, dict) or not set(keys) <= ckpt.keys():
+        raise error(f"{path} is not {what}; {hint}.")
+    return ckpt
+
+
+def write_file(path, data, append=False):
+    """The one writer of every file a run writes: `data` (bytes or str) goes to a temporary
+    file beside `path` that is then renamed onto it, so an interrupted run never leaves a
+    truncated file (open_run removes the .tmp-* files of a killed one); append=True appends
+    instead (metrics rows). A write that fails (disk full, no permission) is one sentence."""
+    data = data.encode() if isinstance(data, str) else data
+    tmp = None
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        if append:
+            with open(path, "ab") as f:
+                f.write(data)
+            return
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)  # atomic on POSIX and Windows
+        tmp = None
+    except OSError as e:
+        raise RunError(f"could not write {path} ({e.strerror or e}); the last complete "
+                       "checkpoint is kept and the same command with --resume continues "
+                       "from it once that is fixed.") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: never leaves a truncated file."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save `obj` to `path` through write_file (serialised in memory first, so a full
+    disk is an OSError of the writer, not an error inside torch's zip writer)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_file(path, buffer.getvalue())
+
+
+def save_png(image, path):
+    """A PIL image as a PNG file, through write_file."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_file(path, buffer.getvalue())
 
 
 def _json_default(obj):  # numpy scalars/arrays and tensors -> python; anything else -> str
@@ -434,30 +492,18 @@ def _json_default(obj):  # numpy scalars/arrays and tensors -> python; anything 
 
 
 def write_json(path, obj):
-    """Write `obj` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic_write(path, write)
+    """Write `obj` as indented JSON."""
+    write_file(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def write_jsonl(path, rows):
-    """Write `rows` as a JSON-lines file, atomically (a resumed run rewrites its history)."""
-    text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic_write(path, write)
+    """Write `rows` as a JSON-lines file (a resumed run rewrites its history)."""
+    write_file(path, "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
 
 
 def append_jsonl(path, obj):
     """Append `obj` as one JSON line (metrics.jsonl)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_json_default) + "\n")
+    write_file(path, json.dumps(obj, default=_json_default) + "\n", append=True)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -542,18 +588,49 @@ def seed_int(text):
 ALWAYS_MAY_CHANGE = ("resume", "device", "data_root", "out")  # never change a run's numbers
 
 
+def changed_settings(stored, settings, may_change=()):
+    """The one settings rule of --resume, grids and `glow.py train --resume`: the flags whose
+    value in `settings` differs from `stored` (what the run was started with), except
+    those that never change a run's numbers (ALWAYS_MAY_CHANGE) and `may_change`, the
+    ones a run may grow (--epochs, --iterations). Returns "--flag old -> new" texts."""
+    current = json.loads(json.dumps(settings, default=_json_default))
+    stored = json.loads(json.dumps(stored, default=_json_default))
+    free = set(ALWAYS_MAY_CHANGE) | set(may_change)
+    return [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current.get(k)!r}"
+            for k in sorted(set(stored) | set(current))
+            if k not in free and stored.get(k) != current.get(k)]
+
+
+def check_folder(folder, flag="--out"):
+    """A RunError unless `folder` is a folder or can be made one (made, then removed again:
+    nothing is written yet), so a bad --out fails before anything trains."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"{flag} {folder} is a file, not a folder; choose another {flag}.")
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for made in missing:
+            made.rmdir()
+    except OSError as e:
+        raise RunError(f"{flag} {folder} cannot be a folder ({e.strerror or e}); choose "
+                       f"another {flag}.") from None
+
+
 def check_out(out, settings, resume, may_change=()):
     """Make sure the folder `out` may receive this run; nothing is written here.
 
-    A new run needs a missing or empty folder: a folder with another run's files is
-    refused, so nothing is ever appended to or overwritten in them. `--resume` continues
-    the run whose args.json is in `out`, and is refused when any setting differs from it
-    except those in `may_change` (e.g. more epochs). Temporary files left by an atomic save
-    that was killed are removed. Returns True when an earlier run is continued.
+    `out` must be a folder or creatable as one. A new run needs a missing or empty folder:
+    a folder with another run's files is refused, so nothing is ever appended to or
+    overwritten in them. `--resume` continues the run whose args.json is in `out` (a
+    folder without one holds no run to continue), and is refused when a setting differs
+    from it (changed_settings). Temporary files left by a killed write are removed.
+    Returns True when an earlier run is continued.
     """
     out = Path(out)
+    check_folder(out)
     for tmp in out.glob(".tmp-*") if out.is_dir() else ():
-        tmp.unlink()  # a killed atomic save; the file it was writing is intact
+        tmp.unlink()  # a killed write; the file it was writing is intact
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not resume:
         if files:
@@ -562,25 +639,31 @@ def check_out(out, settings, resume, may_change=()):
                            "it, or choose another --out.")
         return False
     if not (out / "args.json").is_file():
-        if files:
-            raise RunError(f"--resume: {out} holds files but no args.json of a run; "
-                           "choose another --out.")
-        print(f"--resume: nothing to resume in {out}; starting a new run", flush=True)
-        return False
+        raise RunError(f"--resume: {out} holds no run to continue (no args.json); drop "
+                       "--resume to start one there, or give the --out of the run.")
     try:
         stored = json.loads((out / "args.json").read_text())
     except (OSError, ValueError):
         raise RunError(f"--resume: {out / 'args.json'} is unreadable; choose another --out.") from None
-    current = json.loads(json.dumps(settings, default=_json_default))
-    free = set(ALWAYS_MAY_CHANGE) | set(may_change)
-    changed = [k for k in sorted(set(stored) | set(current))
-               if k not in free and stored.get(k) != current.get(k)]
+    changed = changed_settings(stored, settings, may_change)
     if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current.get(k)!r}"
-                          for k in changed[:4])
-        raise RunError(f"--resume: {out} was started with other settings ({diffs}); rerun "
-                       "with the original flags or choose another --out.")
+        raise RunError(f"--resume: {out} was started with other settings "
+                       f"({', '.join(changed[:4])}); rerun with the original flags or choose "
+                       "another --out.")
     return True
+
+
+def settings_line(settings):
+    """The first line a run prints: its settings as flag=value pairs."""
+    return "settings: " + "  ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def interrupted(out, grid=False):
+    """The one line a script prints on Ctrl-C or SIGTERM: how to continue the run in `out`."""
+    if not grid and not (Path(out) / "args.json").is_file():
+        return "interrupted before the run started; the same command starts it again."
+    return (f"interrupted: the same command {'' if grid else 'with --resume '}continues the "
+            f"run{'s' if grid else ''} in {out} from the last checkpoint.")
 
 
 SKIP_LIMIT = 0.9  # the share of skipped steps at which an epoch counts as having learned nothing
@@ -683,11 +766,13 @@ def grid_folder(out, knob, value):
     return Path(out) / f"{knob}={value:g}"
 
 
-def run_grid(main, args, knob, grid_index=None, summary=None):
+def run_grid(main, args, knob, grid_index=None, summary=None, may_change=()):
     """Run a mode script's main(args) once per value of the tuple getattr(args, knob), each
     into grid_folder(args.out, knob, value); with grid_index I only the I-th value (0-based,
-    one value per job of an array). A value whose folder holds results.json is finished and
-    skipped; one with only args.json was interrupted and continues with resume=True.
+    one value per job of an array). A value's folder that holds a run is compared with
+    this command by the rule of --resume (changed_settings): a finished run of the same
+    settings is skipped, an unfinished one continues, as does one whose `may_change`
+    settings grew (e.g. more epochs); other settings are a RunError naming the folder.
     After each value `summarize([args.out], args.out, **summary)` refreshes tradeoff.csv/png
     from whatever is finished, so array jobs need not wait for each other. Returns the
     results dicts of the values run or found finished, in grid order."""
@@ -700,14 +785,26 @@ def run_grid(main, args, knob, grid_index=None, summary=None):
         if grid_index is not None and i != grid_index:
             continue
         folder = grid_folder(out, knob, value)
-        if (folder / "results.json").is_file():
+        run_args = argparse.Namespace(**vars(args))  # a copy: the caller's args stay as given
+        setattr(run_args, knob, value)
+        run_args.out, run_args.resume = str(folder), (folder / "args.json").is_file()
+        if hasattr(run_args, "grid_index"):
+            run_args.grid_index = None  # the value's own args.json describes one plain run
+        grown = []
+        if run_args.resume:
+            try:
+                stored = json.loads((folder / "args.json").read_text())
+            except (OSError, ValueError):
+                raise RunError(f"{folder / 'args.json'} is unreadable; move {folder} away to "
+                               "run this value again.") from None
+            other = changed_settings(stored, vars(run_args), may_change)
+            if other:
+                raise RunError(f"{folder} holds a run of other settings ({', '.join(other[:4])}); "
+                               "give the grid another --out, or the flags it was run with.")
+            grown = changed_settings(stored, vars(run_args))
+        if (folder / "results.json").is_file() and not grown:
             print(f"{folder} is finished; skipped", flush=True)
         else:
-            run_args = argparse.Namespace(**vars(args))  # a copy: the caller's args stay as given
-            setattr(run_args, knob, value)
-            run_args.out, run_args.resume = str(folder), (folder / "args.json").is_file()
-            if hasattr(run_args, "grid_index"):
-                run_args.grid_index = None  # the value's own args.json describes one plain run
             print(f"{knob} = {value:g} ({i + 1}/{len(values)}) -> {folder}", flush=True)
             main(run_args)
         done.append(json.loads((folder / "results.json").read_text()))
@@ -748,14 +845,15 @@ def settle_grid(parser, args, knob, knobs):
     return args
 
 
-def run_command(main, args, knob, out, summary):
+def run_command(main, args, knob, out, summary, may_change=()):
     """What a mode script's command line asks for: a trade-off summary (--summarize), every
-    value of a grid into its sub-folder of `out` (or the --grid-index one), or one run."""
+    value of a grid into its sub-folder of `out` (or the --grid-index one), or one run.
+    may_change: the settings a run may grow (see run_grid)."""
     if args.summarize:
         return summarize(args.summarize, args.out or args.summarize[0], **summary)
     if isinstance(getattr(args, knob), tuple):
         grid = argparse.Namespace(**{**vars(args), "out": str(out)})
-        return run_grid(main, grid, knob, args.grid_index, summary)
+        return run_grid(main, grid, knob, args.grid_index, summary, may_change)
     return main(args)
 
 
@@ -812,12 +910,11 @@ def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
                 lines.append((f"{grid_dir.name}: {label}" if len(grid_dirs) > 1 else label, points))
     columns = list(dict.fromkeys(["run", *knob_keys] + [k for row in rows for k in row]))
 
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-    _atomic_write(Path(out) / "tradeoff.csv", write)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_file(Path(out) / "tradeoff.csv", text.getvalue())
     draw_tradeoff(Path(out) / "tradeoff.png", lines, "bits per dimension", "test accuracy (%)",
                   ref_x=sum(refs) / len(refs) if refs else None, title=title)
     return rows
@@ -919,5 +1016,5 @@ def draw_tradeoff(path, series, xlabel, ylabel, ref_x=None, ref_label="original 
         lx, ly = left + (i % 2) * (right - left) // 2, bottom + 60 + (i // 2) * 20
         _marker(draw, shape, lx + 6, ly + 7, colour)
         draw.text((lx + 18, ly), label, fill="black", font=font)
-    _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    save_png(img, path)
     return to_pixel

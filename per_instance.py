@@ -417,21 +417,14 @@ def save_checkpoint(path, epoch, models, optimizers, history, skipped):
     state = {name: {"kind": type(m).__name__, "config": dict(m.config),
                     "state_dict": m.state_dict()} for name, m in models.items()}
     state.update({name: opt.state_dict() for name, opt in optimizers.items()})
-    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
     nets.atomic_save(dict(state, epoch=epoch, history=history, skipped=skipped,
-                          rng_cpu=torch.get_rng_state(), rng_cuda=cuda_rng), path)
+                          rng=nets.rng_state()), path)
 
 
 def load_checkpoint(path, models, optimizers):
     """Restore what save_checkpoint wrote; returns (epoch, metrics history, skipped steps)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, or not a torch file
-        raise nets.CheckpointError(f"--resume: cannot read {path} ({type(e).__name__}); "
-                                   "delete it to restart the run, or choose another --out.") from None
-    if not isinstance(ckpt, dict) or not {*models, *optimizers, "epoch"} <= ckpt.keys():
-        raise nets.CheckpointError(f"--resume: {path} is not a checkpoint of per_instance.py; "
-                                   "choose another --out.")
+    ckpt = nets.read_checkpoint(path, "a checkpoint of per_instance.py", nets.RESUME_HINT,
+                                keys=(*models, *optimizers, "epoch", "rng"))
     for name, model in models.items():
         if ckpt[name]["config"] != model.config:
             raise nets.CheckpointError(f"{path} was written with other network settings; "
@@ -439,9 +432,7 @@ def load_checkpoint(path, models, optimizers):
         model.load_state_dict(ckpt[name]["state_dict"])
     for name, opt in optimizers.items():
         opt.load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng_cuda"])
+    nets.set_rng_state(ckpt["rng"])
     print(f"resuming after epoch {ckpt['epoch']} from {path}", flush=True)
     return ckpt["epoch"], ckpt["history"], ckpt["skipped"]
 
@@ -540,7 +531,7 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
 
 def main(args):
     cfg = resolve_config(args)
-    print(vars(cfg), flush=True)
+    print(nets.settings_line(vars(cfg)), flush=True)
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
@@ -614,13 +605,12 @@ if __name__ == "__main__":
     args = get_args()
     try:
         nets.run_command(main, args, GRID_KNOB[args.simplifier], resolve_config(args).out,
-                         SUMMARY)
+                         SUMMARY, RESUMABLE)
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
-        print(f"interrupted: the same command with --resume continues the run in "
-              f"{resolve_config(args).out} from its last finished epoch (a grid continues "
-              "without --resume).", file=sys.stderr)
+        grid = isinstance(getattr(args, GRID_KNOB[args.simplifier]), tuple)
+        print(nets.interrupted(resolve_config(args).out, grid), file=sys.stderr)
         sys.exit(130)

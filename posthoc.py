@@ -291,7 +291,7 @@ def load_classifier(cfg, info, device, resuming):
         raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes "
                                    f"but {cfg.dataset} has {info.num_classes}; give one trained on it.")
     history = [] if cfg.classifier else \
-        torch.load(own, map_location="cpu", weights_only=True).get("history", [])
+        nets.read_checkpoint(own, "a classifier", nets.RESUME_HINT).get("history", [])
     print(f"classifier f: loaded {path}")
     return model, history
 
@@ -373,7 +373,7 @@ def save_triples(x, start_point, result, images, names, path):
 
 def main(args):
     cfg = resolve_config(args)
-    print(vars(cfg), flush=True)
+    print(nets.settings_line(vars(cfg)), flush=True)
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
@@ -459,7 +459,5 @@ if __name__ == "__main__":
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
-        print(f"interrupted: the same command with --resume continues the run in "
-              f"{resolve_config(args).out} with the classifier it trained.",
-              file=sys.stderr)
+        print(nets.interrupted(resolve_config(args).out), file=sys.stderr)
         sys.exit(130)

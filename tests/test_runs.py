@@ -192,6 +192,107 @@ def test_posthoc_checks_a_given_classifier_before_the_quick_glow_is_trained(tmp_
     assert not (tmp_path / "quick-glow").exists()
 
 
+def test_one_random_state_saves_and_restores_python_numpy_torch_and_every_cuda_device(
+        tmp_path, monkeypatch):
+    import random
+    # a stand-in for two CUDA devices: the suite runs where no GPU exists
+    devices = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    nets.seed_everything(3)
+    nets.atomic_save(dict(rng=nets.rng_state()), tmp_path / "ckpt.pt")
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+    first = draws()
+    nets.seed_everything(4)  # elsewhere in between
+    nets.set_rng_state(nets.read_checkpoint(tmp_path / "ckpt.pt", "a checkpoint", "")["rng"])
+    assert draws() == first
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, devices))
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, tiny_glow_path,
+                                                                  monkeypatch):
+    import errno
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("checkpoint.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+    monkeypatch.setattr(nets.os, "replace", full)
+    out = tmp_path / "r"
+    with pytest.raises(nets.RunError) as error:
+        run(per_instance, per_instance_argv(out, tiny_glow_path))
+    message = str(error.value)
+    assert message.startswith(f"could not write {out / 'checkpoint.pt'} (No space left on device)")
+    assert "--resume continues" in message and "\n" not in message
+    assert not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_resume_of_a_folder_without_a_run_is_one_sentence(tmp_path, tiny_glow_path, name):
+    module, argv, *_ = SCRIPTS[name]
+    out = tmp_path / "none"  # a typo of the run's folder must not start it over
+    with pytest.raises(nets.RunError, match=f"--resume: {out} holds no run to continue"):
+        run(module, argv(out, tiny_glow_path, "--resume"))
+    assert not out.exists()
+
+
+def test_glow_train_resume_of_a_missing_checkpoint_is_one_sentence(tmp_path):
+    out = tmp_path / "g.pt"
+    with pytest.raises(glow.GlowCheckpointError, match="does not exist, so there is no run"):
+        glow.main(glow.get_args(["train", "--dataset", "shapes", "--resume", "--device", "cpu",
+                                 "--out", str(out)]))
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_sentence_in_every_script(tmp_path,
+                                                                        tiny_glow_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for module, argv, *_ in SCRIPTS.values():
+        for out, words in ((a_file, "is a file, not a folder"),
+                           (a_file / "sub", "cannot be a folder"), ("/proc/x", "cannot be")):
+            with pytest.raises(nets.RunError, match=f"--out {out} {words}"):
+                run(module, argv(out, tiny_glow_path))
+    glow_argv = ["train", "--dataset", "shapes", "--device", "cpu", "--out"]
+    with pytest.raises(nets.RunError, match="is a folder; give the checkpoint file"):
+        glow.main(glow.get_args(glow_argv + [str(tmp_path)]))
+    with pytest.raises(nets.RunError, match="--out's folder .* is a file, not a folder"):
+        glow.main(glow.get_args(glow_argv + [str(a_file / "g.pt")]))
+
+
+def test_the_first_line_of_a_run_is_flag_value_pairs(tmp_path, tiny_glow_path, capsys):
+    run(per_instance, per_instance_argv(tmp_path / "r", tiny_glow_path))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("settings: dataset=shapes  ") and "{" not in first
+    assert f"out={tmp_path / 'r'}" in first and "PosixPath" not in first
+
+
+def test_a_grid_compares_finished_values_with_the_command(tmp_path, tiny_glow_path):
+    grid = per_instance_argv(tmp_path / "g", tiny_glow_path, "--lambda-sim", "0,3")
+    cli("per_instance.py", *grid)
+    before = (tmp_path / "g" / "lambda_sim=3" / "results.json").read_text()
+    # a longer run continues every value; other settings are refused, naming folder and flag
+    longer = list(grid)
+    longer[longer.index("--epochs") + 1] = "2"
+    proc = cli("per_instance.py", *longer)
+    assert proc.returncode == 0, proc.stderr
+    for value in ("0", "3"):
+        results = json.loads((tmp_path / "g" / f"lambda_sim={value}" / "results.json").read_text())
+        assert results["epochs"] == 2
+    assert (tmp_path / "g" / "lambda_sim=3" / "results.json").read_text() != before
+    other = longer + ["--lr", "1e-3"]
+    proc = cli("per_instance.py", *other)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'g' / 'lambda_sim=0'} holds a run of other settings (--lr " \
+        in proc.stderr
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv", [
     ["per_instance.py", "--lambda-sim", "nan"], ["per_instance.py", "--lr", "inf"],
@@ -277,7 +378,8 @@ def test_corrupt_and_foreign_checkpoints_are_one_sentence(tmp_path, tiny_glow_pa
     proc = cli("per_instance.py", *per_instance_argv(out, tiny_glow_path, "--resume"))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --resume: cannot read"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read"), proc.stderr
+    assert "delete it to restart the run" in lines[0]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
