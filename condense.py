@@ -717,7 +717,7 @@ def continual(args):
 
     # model, and the run's state: resumed from the checkpoint after the last finished epoch
     net = MultiHeadConvNet([t.num_classes for t in tasks], cfg.width).to(device)
-    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
+    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
     ckpt_path, metrics_path = cfg.out / "checkpoint.pt", cfg.out / "metrics.jsonl"
     stage_epochs = [cfg.cycle_epochs * (cfg.first_cycles if i == 0 else 1)
                     for i in range(len(tasks))]
@@ -792,6 +792,7 @@ def continual(args):
     return results
 
 
+@nets.releases_held  # the run's folder, once it ends
 def main(args):
     if args.continual:
         return continual(args)
@@ -829,7 +830,7 @@ def main(args):
     made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
-    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
+    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
     alpha = (0.2 * torch.randn(info.num_classes * cfg.ipc, 3, 32, 32)).to(device)  # grey ≈ 0.5
     alpha.requires_grad_()
 

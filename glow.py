@@ -827,6 +827,7 @@ def train_out(args):
     return args.out or f"runs/glow-{name.replace(',', '+').replace(os.sep, '_')}.pt"
 
 
+@nets.releases_held  # the run's folder, once it ends
 def main(args):
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 prints
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -864,6 +865,9 @@ def main(args):
                                       "continue; drop --resume to start one.")
         if args.resume:
             check_resume_settings(out, vars(args))
+        if rank == 0:  # the process that writes `out` holds it (a hidden lock file beside)
+            folder, file = os.path.split(os.path.abspath(out))
+            nets.hold(os.path.join(folder, f".{file}.lock"), out)
         train_set = load_many(name, args.data_root, True, args.train_size, args.seed)
         test_set = load_many(name, args.data_root, False, args.test_size, args.seed)
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: DistributedDataParallel

@@ -18,12 +18,14 @@ trade-off charts).
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -34,6 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+try:
+    import fcntl  # POSIX; where it is missing (Windows) a run does not lock its folder
+except ImportError:
+    fcntl = None
 
 # γ of the γ-scaled ELU (Brock et al. 2021, their `_nonlin_gamma['elu']`): 1/std(ELU(z))
 # for z ~ N(0,1), so γ·ELU keeps unit variance. Their value was estimated by sampling;
@@ -623,15 +630,17 @@ def check_out(out, settings, resume, may_change=()):
     `out` must be a folder or creatable as one. A new run needs a missing or empty folder:
     a folder with another run's files is refused, so nothing is ever appended to or
     overwritten in them. `--resume` continues the run whose args.json is in `out` (a
-    folder without one holds no run to continue), and is refused when a setting differs
-    from it (changed_settings). Temporary files left by a killed write are removed.
-    Returns True when an earlier run is continued.
+    folder without one holds no run to continue): it is refused when another process
+    holds the folder (hold) or a setting differs (changed_settings), and removes the
+    temporary files of a killed write. Returns True when an earlier run is continued.
     """
     out = Path(out)
     check_folder(out)
-    for tmp in out.glob(".tmp-*") if out.is_dir() else ():
-        tmp.unlink()  # a killed write; the file it was writing is intact
-    files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if resume and (out / "args.json").is_file():
+        hold(out / ".lock", out)  # refused here, before anything trains, if another holds it
+        for tmp in out.glob(".tmp-*"):
+            tmp.unlink()  # a killed write; the file it was writing is intact
+    files = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
     if not resume:
         if files:
             raise RunError(f"{out} already holds a run ({', '.join(files[:3])}"
@@ -651,6 +660,57 @@ def check_out(out, settings, resume, may_change=()):
                        f"({', '.join(changed[:4])}); rerun with the original flags or choose "
                        "another --out.")
     return True
+
+
+_HELD = {}  # lock file -> its open file: what this process holds (released when it exits)
+
+
+def hold(lock_path, what):
+    """Hold `what` (a run's folder, a Glow checkpoint) for this process: an exclusive
+    fcntl.flock on the file `lock_path`, which names the holder. The OS releases it when
+    the process ends, however it ends (kill -9 included), so a lock is never stale; a
+    second process is refused with one sentence naming the holder. This process may hold
+    the same lock twice (a resumed run in the same Python session). No-op without fcntl."""
+    key = os.path.realpath(lock_path)
+    if fcntl is None or key in _HELD:
+        return
+    os.makedirs(os.path.dirname(key), exist_ok=True)
+    f = open(key, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"{what} is held by {holder}, which is still running; wait for it to "
+                       "end, or choose another --out.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD[key] = f
+
+
+def releases_held(main):
+    """Decorator of a script's main(args): what it held (hold) is released when it returns
+    or raises, so a later run in the same Python session or another process may continue
+    there. (A process that ends releases everything anyway.)"""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for key in set(_HELD) - before:
+                _HELD.pop(key).close()  # closing the file releases its flock
+    return run
+
+
+def start_run(out, settings):
+    """The run starts: it holds its folder `out` (hold) and writes its settings to
+    args.json, what --resume and grids compare with (changed_settings)."""
+    hold(Path(out) / ".lock", out)
+    write_json(Path(out) / "args.json", settings)
 
 
 def settings_line(settings):

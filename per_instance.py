@@ -529,6 +529,7 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
     return results
 
 
+@nets.releases_held  # the run's folder, once it ends
 def main(args):
     cfg = resolve_config(args)
     print(nets.settings_line(vars(cfg)), flush=True)
@@ -555,7 +556,7 @@ def main(args):
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     simplify = simplification(cfg, simplifier)
-    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
+    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
 
     # optimizers, the authors' code (the paper text says AdamW, wd 1e-5, for both): f takes
     # AdamW, betas (0.9, 0.995), decoupled wd 1e-5 on weights and gains only; the simplifier

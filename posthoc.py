@@ -371,6 +371,7 @@ def save_triples(x, start_point, result, images, names, path):
     datasets.save_image_grid(tiles, path, nrow=6 if len(images) > 1 else 3, captions=captions)
 
 
+@nets.releases_held  # the run's folder, once it ends
 def main(args):
     cfg = resolve_config(args)
     print(nets.settings_line(vars(cfg)), flush=True)
@@ -395,7 +396,7 @@ def main(args):
     glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     print(f"Glow ready ({time.time() - start:.0f} s)")
-    nets.write_json(cfg.out / "args.json", vars(args))  # the run starts here
+    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
     nets.write_jsonl(cfg.out / "metrics.jsonl", history)
 
     def log(row):

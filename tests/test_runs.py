@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -400,6 +401,31 @@ def test_ctrl_c_and_sigterm_print_one_line_that_says_how_to_resume(tmp_path, tin
     assert str(tmp_path / "r") in err  # where the run can be resumed from
     assert "Traceback" not in err
     assert (tmp_path / "r" / "checkpoint.pt").is_file()  # what --resume continues from
+
+
+def test_a_run_holds_its_folder_until_it_ends_even_by_kill_9(tmp_path, tiny_glow_path):
+    out = tmp_path / "r"
+    argv = per_instance_argv(out, tiny_glow_path)
+    argv[argv.index("--epochs") + 1] = "1000"
+    first = subprocess.Popen([sys.executable, "per_instance.py", *argv], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             preexec_fn=default_signals, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in first.stdout:  # wait for an event: the run has started and checkpointed
+            if line.startswith("epoch 2/1000"):
+                break
+        second = cli("per_instance.py", *argv, "--resume")  # a job array's duplicate index
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: {out} is held by process {first.pid} on "
+                                         f"{socket.gethostname()}, which is still running; wait "
+                                         "for it to end, or choose another --out.")
+        assert "already holds a run" in cli("per_instance.py", *argv).stderr
+        assert first.poll() is None and first.stdout.readline().startswith("epoch ")  # unaffected
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the OS releases the lock
+        first.wait()
+    free = cli("-c", f"import nets; nets.hold({str(out / '.lock')!r}, 'x'); print('held')")
+    assert free.stdout.strip() == "held", free.stderr
 
 
 def test_a_stdout_that_cannot_encode_greek_letters_does_not_crash_a_run(tmp_path,
