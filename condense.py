@@ -486,15 +486,11 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
     """Sec. 4: cfg.iterations outer iterations (Eq. 7), each with a fresh ConvNet; at the
     iterations in cfg.eval_at the DC evaluation, the bpd and a Fig. 6-style grid; a
     checkpoint every 10 iterations. Returns the last evaluation's accuracies."""
-    ckpt_path, metrics_path = cfg.out / "checkpoint.pt", cfg.out / "metrics.jsonl"
+    ckpt_path = cfg.out / "checkpoint.pt"
     start, history = 0, []  # history: every metrics.jsonl row up to the checkpoint
     if resuming and ckpt_path.exists():
         start, history = load_checkpoint(ckpt_path, alpha, optimizer, cfg.iterations)
-    nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
-
-    def log(row):
-        history.append(row)
-        nets.append_jsonl(metrics_path, row)
+    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
 
     pending = []  # rows of iterations whose losses are still on the device
 
@@ -533,15 +529,15 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
         if (it + 1) % 10 == 0:
             flush()
             if cfg.lambda_sim > 0:  # a simplicity term left out (nearly) every time: plain DC
-                recent = [row for row in history if "match" in row and row["iteration"] > it - 9]
+                recent = [row for row in log.rows if "match" in row and row["iteration"] > it - 9]
                 nets.check_skipped(sum(row["bpd"] is None for row in recent), len(recent),
                                    f"iterations {it - 8}-{it + 1}",
                                    "bpd terms (non-finite bpd or gradient)")
-            save_checkpoint(ckpt_path, it + 1, alpha, optimizer, history)
+            save_checkpoint(ckpt_path, it + 1, alpha, optimizer, log.rows)
     flush()
     progress.close()
     # with the last evaluation: a longer rerun keeps its row
-    save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, history)
+    save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, log.rows)
     return accs
 
 
@@ -718,7 +714,7 @@ def continual(args):
     # model, and the run's state: resumed from the checkpoint after the last finished epoch
     net = MultiHeadConvNet([t.num_classes for t in tasks], cfg.width).to(device)
     nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
-    ckpt_path, metrics_path = cfg.out / "checkpoint.pt", cfg.out / "metrics.jsonl"
+    ckpt_path = cfg.out / "checkpoint.pt"
     stage_epochs = [cfg.cycle_epochs * (cfg.first_cycles if i == 0 else 1)
                     for i in range(len(tasks))]
     steps_per_cycle = [cfg.cycle_epochs * math.ceil(len(t.x_train) / cfg.train_batch)
@@ -747,7 +743,7 @@ def continual(args):
         nets.set_rng_state(ckpt["rng"])
         print(f"resuming after epoch {start_epoch} of task {start_stage + 1} from {ckpt_path}",
               flush=True)
-    nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
+    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
 
     # train the tasks in turn
     for stage in range(start_stage, len(tasks)):
@@ -770,12 +766,11 @@ def continual(args):
                 row["test_acc"] = stage_accs[-1]
                 print(f"after task {stage + 1} ({task.name}): " + ", ".join(
                     f"{k} {100 * v:.2f}%" for k, v in stage_accs[-1].items()), flush=True)
-            history.append(row)
-            nets.append_jsonl(metrics_path, row)
+            log(row)
             nets.atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
                                   scheduler=scheduler.state_dict(), stage=stage, epoch=epoch + 1,
                                   teacher=None if teacher is None else teacher.state_dict(),
-                                  history=history, stage_accs=stage_accs,
+                                  history=log.rows, stage_accs=stage_accs,
                                   rng=nets.rng_state()), ckpt_path)
         start_epoch = 0
 

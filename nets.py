@@ -513,6 +513,20 @@ def append_jsonl(path, obj):
     write_file(path, json.dumps(obj, default=_json_default) + "\n", append=True)
 
 
+class Metrics:
+    """A run's metrics.jsonl: `Metrics(path, rows)` rewrites the file with the rows kept in
+    the checkpoint (a resumed run drops what came after it, so no row appears twice), then
+    `metrics(row)` adds one row; `.rows` is every row, for the next checkpoint."""
+
+    def __init__(self, path, rows=()):
+        self.path, self.rows = path, list(rows)
+        write_jsonl(path, self.rows)
+
+    def __call__(self, row):
+        self.rows.append(row)
+        append_jsonl(self.path, row)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every default: argparse's "(default: …)" for fixed defaults; flags whose
     default comes from the --quick preset (None here) say both values in their own text."""

@@ -412,8 +412,11 @@ def simplified_test_metrics(classifier, simplify, glow_model, test, device):
     return metrics, test_sim, sim_bpd
 
 
-def save_checkpoint(path, epoch, models, optimizers, history, skipped):
-    """Everything --resume needs in one atomic file; models as {"kind", "config", "state_dict"}."""
+def save_checkpoint(path, epoch, models, optimizers, history, skipped, dataset):
+    """Everything --resume needs in one atomic file, models as {"kind", "config",
+    "state_dict"}; and each model on its own beside it (<name>.pt, nets.load_model)."""
+    for name, model in models.items():
+        nets.save_model(model, path.parent / f"{name}.pt", epoch=epoch, dataset=dataset)
     state = {name: {"kind": type(m).__name__, "config": dict(m.config),
                     "state_dict": m.state_dict()} for name, m in models.items()}
     state.update({name: opt.state_dict() for name, opt in optimizers.items()})
@@ -445,11 +448,10 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
     models = dict(classifier=classifier, simplifier=simplifier)
     optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
     ckpt_path = cfg.out / "checkpoint.pt"
-    metrics_path = cfg.out / "metrics.jsonl"
     done, history, skipped_total = 0, [], 0
     if resuming and ckpt_path.exists():
         done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
-    nets.write_jsonl(metrics_path, history)  # rows after the checkpoint are dropped
+    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
     joint = classifier if cfg.simplifier == "unet" else None  # l2: no classifier (S7)
     batches = datasets.Batches(train_set, device)  # the training images, on the device
     steps = len(train_set) // cfg.batch_size
@@ -489,13 +491,10 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
                            f"(simplified {row['test_acc_simplified']:.3f})")
             report += f"  test bpd {row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}"
         row["time_s"] = time.time() - t_start
-        history.append(row)
-        nets.append_jsonl(metrics_path, row)
+        log(row)
         print(f"{report}  {row['time_s']:.0f}s", flush=True)
-        for name, model in models.items():
-            nets.save_model(model, cfg.out / f"{name}.pt", epoch=epoch,
-                            dataset=train_set.info.name)
-        save_checkpoint(ckpt_path, epoch, models, optimizers, history, skipped_total)
+        save_checkpoint(ckpt_path, epoch, models, optimizers, log.rows, skipped_total,
+                        dataset=train_set.info.name)
     progress.close()
     return skipped_total
 

@@ -397,15 +397,11 @@ def main(args):
                                glow.quick_glow_path(cfg.out, made_from), device, made_from)
     print(f"Glow ready ({time.time() - start:.0f} s)")
     nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
-    nets.write_jsonl(cfg.out / "metrics.jsonl", history)
-
-    def log(row):
-        history.append(row)
-        nets.append_jsonl(cfg.out / "metrics.jsonl", row)
+    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
     if model is None:
         print(f"== train the classifier f: NF-WRN-{cfg.depth}-{cfg.widen}, {cfg.train_epochs} epochs ==")
         model = train_classifier(train_set, cfg, device, log)
-        nets.save_model(model, cfg.out / "classifier.pt", dataset=info.name, history=list(history))
+        nets.save_model(model, cfg.out / "classifier.pt", dataset=info.name, history=log.rows)
         print(f"classifier f: saved {cfg.out / 'classifier.pt'} ({time.time() - start:.0f} s)")
     model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
 

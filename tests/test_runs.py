@@ -101,7 +101,7 @@ def test_classifier_checkpoints_and_resume_land_on_the_device(tmp_path):
     opt_simp.step()
     models = dict(classifier=clf, simplifier=simplifier)
     optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
-    per_instance.save_checkpoint(tmp_path / "ck.pt", 1, models, optimizers, [], 0)
+    per_instance.save_checkpoint(tmp_path / "ck.pt", 1, models, optimizers, [], 0, "shapes")
     meta_models = {k: type(m)(**m.config).to("meta") for k, m in models.items()}
     meta_opts = dict(opt_clf=nets.classifier_optimizer(meta_models["classifier"]),
                      opt_simp=torch.optim.Adam(meta_models["simplifier"].parameters()))
