@@ -508,7 +508,9 @@ def load_glow(path, device="cpu", frozen=True, made_from=None):
     if made_from is not None and checkpoint.get("made_from") != made_from:
         raise GlowCheckpointError(f"{path} was pretrained on {checkpoint.get('made_from')}, not "
                                   f"on {made_from}; delete it or choose another --out.")
-    glow = Glow(**checkpoint["config"])
+    with torch.random.fork_rng(devices=[]):  # the random init, overwritten below, must not
+        glow = Glow(**checkpoint["config"])  # move the caller's stream: a cached quick Glow
+        # then gives the same run as one pretrained in place (get_glow forks its stream too)
     try:
         glow.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

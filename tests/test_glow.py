@@ -531,6 +531,20 @@ def test_train_glow_skips_a_non_finite_batch_and_refuses_an_epoch_that_skipped_a
     assert not out.exists()
 
 
+def test_a_cached_glow_leaves_the_random_stream_as_a_pretrained_one_does(tmp_path):
+    """get_glow pretrains a quick Glow on a forked stream and freezes it; a run that finds
+    it cached loads it instead. Both must leave the caller's stream alike, or the same
+    run gives other numbers depending on whether the cache existed."""
+    model = glow.Glow(levels=2, steps=1, hidden=8)
+    glow.save_glow(model, tmp_path / "g.pt")
+    torch.manual_seed(0)
+    glow.freeze(model)  # the end of get_glow's pretraining path
+    pretrained = torch.rand(3)
+    torch.manual_seed(0)
+    glow.load_glow(tmp_path / "g.pt")  # its cached path
+    assert torch.equal(torch.rand(3), pretrained)
+
+
 def test_quick_glow_rates_plain_backgrounds_cheap(tmp_path):
     """The tiny Glow of --quick (get_glow, ~25 s) must score the plain-background fifth of
     shapes well below the noisy rest, or the quick demos cannot show simplification."""
