@@ -607,8 +607,9 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
     """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up
     (default: a tenth of the run, at most 4000 steps as the released model), ActNorm
     data-dependent init on `init_images` augmented images; a batch whose gradient is not
-    finite is skipped (glow_step), and an epoch that skipped (nearly) all is an error. Saves `out` atomically after every epoch (with `settings`, the
-    run's flags) and resumes from it when it holds an unfinished run of the same model.
+    finite is skipped (glow_step), and an epoch that skipped (nearly) all is an error.
+    Saves `out` atomically after every epoch (with `settings`, the run's flags) and resumes
+    from it when it holds an unfinished run of the same model.
     A run that diverges (non-finite weights or test bpd) raises instead of saving.
 
     Under torchrun (torch.distributed initialised) it trains with DistributedDataParallel:

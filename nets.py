@@ -451,7 +451,7 @@ def read_checkpoint(path, what, hint, keys=(), error=None, map_location="cpu"):
 def write_file(path, data, append=False):
     """The one writer of every file a run writes: `data` (bytes or str) goes to a temporary
     file beside `path` that is then renamed onto it, so an interrupted run never leaves a
-    truncated file (open_run removes the .tmp-* files of a killed one); append=True appends
+    truncated file (check_out removes a killed one's .tmp-* files on --resume); append=True appends
     instead (metrics rows). A write that fails (disk full, no permission) is one sentence."""
     data = data.encode() if isinstance(data, str) else data
     tmp = None
@@ -584,26 +584,25 @@ def finite_float(text):
     return value
 
 
-def positive_int(text):
-    """argparse type for counts and sizes: an integer of at least 1."""
+def _int_in(text, low, high=math.inf):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}" if high == math.inf
+                                         else f"must be from {low} to {high}, got {value}")
     return value
+
+
+def positive_int(text):
+    """argparse type for counts and sizes: an integer of at least 1."""
+    return _int_in(text, 1)
 
 
 def seed_int(text):
     """argparse type for --seed: an integer in [0, 2**32 - 1], the range numpy accepts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {2 ** 32 - 1}, got {value}")
-    return value
+    return _int_in(text, 0, 2 ** 32 - 1)
 
 
 ALWAYS_MAY_CHANGE = ("resume", "device", "data_root", "out")  # never change a run's numbers
