@@ -457,26 +457,19 @@ def save_two_class(path, runs, class_names):
 
 
 def save_checkpoint(path, iteration, alpha, optimizer, history):
-    """Everything --resume needs in one atomic file: α, its Adam state, the RNG, the log."""
-    nets.atomic_save(dict(alpha=alpha.detach(), optimizer=optimizer.state_dict(),
-                          iteration=iteration, history=history, rng=nets.rng_state()), path)
+    """Everything --resume needs in one atomic file: α, its Adam state, the log (and the
+    random state: nets.save_state)."""
+    nets.save_state(path, dict(alpha=alpha.detach(), optimizer=optimizer),
+                    iteration=iteration, history=history)
 
 
 def load_checkpoint(path, alpha, optimizer, iterations):
     """Restore what save_checkpoint wrote; returns (iteration, metrics history)."""
-    ckpt = nets.read_checkpoint(path, "a checkpoint of condense.py", nets.RESUME_HINT,
-                                keys=("alpha", "optimizer", "iteration", "rng"),
-                                map_location=alpha.device)
-    if ckpt["alpha"].shape != alpha.shape:
-        raise nets.CheckpointError(f"{path} holds {len(ckpt['alpha'])} synthetic images, not "
-                                   f"{len(alpha)}; use another --out or drop --resume.")
+    ckpt = nets.load_state(path, "a checkpoint of condense.py", dict(alpha=alpha, optimizer=optimizer),
+                           keys=("iteration", "history"), map_location=alpha.device)
     if ckpt["iteration"] > iterations:
         raise nets.RunError(f"{path} is at iteration {ckpt['iteration']}, beyond --iterations "
                             f"{iterations}; raise --iterations to continue it.")
-    with torch.no_grad():
-        alpha.copy_(ckpt["alpha"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    nets.set_rng_state(ckpt["rng"])
     print(f"resuming at iteration {ckpt['iteration']} from {path}", flush=True)
     return ckpt["iteration"], ckpt["history"]
 
@@ -492,22 +485,11 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
         start, history = load_checkpoint(ckpt_path, alpha, optimizer, cfg.iterations)
     log = nets.Metrics(cfg.out / "metrics.jsonl", history)
 
-    pending = []  # rows of iterations whose losses are still on the device
-
-    def flush():  # one host sync for all pending rows: before checkpoints and evaluations
-        if pending:
-            values = torch.stack([torch.stack(list(m.values())) for _, m, _ in pending]).tolist()
-            for (it, metrics, seconds), row in zip(pending, values):
-                parts = {k: v if math.isfinite(v) else None for k, v in zip(metrics, row)}
-                log({"iteration": it, **parts, "seconds": seconds})
-            pending.clear()
-
     labels = torch.arange(len(real_by_class), device=alpha.device).repeat_interleave(cfg.ipc)
     progress = nets.Progress(cfg.iterations - start, "condense")
     accs = []
     for it in range(start, cfg.iterations + 1):
         if it in cfg.eval_at:
-            flush()
             x_syn = synthetic_images(alpha).detach()
             accs = evaluate_images(x_syn, labels)
             acc, std = mean_std(accs)
@@ -524,17 +506,15 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
                                   batch_real=cfg.batch_real, width=cfg.width,
                                   outer_loop=cfg.outer_loop, inner_loop=cfg.inner_loop,
                                   batch_size=cfg.batch_size, bpd_chunk=cfg.bpd_chunk)
-        pending.append((it + 1, metrics, time.time() - t0))
-        progress.update(1, **metrics)  # read only when a progress line is printed
+        log({"iteration": it + 1, **metrics, "seconds": time.time() - t0}, wait=True)  # read
+        progress.update(1, **metrics)  # at the next checkpoint or progress line, not here
         if (it + 1) % 10 == 0:
-            flush()
             if cfg.lambda_sim > 0:  # a simplicity term left out (nearly) every time: plain DC
                 recent = [row for row in log.rows if "match" in row and row["iteration"] > it - 9]
                 nets.check_skipped(sum(row["bpd"] is None for row in recent), len(recent),
                                    f"iterations {it - 8}-{it + 1}",
                                    "bpd terms (non-finite bpd or gradient)")
             save_checkpoint(ckpt_path, it + 1, alpha, optimizer, log.rows)
-    flush()
     progress.close()
     # with the last evaluation: a longer rerun keeps its row
     save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, log.rows)
@@ -722,25 +702,15 @@ def continual(args):
     start_stage, start_epoch, history, stage_accs = 0, 0, [], []
     optimizer = scheduler = teacher = None
     if resuming and ckpt_path.exists():
-        ckpt = nets.read_checkpoint(ckpt_path, "a checkpoint of condense.py --continual",
-                                    nets.RESUME_HINT, map_location=device,
-                                    keys=("model", "optimizer", "scheduler", "stage", "epoch",
-                                          "teacher", "history", "stage_accs", "rng"))
-        try:
-            net.load_state_dict(ckpt["model"])
-        except RuntimeError:  # the weights of other tasks or widths
-            raise nets.CheckpointError(f"--resume: {ckpt_path} holds a network of other "
-                                       f"settings; {nets.RESUME_HINT}.") from None
+        ckpt = nets.load_state(ckpt_path, "a checkpoint of condense.py --continual", dict(model=net),
+                               keys=("optimizer", "scheduler", "teacher", "stage", "epoch",
+                                     "history", "stage_accs"), map_location=device)
         start_stage, start_epoch = ckpt["stage"], ckpt["epoch"]
         history, stage_accs = ckpt["history"], ckpt["stage_accs"]
-        optimizer, scheduler = stage_optimizer(net, start_stage,
-                                               steps_per_cycle[start_stage])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["teacher"] is not None:
-            teacher = frozen_copy(net)
-            teacher.load_state_dict(ckpt["teacher"])
-        nets.set_rng_state(ckpt["rng"])
+        optimizer, scheduler = stage_optimizer(net, start_stage, steps_per_cycle[start_stage])
+        teacher = None if ckpt["teacher"] is None else frozen_copy(net)
+        nets.restore(ckpt, dict(optimizer=optimizer, scheduler=scheduler,
+                                **({} if teacher is None else dict(teacher=teacher))), ckpt_path)
         print(f"resuming after epoch {start_epoch} of task {start_stage + 1} from {ckpt_path}",
               flush=True)
     log = nets.Metrics(cfg.out / "metrics.jsonl", history)
@@ -767,11 +737,9 @@ def continual(args):
                 print(f"after task {stage + 1} ({task.name}): " + ", ".join(
                     f"{k} {100 * v:.2f}%" for k, v in stage_accs[-1].items()), flush=True)
             log(row)
-            nets.atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
-                                  scheduler=scheduler.state_dict(), stage=stage, epoch=epoch + 1,
-                                  teacher=None if teacher is None else teacher.state_dict(),
-                                  history=log.rows, stage_accs=stage_accs,
-                                  rng=nets.rng_state()), ckpt_path)
+            nets.save_state(ckpt_path, dict(model=net, optimizer=optimizer, scheduler=scheduler,
+                                            teacher=teacher),
+                            stage=stage, epoch=epoch + 1, history=log.rows, stage_accs=stage_accs)
         start_epoch = 0
 
     # save: accuracies after every stage (Fig. S8/S9) and their mean at the end

@@ -609,7 +609,7 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
     data-dependent init on `init_images` augmented images; a batch whose gradient is not
     finite is skipped (glow_step), and an epoch that skipped (nearly) all is an error.
     Saves `out` atomically after every epoch (with `settings`, the run's flags) and resumes
-    from it when it holds an unfinished run of the same model.
+    from it when it holds an unfinished run (a finished run keeps only the model).
     A run that diverges (non-finite weights or test bpd) raises instead of saving.
 
     Under torchrun (torch.distributed initialised) it trains with DistributedDataParallel:
@@ -644,17 +644,11 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
     start_epoch, step = 0, 0
-    if out and os.path.isfile(out):
-        state = nets.read_checkpoint(out, "a Glow checkpoint", nets.RESUME_HINT,
-                                     keys=("state_dict",), error=GlowCheckpointError)
-        glow.load_state_dict(state["state_dict"])
-        if "optimizer" not in state:
-            log(f"{out} holds a finished run; nothing to resume")
-            return glow
-        optimizer.load_state_dict(state["optimizer"])
-        warmup.load_state_dict(state["scheduler"])
+    if out and os.path.isfile(out):  # an unfinished run of the same flags (main checked them)
+        state = nets.load_state(out, "an unfinished `glow.py train` run",
+                                dict(state_dict=glow, optimizer=optimizer, scheduler=warmup),
+                                keys=("epoch", "step"))
         start_epoch, step = state["epoch"], state["step"]
-        nets.set_rng_state(state["rng"])
         log(f"resumed {out} at epoch {start_epoch}")
     else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1), from the
         # same images on every process
@@ -812,18 +806,6 @@ def load_many(names, root, train, size, seed):
     return datasets.subset(data, size, seed)
 
 
-def check_resume_settings(path, settings):
-    """`glow.py train --resume` continues only a run of the same flags (more epochs or steps
-    allowed); a foreign, truncated or finished checkpoint is one sentence."""
-    state = nets.read_checkpoint(path, "an unfinished `glow.py train` run (finished, imported "
-                                 "or foreign)", "choose another --out",
-                                 keys=("optimizer", "settings"), error=GlowCheckpointError)
-    changed = nets.changed_settings(state["settings"], settings, may_change=("epochs", "max_steps"))
-    if changed:
-        raise GlowCheckpointError(f"--resume: {path} was started with other settings "
-                                  f"({', '.join(changed[:4])}); rerun with those flags.")
-
-
 def train_out(args):
     """The checkpoint `glow.py train` writes: --out, else runs/glow-<dataset>.pt."""
     name = args.dataset or ("shapes" if args.quick else "cifar10")
@@ -866,8 +848,12 @@ def main(args):
         if args.resume and not os.path.isfile(out):
             raise GlowCheckpointError(f"--resume: {out} does not exist, so there is no run to "
                                       "continue; drop --resume to start one.")
-        if args.resume:
-            check_resume_settings(out, vars(args))
+        if args.resume:  # only a run of the same flags continues (more epochs or steps allowed)
+            state = nets.read_checkpoint(out, "an unfinished `glow.py train` run (finished, "
+                                         "imported or foreign)", "choose another --out",
+                                         keys=("optimizer", "settings"), error=GlowCheckpointError)
+            nets.check_settings(f"--resume: {out}", state["settings"], vars(args),
+                                may_change=("epochs", "max_steps"))
         if rank == 0:  # the process that writes `out` holds it (a hidden lock file beside)
             folder, file = os.path.split(os.path.abspath(out))
             nets.hold(os.path.join(folder, f".{file}.lock"), out)

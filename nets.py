@@ -448,6 +448,44 @@ def read_checkpoint(path, what, hint, keys=(), error=None, map_location="cpu"):
     return ckpt
 
 
+def save_state(path, parts, **extra):
+    """The one checkpoint of a training run: the state of each of `parts` (name -> module,
+    optimizer, scheduler, tensor; None stays None), the `extra` values (epoch, metrics
+    rows, ...) and the random state (rng_state), in one atomic file: --resume continues
+    exactly where the run was (load_state)."""
+    state = {name: part if part is None or torch.is_tensor(part) else part.state_dict()
+             for name, part in parts.items()}
+    atomic_save({**state, **extra, "rng": rng_state()}, path)
+
+
+def load_state(path, what, parts, keys=(), map_location="cpu"):
+    """Restore what save_state wrote: each of `parts` in place (restore) and the random
+    state; returns the checkpoint, for its extra `keys` (and for parts made only once
+    those are known: restore). A file that is not `what` is one sentence."""
+    ckpt = read_checkpoint(path, what, RESUME_HINT, keys=(*parts, *keys, "rng"),
+                           map_location=map_location)
+    restore(ckpt, parts, path)
+    set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def restore(ckpt, parts, path):
+    """Load each of `parts` from the checkpoint dict `ckpt` of `path` (a tensor is copied
+    into); a part that does not fit (other networks or sizes) is one sentence."""
+    for name, part in parts.items():
+        try:
+            if torch.is_tensor(part):
+                if ckpt[name].shape != part.shape:
+                    raise ValueError(name)
+                with torch.no_grad():
+                    part.copy_(ckpt[name])
+            else:
+                part.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"--resume: the {name} in {path} was made with other "
+                                  f"settings; {RESUME_HINT}.") from None
+
+
 def write_file(path, data, append=False):
     """The one writer of every file a run writes: `data` (bytes or str) goes to a temporary
     file beside `path` that is then renamed onto it, so an interrupted run never leaves a
@@ -516,15 +554,36 @@ def append_jsonl(path, obj):
 class Metrics:
     """A run's metrics.jsonl: `Metrics(path, rows)` rewrites the file with the rows kept in
     the checkpoint (a resumed run drops what came after it, so no row appears twice), then
-    `metrics(row)` adds one row; `.rows` is every row, for the next checkpoint."""
+    `metrics(row)` adds one row; tensor values are read as numbers, NaN and inf written as
+    null (JSON has neither). `metrics(row, wait=True)` does not read them yet, so that a GPU
+    loop does not stop for its log: the row is written with the next row or when `.rows`
+    (every row) is read for the next checkpoint."""
 
     def __init__(self, path, rows=()):
-        self.path, self.rows = path, list(rows)
-        write_jsonl(path, self.rows)
+        self.path, self.written, self.pending = path, list(rows), []
+        write_jsonl(path, self.written)
 
-    def __call__(self, row):
-        self.rows.append(row)
-        append_jsonl(self.path, row)
+    def __call__(self, row, wait=False):
+        self.pending.append(row)
+        if not wait:
+            self.flush()
+
+    def flush(self):
+        rows = [{k: _plain(v) for k, v in row.items()} for row in self.pending]
+        if rows:
+            write_file(self.path, "".join(json.dumps(row, default=_json_default) + "\n"
+                                          for row in rows), append=True)
+        self.written, self.pending = self.written + rows, []
+
+    @property
+    def rows(self):
+        self.flush()
+        return self.written
+
+
+def _plain(value):  # a metrics value as JSON: tensors as numbers, non-finite numbers as None
+    value = value.item() if torch.is_tensor(value) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -608,17 +667,31 @@ def seed_int(text):
 ALWAYS_MAY_CHANGE = ("resume", "device", "data_root", "out")  # never change a run's numbers
 
 
-def changed_settings(stored, settings, may_change=()):
-    """The one settings rule of --resume, grids and `glow.py train --resume`: the flags whose
-    value in `settings` differs from `stored` (what the run was started with), except
-    those that never change a run's numbers (ALWAYS_MAY_CHANGE) and `may_change`, the
-    ones a run may grow (--epochs, --iterations). Returns "--flag old -> new" texts."""
+def check_settings(where, stored, settings, may_change=()):
+    """The one settings rule of --resume, of grid values and of `glow.py train --resume`:
+    this command's `settings` against `stored`, those the run in `where` was started with.
+    Flags that never change a run's numbers (ALWAYS_MAY_CHANGE) are free; those in
+    `may_change` may grow (--epochs, --iterations): they are returned, and the run
+    continues; any other difference is one sentence naming `where` and the flags."""
     current = json.loads(json.dumps(settings, default=_json_default))
     stored = json.loads(json.dumps(stored, default=_json_default))
-    free = set(ALWAYS_MAY_CHANGE) | set(may_change)
-    return [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current.get(k)!r}"
-            for k in sorted(set(stored) | set(current))
-            if k not in free and stored.get(k) != current.get(k)]
+    changed = [k for k in sorted(set(stored) | set(current))
+               if k not in ALWAYS_MAY_CHANGE and stored.get(k) != current.get(k)]
+    other = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current.get(k)!r}"
+             for k in changed if k not in may_change]
+    if other:
+        raise RunError(f"{where} holds a run of other settings ({', '.join(other[:4])}); "
+                       "rerun with its flags, or choose another --out.")
+    return [k for k in changed if k in may_change]
+
+
+def read_args(out):
+    """The settings of the run in folder `out` (its args.json), or one sentence."""
+    try:
+        return json.loads((Path(out) / "args.json").read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{Path(out) / 'args.json'} is unreadable; move {out} away to start "
+                       "this run again.") from None
 
 
 def check_folder(folder, flag="--out"):
@@ -644,7 +717,7 @@ def check_out(out, settings, resume, may_change=()):
     a folder with another run's files is refused, so nothing is ever appended to or
     overwritten in them. `--resume` continues the run whose args.json is in `out` (a
     folder without one holds no run to continue): it is refused when another process
-    holds the folder (hold) or a setting differs (changed_settings), and removes the
+    holds the folder (hold) or a setting differs (check_settings), and removes the
     temporary files of a killed write. Returns True when an earlier run is continued.
     """
     out = Path(out)
@@ -663,15 +736,7 @@ def check_out(out, settings, resume, may_change=()):
     if not (out / "args.json").is_file():
         raise RunError(f"--resume: {out} holds no run to continue (no args.json); drop "
                        "--resume to start one there, or give the --out of the run.")
-    try:
-        stored = json.loads((out / "args.json").read_text())
-    except (OSError, ValueError):
-        raise RunError(f"--resume: {out / 'args.json'} is unreadable; choose another --out.") from None
-    changed = changed_settings(stored, settings, may_change)
-    if changed:
-        raise RunError(f"--resume: {out} was started with other settings "
-                       f"({', '.join(changed[:4])}); rerun with the original flags or choose "
-                       "another --out.")
+    check_settings(f"--resume: {out}", read_args(out), settings, may_change)
     return True
 
 
@@ -721,7 +786,7 @@ def releases_held(main):
 
 def start_run(out, settings):
     """The run starts: it holds its folder `out` (hold) and writes its settings to
-    args.json, what --resume and grids compare with (changed_settings)."""
+    args.json, what --resume and grids compare with (check_settings)."""
     hold(Path(out) / ".lock", out)
     write_json(Path(out) / "args.json", settings)
 
@@ -843,7 +908,7 @@ def run_grid(main, args, knob, grid_index=None, summary=None, may_change=()):
     """Run a mode script's main(args) once per value of the tuple getattr(args, knob), each
     into grid_folder(args.out, knob, value); with grid_index I only the I-th value (0-based,
     one value per job of an array). A value's folder that holds a run is compared with
-    this command by the rule of --resume (changed_settings): a finished run of the same
+    this command by the rule of --resume (check_settings): a finished run of the same
     settings is skipped, an unfinished one continues, as does one whose `may_change`
     settings grew (e.g. more epochs); other settings are a RunError naming the folder.
     After each value `summarize([args.out], args.out, **summary)` refreshes tradeoff.csv/png
@@ -863,18 +928,8 @@ def run_grid(main, args, knob, grid_index=None, summary=None, may_change=()):
         run_args.out, run_args.resume = str(folder), (folder / "args.json").is_file()
         if hasattr(run_args, "grid_index"):
             run_args.grid_index = None  # the value's own args.json describes one plain run
-        grown = []
-        if run_args.resume:
-            try:
-                stored = json.loads((folder / "args.json").read_text())
-            except (OSError, ValueError):
-                raise RunError(f"{folder / 'args.json'} is unreadable; move {folder} away to "
-                               "run this value again.") from None
-            other = changed_settings(stored, vars(run_args), may_change)
-            if other:
-                raise RunError(f"{folder} holds a run of other settings ({', '.join(other[:4])}); "
-                               "give the grid another --out, or the flags it was run with.")
-            grown = changed_settings(stored, vars(run_args))
+        grown = run_args.resume and check_settings(folder, read_args(folder), vars(run_args),
+                                                   may_change)
         if (folder / "results.json").is_file() and not grown:
             print(f"{folder} is finished; skipped", flush=True)
         else:

@@ -414,29 +414,17 @@ def simplified_test_metrics(classifier, simplify, glow_model, test, device):
 
 
 def save_checkpoint(path, epoch, models, optimizers, history, skipped, dataset):
-    """Everything --resume needs in one atomic file, models as {"kind", "config",
-    "state_dict"}; and each model on its own beside it (<name>.pt, nets.load_model)."""
+    """Everything --resume needs in one atomic file (nets.save_state); and each model on
+    its own beside it (<name>.pt, nets.load_model)."""
     for name, model in models.items():
         nets.save_model(model, path.parent / f"{name}.pt", epoch=epoch, dataset=dataset)
-    state = {name: {"kind": type(m).__name__, "config": dict(m.config),
-                    "state_dict": m.state_dict()} for name, m in models.items()}
-    state.update({name: opt.state_dict() for name, opt in optimizers.items()})
-    nets.atomic_save(dict(state, epoch=epoch, history=history, skipped=skipped,
-                          rng=nets.rng_state()), path)
+    nets.save_state(path, {**models, **optimizers}, epoch=epoch, history=history, skipped=skipped)
 
 
 def load_checkpoint(path, models, optimizers):
     """Restore what save_checkpoint wrote; returns (epoch, metrics history, skipped steps)."""
-    ckpt = nets.read_checkpoint(path, "a checkpoint of per_instance.py", nets.RESUME_HINT,
-                                keys=(*models, *optimizers, "epoch", "rng"))
-    for name, model in models.items():
-        if ckpt[name]["config"] != model.config:
-            raise nets.CheckpointError(f"{path} was written with other network settings; "
-                                       "use another --out or drop --resume.")
-        model.load_state_dict(ckpt[name]["state_dict"])
-    for name, opt in optimizers.items():
-        opt.load_state_dict(ckpt[name])
-    nets.set_rng_state(ckpt["rng"])
+    ckpt = nets.load_state(path, "a checkpoint of per_instance.py", {**models, **optimizers},
+                           keys=("epoch", "history", "skipped"))
     print(f"resuming after epoch {ckpt['epoch']} from {path}", flush=True)
     return ckpt["epoch"], ckpt["history"], ckpt["skipped"]
 

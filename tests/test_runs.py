@@ -216,6 +216,59 @@ def test_one_random_state_saves_and_restores_python_numpy_torch_and_every_cuda_d
     assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, devices))
 
 
+def test_one_checkpoint_pair_restores_modules_optimizers_schedulers_tensors_and_draws(tmp_path):
+    def make():
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.Adam(net.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+        return net, opt, sched, torch.zeros(4, 2)
+    net, opt, sched, alpha = make()
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    alpha += 7
+    nets.save_state(tmp_path / "c.pt", dict(net=net, opt=opt, sched=sched, alpha=alpha, teacher=None),
+                    epoch=3)
+    after = torch.rand(3)  # what an uninterrupted run draws next
+    net2, opt2, sched2, alpha2 = make()
+    ckpt = nets.load_state(tmp_path / "c.pt", "a test checkpoint",
+                           dict(net=net2, opt=opt2, sched=sched2, alpha=alpha2), keys=("epoch",))
+    assert ckpt["epoch"] == 3 and ckpt["teacher"] is None and torch.equal(torch.rand(3), after)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                  net2.state_dict().values()))
+    assert opt2.state_dict()["state"][0]["step"] == 1 and sched2.get_last_lr() == [0.05]
+    assert torch.equal(alpha2, alpha)
+    # parts that do not fit, and a file of another kind, are one sentence
+    with pytest.raises(nets.CheckpointError, match="the alpha in .* other settings"):
+        nets.load_state(tmp_path / "c.pt", "a test checkpoint", dict(alpha=torch.zeros(5, 2)))
+    with pytest.raises(nets.CheckpointError, match="the net in .* other settings"):
+        nets.load_state(tmp_path / "c.pt", "a test checkpoint", dict(net=torch.nn.Linear(3, 4)))
+    with pytest.raises(nets.CheckpointError, match="is not a test checkpoint"):
+        nets.load_state(tmp_path / "c.pt", "a test checkpoint", dict(model=net2))
+
+
+def test_one_settings_rule_for_resume_and_grids():
+    stored = dict(lambda_sim=1.0, epochs=2, out="a", device="cpu", seed=0)
+    assert nets.check_settings("x", stored, dict(stored, out="b", device="cuda"), ("epochs",)) == []
+    assert nets.check_settings("x", stored, dict(stored, epochs=5), ("epochs",)) == ["epochs"]
+    with pytest.raises(nets.RunError, match=r"x holds a run of other settings \(--seed 0 -> 1\)"):
+        nets.check_settings("x", stored, dict(stored, seed=1, epochs=5), ("epochs",))
+    with pytest.raises(nets.RunError, match="--epochs 2 -> 5"):
+        nets.check_settings("x", stored, dict(stored, epochs=5))  # may not grow here
+
+
+def test_metrics_rows_wait_for_their_tensors_only_when_asked(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = nets.Metrics(path, [{"epoch": 0}])
+    log({"epoch": 1, "loss": torch.tensor(0.5)}, wait=True)
+    assert path.read_text().count("\n") == 1  # not read yet
+    log({"epoch": 2, "loss": torch.tensor(float("nan")), "bpd": math.inf})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"epoch": 0}, {"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": None, "bpd": None}]
+    log({"epoch": 3, "loss": torch.tensor(1.0)}, wait=True)
+    assert log.rows[-1] == {"epoch": 3, "loss": 1.0} and len(path.read_text().splitlines()) == 4
+
+
 def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, tiny_glow_path,
                                                                   monkeypatch):
     import errno
@@ -543,9 +596,9 @@ def test_glow_train_resume_refuses_other_settings_and_warns_about_long_warmup(tm
     started = vars(glow.get_args(tiny + ["--epochs", "3"]))
     glow.save_glow(glow.Glow(levels=1, steps=1, hidden=4), out, settings=started, optimizer={},
                    epoch=1, step=4)
-    with pytest.raises(glow.GlowCheckpointError, match="other settings.*--dataset 'shapes'"):
+    with pytest.raises(nets.RunError, match="other settings.*--dataset 'shapes'"):
         glow.main(glow.get_args(tiny[:2] + ["mnist"] + tiny[3:] + ["--epochs", "3", "--resume"]))
-    with pytest.raises(glow.GlowCheckpointError, match="other settings.*--hidden 4"):
+    with pytest.raises(nets.RunError, match="other settings.*--hidden 4"):
         glow.main(glow.get_args(tiny + ["--epochs", "3", "--hidden", "8", "--resume"]))
     # 4 steps per epoch, 1 epoch: the default warm-up is a tenth of the run, at least 1 step
     glow.main(glow.get_args(tiny[:-1] + [str(tmp_path / "a.pt"), "--epochs", "1"]))
