@@ -465,8 +465,9 @@ def save_checkpoint(path, iteration, alpha, optimizer, history):
 
 def load_checkpoint(path, alpha, optimizer, iterations):
     """Restore what save_checkpoint wrote; returns (iteration, metrics history)."""
-    ckpt = nets.load_state(path, "a checkpoint of condense.py", dict(alpha=alpha, optimizer=optimizer),
-                           keys=("iteration", "history"), map_location=alpha.device)
+    ckpt = nets.load_state(path, "a checkpoint of condense.py",
+                           dict(alpha=alpha, optimizer=optimizer), keys=("iteration", "history"),
+                           map_location=alpha.device)
     if ckpt["iteration"] > iterations:
         raise nets.RunError(f"{path} is at iteration {ckpt['iteration']}, beyond --iterations "
                             f"{iterations}; raise --iterations to continue it.")
@@ -702,9 +703,10 @@ def continual(args):
     start_stage, start_epoch, history, stage_accs = 0, 0, [], []
     optimizer = scheduler = teacher = None
     if resuming and ckpt_path.exists():
-        ckpt = nets.load_state(ckpt_path, "a checkpoint of condense.py --continual", dict(model=net),
+        ckpt = nets.load_state(ckpt_path, "a checkpoint of condense.py --continual",
+                               dict(model=net), map_location=device,
                                keys=("optimizer", "scheduler", "teacher", "stage", "epoch",
-                                     "history", "stage_accs"), map_location=device)
+                                     "history", "stage_accs"))
         start_stage, start_epoch = ckpt["stage"], ckpt["epoch"]
         history, stage_accs = ckpt["history"], ckpt["stage_accs"]
         optimizer, scheduler = stage_optimizer(net, start_stage, steps_per_cycle[start_stage])

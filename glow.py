@@ -857,6 +857,8 @@ def main(args):
         if rank == 0:  # the process that writes `out` holds it (a hidden lock file beside)
             folder, file = os.path.split(os.path.abspath(out))
             nets.hold(os.path.join(folder, f".{file}.lock"), out)
+            if args.resume:
+                nets.remove_stale(folder, file)
         train_set = load_many(name, args.data_root, True, args.train_size, args.seed)
         test_set = load_many(name, args.data_root, False, args.test_size, args.seed)
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: DistributedDataParallel

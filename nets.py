@@ -489,8 +489,9 @@ def restore(ckpt, parts, path):
 def write_file(path, data, append=False):
     """The one writer of every file a run writes: `data` (bytes or str) goes to a temporary
     file beside `path` that is then renamed onto it, so an interrupted run never leaves a
-    truncated file (check_out removes a killed one's .tmp-* files on --resume); append=True appends
-    instead (metrics rows). A write that fails (disk full, no permission) is one sentence."""
+    truncated file (remove_stale deletes a killed one's .tmp-* files on --resume);
+    append=True appends instead (metrics rows). A write that fails (disk full, no
+    permission) is one sentence."""
     data = data.encode() if isinstance(data, str) else data
     tmp = None
     try:
@@ -724,8 +725,7 @@ def check_out(out, settings, resume, may_change=()):
     check_folder(out)
     if resume and (out / "args.json").is_file():
         hold(out / ".lock", out)  # refused here, before anything trains, if another holds it
-        for tmp in out.glob(".tmp-*"):
-            tmp.unlink()  # a killed write; the file it was writing is intact
+        remove_stale(out)
     files = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
     if not resume:
         if files:
@@ -738,6 +738,14 @@ def check_out(out, settings, resume, may_change=()):
                        "--resume to start one there, or give the --out of the run.")
     check_settings(f"--resume: {out}", read_args(out), settings, may_change)
     return True
+
+
+def remove_stale(folder, name=""):
+    """Remove the temporary files that a killed write_file left in `folder` (of the file
+    `name` only, or all): the files they were written for are intact. Call it holding
+    the run (hold), so no living writer's file is removed."""
+    for tmp in Path(folder).glob(f".tmp-{name}*"):
+        tmp.unlink()
 
 
 _HELD = {}  # lock file -> its open file: what this process holds (released when it exits)

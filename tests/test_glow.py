@@ -598,7 +598,11 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
         glow.main(glow.get_args([*args, "--out", resumed]))
     assert torch.load(resumed, weights_only=True)["epoch"] == 1
     monkeypatch.setattr(glow, "score_dataset", real_score)
+    (tmp_path / ".tmp-resumed.pt8f3k").write_bytes(b"half")  # a write killed by kill -9
+    (tmp_path / ".tmp-straight.pt2").write_bytes(b"another file's")
     glow.main(glow.get_args([*args, "--out", resumed, "--resume"]))
+    assert not (tmp_path / ".tmp-resumed.pt8f3k").exists()
+    assert (tmp_path / ".tmp-straight.pt2").exists()
     a = torch.load(tmp_path / "straight.pt", weights_only=True)["state_dict"]
     b = torch.load(resumed, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
