@@ -677,11 +677,13 @@ def continual(args):
     nets.quick_threads(cfg.quick, device)
 
     # data: each task's splits (uint8 on the device) and the condensed sets to replay
-    tasks, replay = [], []
+    tasks, replay, made_from = [], [], {}  # made_from: fingerprints, for --resume
     runs = cfg.condensed.split(",") if cfg.condensed else []
     for i, name in enumerate(cfg.dataset.split(",")):
         train_set, test_set = datasets.load_splits(name, cfg.data_root, cfg.train_size,
                                                    cfg.test_size, cfg.seed)
+        made_from.update({f"task{i + 1}_train_data": datasets.fingerprint(train_set),
+                          f"task{i + 1}_test_data": datasets.fingerprint(test_set)})
         (x_train, y_train), (x_test, y_test) = map(datasets.to_tensors, (train_set, test_set))
         tasks.append(argparse.Namespace(
             name=Path(name).name, num_classes=train_set.info.num_classes,
@@ -691,10 +693,11 @@ def continual(args):
             x_syn, y_syn, _ = load_run_images(runs[i], name, train_set.info.class_names,
                                               "--condensed")
             replay.append((x_syn.to(device), y_syn.to(device)))
+            made_from[f"task{i + 1}_condensed"] = nets.file_hash(Path(runs[i]) / "synthetic.pt")
 
     # model, and the run's state: resumed from the checkpoint after the last finished epoch
     net = MultiHeadConvNet([t.num_classes for t in tasks], cfg.width).to(device)
-    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
+    nets.start_run(cfg.out, vars(args), made_from, resuming)  # the run starts: it holds its folder
     ckpt_path = cfg.out / "checkpoint.pt"
     stage_epochs = [cfg.cycle_epochs * (cfg.first_cycles if i == 0 else 1)
                     for i in range(len(tasks))]
@@ -792,10 +795,8 @@ def main(args):
                                               "--compare")
 
     # models: the frozen Glow that scores bpd, and the synthetic images X = sigmoid(α)
-    made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
-    glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
-                               glow.quick_glow_path(cfg.out, made_from), device, made_from)
-    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
+    glow_model, made_from = glow.glow_for_run(cfg, train_set, test_set, device)
+    nets.start_run(cfg.out, vars(args), made_from, resuming)  # the run starts: it holds its folder
     alpha = (0.2 * torch.randn(info.num_classes * cfg.ipc, 3, 32, 32)).to(device)  # grey ≈ 0.5
     alpha.requires_grad_()
 

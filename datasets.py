@@ -21,6 +21,8 @@ Preview a dataset as a PNG grid:
 import argparse
 import difflib
 import functools
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -410,6 +412,39 @@ def subset(dataset, n, seed):
     sub = Subset(dataset, sorted(perm[:n].tolist()))
     sub.info = dataset.info
     return sub
+
+
+def fingerprint(dataset, whole=False):
+    """A short hash of the data a run takes from `dataset`: the stored uint8 images and
+    labels of its items (with whole=True, of the whole split a subset was drawn from), its
+    class names, and a composite's kind and sources. Runs compare this, not names: the
+    same data under another name or --data-root matches, other data under the same name
+    does not (a CIFAR-10 training split: 0.2 s)."""
+    index = torch.arange(len(dataset))
+    while isinstance(dataset, Subset):  # positions in the subset -> items of its base
+        index = torch.as_tensor(dataset.indices, dtype=torch.long)[index]
+        dataset = dataset.dataset
+    if not isinstance(dataset, (TensorImages, Composite)):
+        raise TypeError(f"fingerprint takes a TensorImages or a Composite (or a Subset of one), "
+                        f"not a {type(dataset).__name__}.")
+    target, others = (dataset, []) if isinstance(dataset, TensorImages) else \
+        (dataset.target, [dataset.other] if dataset.other is not None else [])
+    digest = hashlib.sha256(json.dumps([dataset.info.class_names,
+                                        getattr(dataset, "kind", None)]).encode())
+    picked = whole or torch.equal(index, torch.arange(len(target)))
+    for part, index in [(target, None if picked else index)] + [(o, None) for o in others]:
+        images, labels = (part.images, part.labels) if index is None else \
+            (part.images[index], part.labels[index])
+        digest.update(images.cpu().contiguous().numpy())
+        digest.update(labels.cpu().contiguous().numpy())
+    return digest.hexdigest()[:16]
+
+
+def identity(dataset):
+    """What a saved model records of the data it was trained on, and what loading it
+    checks (nets.load_model's `expect`): the dataset's name and the fingerprint of its whole
+    training split (so any --train-size of the same data matches)."""
+    return dict(dataset=dataset.info.name, data=fingerprint(dataset, whole=True))
 
 
 def to_uint8(x):

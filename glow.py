@@ -738,6 +738,18 @@ def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=pri
     return freeze(glow)
 
 
+def glow_for_run(cfg, train_set, test_set, device):
+    """A mode script's scoring Glow (get_glow: --glow, or the quick one cached for this
+    training data and seed), and what the run is made from, for --resume to compare
+    (nets.start_run): fingerprints of its data and of the --glow file."""
+    data = datasets.fingerprint(train_set)
+    quick_from = dict(dataset=train_set.info.name, data=data, seed=cfg.seed)
+    model = get_glow(cfg.glow, cfg.quick, train_set, quick_glow_path(cfg.out, quick_from), device,
+                     quick_from)
+    return model, dict(train_data=data, test_data=datasets.fingerprint(test_set),
+                       glow=nets.file_hash(cfg.glow) if cfg.glow else "quick")
+
+
 def quick_glow_path(out, made_from):
     """Where the quick Glow of `made_from` is cached: a quick-glow/ folder beside the run's
     output folder, shared by all runs on the same data (e.g. every λ of a grid)."""

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
@@ -277,10 +278,10 @@ def load_model(path, kind=None, map_location="cpu", expect=None):
         wanted = " or ".join(kinds)
         raise CheckpointError(f"Checkpoint {path} holds a {ckpt['kind']}, "
                               f"but a {wanted} is needed here.")
-    for key, value in (expect or {}).items():
+    for key, value in (expect or {}).items():  # e.g. the dataset's name, then its fingerprint
         if key in ckpt and ckpt[key] != value:
             raise CheckpointError(f"Checkpoint {path} was made for {key} {ckpt[key]!r}, not "
-                                  f"{value!r}; give one made for {value!r}.")
+                                  f"{value!r} (this run's); give one made for it.")
     try:
         model = MODEL_KINDS[ckpt["kind"]](**ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
@@ -686,13 +687,17 @@ def check_settings(where, stored, settings, may_change=()):
     return [k for k in changed if k in may_change]
 
 
-def read_args(out):
-    """The settings of the run in folder `out` (its args.json), or one sentence."""
+def read_args(out, name="args.json"):
+    """The JSON object a run wrote into its folder `out` (its settings, args.json, by
+    default), or one sentence."""
     try:
-        return json.loads((Path(out) / "args.json").read_text())
+        stored = json.loads((Path(out) / name).read_text())
     except (OSError, ValueError):
-        raise RunError(f"{Path(out) / 'args.json'} is unreadable; move {out} away to start "
-                       "this run again.") from None
+        stored = None
+    if not isinstance(stored, dict):
+        raise RunError(f"{Path(out) / name} is unreadable; move {out} away to start this run "
+                       "again.")
+    return stored
 
 
 def check_folder(folder, flag="--out"):
@@ -792,11 +797,32 @@ def releases_held(main):
     return run
 
 
-def start_run(out, settings):
-    """The run starts: it holds its folder `out` (hold) and writes its settings to
-    args.json, what --resume and grids compare with (check_settings)."""
-    hold(Path(out) / ".lock", out)
-    write_json(Path(out) / "args.json", settings)
+def start_run(out, settings, made_from, resuming=False):
+    """The run starts: it holds its folder `out` (hold) and writes args.json (its settings,
+    what --resume and grids compare: check_settings) and made_from.json (`made_from`: the
+    fingerprints of its data and model files). A resumed run must be made from the same:
+    a difference is one sentence naming what changed, and nothing is rewritten."""
+    out = Path(out)
+    hold(out / ".lock", out)
+    if resuming and (out / "made_from.json").is_file():
+        stored = read_args(out, "made_from.json")
+        changed = [f"{k.replace('_', ' ')} {stored.get(k)} -> {made_from.get(k)}"
+                   for k in sorted(set(stored) | set(made_from)) if stored.get(k) != made_from.get(k)]
+        if changed:
+            raise RunError(f"--resume: {out} was made from other data or model files than this "
+                           f"command gives (fingerprints: {', '.join(changed)}); give the ones "
+                           "it was made from, or choose another --out.")
+    write_json(out / "args.json", settings)
+    write_json(out / "made_from.json", made_from)
+
+
+def file_hash(path):
+    """A short sha256 of a file's contents: what a run records of a model file it reads."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def settings_line(settings):

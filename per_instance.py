@@ -413,11 +413,11 @@ def simplified_test_metrics(classifier, simplify, glow_model, test, device):
     return metrics, test_sim, sim_bpd
 
 
-def save_checkpoint(path, epoch, models, optimizers, history, skipped, dataset):
+def save_checkpoint(path, epoch, models, optimizers, history, skipped, made_for):
     """Everything --resume needs in one atomic file (nets.save_state); and each model on
-    its own beside it (<name>.pt, nets.load_model)."""
+    its own beside it (<name>.pt, nets.load_model), with `made_for` (datasets.identity)."""
     for name, model in models.items():
-        nets.save_model(model, path.parent / f"{name}.pt", epoch=epoch, dataset=dataset)
+        nets.save_model(model, path.parent / f"{name}.pt", epoch=epoch, **made_for)
     nets.save_state(path, {**models, **optimizers}, epoch=epoch, history=history, skipped=skipped)
 
 
@@ -437,6 +437,7 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
     models = dict(classifier=classifier, simplifier=simplifier)
     optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
     ckpt_path = cfg.out / "checkpoint.pt"
+    made_for = datasets.identity(train_set)  # what the saved models record of their data
     done, history, skipped_total = 0, [], 0
     if resuming and ckpt_path.exists():
         done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
@@ -482,8 +483,7 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
         row["time_s"] = time.time() - t_start
         log(row)
         print(f"{report}  {row['time_s']:.0f}s", flush=True)
-        save_checkpoint(ckpt_path, epoch, models, optimizers, log.rows, skipped_total,
-                        dataset=train_set.info.name)
+        save_checkpoint(ckpt_path, epoch, models, optimizers, log.rows, skipped_total, made_for)
     progress.close()
     return skipped_total
 
@@ -509,8 +509,7 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
         acc, acc_sim = retrain(fresh, train_sim, train_y, phases, cfg, flip, device, "retrain")
         results.update(retrain_test_acc=acc, retrain_test_acc_simplified=acc_sim)
         if cfg.simplifier != "unet":
-            nets.save_model(fresh, cfg.out / "classifier.pt",
-                            dataset=train_set.info.name)
+            nets.save_model(fresh, cfg.out / "classifier.pt", **datasets.identity(train_set))
     if cfg.finetune:
         acc, acc_sim = retrain(classifier, train_sim, train_y, phases, cfg, flip, device, "finetune")
         results.update(finetune_test_acc=acc, finetune_test_acc_simplified=acc_sim)
@@ -540,11 +539,9 @@ def main(args):
     # models: simplifier (S2.2), classifier f (S2.1), frozen Glow G (Eq. 1)
     simplifier = nets.UNetSimplifier(num_down=5, ngf=cfg.ngf).to(device)
     classifier = make_classifier(cfg, info, device)
-    made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
-    glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
-                               glow.quick_glow_path(cfg.out, made_from), device, made_from)
+    glow_model, made_from = glow.glow_for_run(cfg, train_set, test_set, device)
     simplify = simplification(cfg, simplifier)
-    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
+    nets.start_run(cfg.out, vars(args), made_from, resuming)  # the run starts: it holds its folder
 
     # optimizers, the authors' code (the paper text says AdamW, wd 1e-5, for both): f takes
     # AdamW, betas (0.9, 0.995), decoupled wd 1e-5 on weights and gains only; the simplifier

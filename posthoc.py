@@ -278,7 +278,7 @@ def train_classifier(train_set, cfg, device, log):
     return model.eval()
 
 
-def load_classifier(cfg, info, device, resuming):
+def load_classifier(cfg, train_set, device, resuming):
     """f from --classifier, or the one this run trained before it was interrupted (--resume),
     with the metrics rows of that training; (None, []) when f is still to be trained."""
     own = cfg.out / "classifier.pt"
@@ -286,10 +286,11 @@ def load_classifier(cfg, info, device, resuming):
         return None, []
     path = Path(cfg.classifier) if cfg.classifier else own
     model = nets.load_model(path, kind=("NFWideResNet", "ConvNet"), map_location=device,
-                            expect=dict(dataset=info.name))
-    if model.config["num_classes"] != info.num_classes:
+                            expect=datasets.identity(train_set))
+    if model.config["num_classes"] != train_set.info.num_classes:
         raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes "
-                                   f"but {cfg.dataset} has {info.num_classes}; give one trained on it.")
+                                   f"but {cfg.dataset} has {train_set.info.num_classes}; give one "
+                                   "trained on it.")
     history = [] if cfg.classifier else \
         nets.read_checkpoint(own, "a classifier", nets.RESUME_HINT).get("history", [])
     print(f"classifier f: loaded {path}")
@@ -391,17 +392,17 @@ def main(args):
 
     # models: the classifier f (given, trained earlier in this run, or below; a given one is
     # checked against the data before the quick Glow's pretraining), and the Glow G
-    model, history = load_classifier(cfg, info, device, resuming)  # history: metrics rows
-    made_from = dict(dataset=info.name, train_size=len(train_set), seed=cfg.seed)
-    glow_model = glow.get_glow(cfg.glow, cfg.quick, train_set,
-                               glow.quick_glow_path(cfg.out, made_from), device, made_from)
+    model, history = load_classifier(cfg, train_set, device, resuming)  # history: metrics rows
+    glow_model, made_from = glow.glow_for_run(cfg, train_set, test_set, device)
     print(f"Glow ready ({time.time() - start:.0f} s)")
-    nets.start_run(cfg.out, vars(args))  # the run starts here: it holds its folder
+    made_from["classifier"] = nets.file_hash(cfg.classifier) if cfg.classifier else None
+    nets.start_run(cfg.out, vars(args), made_from, resuming)  # the run starts: it holds its folder
     log = nets.Metrics(cfg.out / "metrics.jsonl", history)
     if model is None:
         print(f"== train the classifier f: NF-WRN-{cfg.depth}-{cfg.widen}, {cfg.train_epochs} epochs ==")
         model = train_classifier(train_set, cfg, device, log)
-        nets.save_model(model, cfg.out / "classifier.pt", dataset=info.name, history=log.rows)
+        nets.save_model(model, cfg.out / "classifier.pt", history=log.rows,
+                        **datasets.identity(train_set))
         print(f"classifier f: saved {cfg.out / 'classifier.pt'} ({time.time() - start:.0f} s)")
     model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
 

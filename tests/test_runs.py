@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import condense
+import datasets
 import glow
 import nets
 import per_instance
@@ -101,7 +102,8 @@ def test_classifier_checkpoints_and_resume_land_on_the_device(tmp_path):
     opt_simp.step()
     models = dict(classifier=clf, simplifier=simplifier)
     optimizers = dict(opt_clf=opt_clf, opt_simp=opt_simp)
-    per_instance.save_checkpoint(tmp_path / "ck.pt", 1, models, optimizers, [], 0, "shapes")
+    per_instance.save_checkpoint(tmp_path / "ck.pt", 1, models, optimizers, [], 0,
+                                 dict(dataset="shapes"))
     meta_models = {k: type(m)(**m.config).to("meta") for k, m in models.items()}
     meta_opts = dict(opt_clf=nets.classifier_optimizer(meta_models["classifier"]),
                      opt_simp=torch.optim.Adam(meta_models["simplifier"].parameters()))
@@ -180,6 +182,55 @@ def test_cached_quick_glow_and_classifier_of_other_data_are_refused(tmp_path, ti
     with pytest.raises(nets.CheckpointError, match="made for dataset 'cifar-stripes'"):
         run(posthoc, posthoc_argv(tmp_path / "p", tiny_glow_path, "--classifier", str(clf)))
     assert not (tmp_path / "p").exists()  # refused before anything was written
+
+
+def test_resume_with_other_data_or_another_glow_file_behind_the_same_flags_is_refused(
+        tmp_path, tiny_glow_path):
+    from test_datasets import fake_mnist_root
+    for root, seed in (("A", 0), ("B", 1)):
+        fake_mnist_root(tmp_path / root, n_train=40, n_test=20, seed=seed)
+    glow_file = tmp_path / "g.pt"
+    glow_file.write_bytes(Path(tiny_glow_path).read_bytes())
+
+    def argv(out, root, *extra):
+        return per_instance_argv(out, str(glow_file), "--dataset", "mnist", "--data-root",
+                                 str(tmp_path / root), *extra)
+    out = tmp_path / "r"
+    run(per_instance, argv(out, "A"))
+    started = snapshot(out)
+    with pytest.raises(nets.RunError, match=r"--resume: .* made from other data .*train data"):
+        run(per_instance, argv(out, "B", "--resume", "--epochs", "2"))
+    assert snapshot(out) == started  # args.json and everything else as they were
+    (tmp_path / "C").mkdir()  # the same files under another root are the same data
+    (tmp_path / "A" / "MNIST").rename(tmp_path / "C" / "MNIST")
+    run(per_instance, argv(out, "C", "--resume", "--epochs", "2"))
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2
+    # another Glow file behind the same --glow
+    torch.manual_seed(1)
+    glow.save_glow(glow.Glow(levels=1, steps=1, hidden=8), glow_file)
+    with pytest.raises(nets.RunError, match=r"made from other .*glow [0-9a-f]{16} -> "):
+        run(per_instance, argv(out, "C", "--resume", "--epochs", "3"))
+
+
+def test_caches_and_classifiers_are_matched_by_content_not_by_folder_name(tmp_path,
+                                                                          monkeypatch):
+    v1, v2 = (red_shapes_folder(tmp_path / v / "imgs") for v in ("v1", "v2"))
+    (Path(v2) / "train" / "disk" / "0.png").write_bytes(
+        (Path(v2) / "train" / "disk" / "1.png").read_bytes())  # one image differs
+    cache_paths = []
+    monkeypatch.setattr(glow, "get_glow", lambda path, quick, data, cache, *a: cache_paths.append(cache))
+    for folder in (v1, v2):
+        cfg = posthoc.resolve_config(posthoc.get_args(["--dataset", folder, "--quick", "--out",
+                                                       str(tmp_path / "runs" / "p")]))
+        train_set, test_set = datasets.load_splits(folder, "data", None, None, 0)
+        glow.glow_for_run(cfg, train_set, test_set, "cpu")
+    assert len(set(cache_paths)) == 2 and all("imgs" in Path(p).name for p in cache_paths)
+    clf = tmp_path / "clf.pt"
+    train_v1 = datasets.load_dataset(v1)
+    nets.save_model(nets.ConvNet(2, width=4), clf, **datasets.identity(train_v1))
+    with pytest.raises(nets.CheckpointError, match="made for data '[0-9a-f]{16}', not"):
+        run(posthoc, ["--dataset", v2, "--quick", "--classifier", str(clf), "--device", "cpu",
+                      "--out", str(tmp_path / "p2")])
 
 
 def test_posthoc_checks_a_given_classifier_before_the_quick_glow_is_trained(tmp_path,
