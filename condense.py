@@ -766,7 +766,8 @@ def main(args):
         return continual(args)
     cfg = resolve_config(args)
     print(nets.settings_line(vars(cfg)), flush=True)
-    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, RESUMABLE,
+                              length=dict(iterations=cfg.iterations))
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
     nets.quick_threads(cfg.quick, device)

@@ -793,6 +793,7 @@ def get_args(argv=None):
     imp = commands.add_parser("import-y0ast", help="convert y0ast/Glow-PyTorch's checkpoint")
     imp.add_argument("checkpoint", help="y0ast state dict, e.g. glow/glow_affine_coupling.pt")
     imp.add_argument("--out", required=True, help="converted checkpoint path")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     bpd = commands.add_parser("bpd", help="score datasets: mean bpd and a grid sorted by bpd (Fig. 2)")
     bpd.add_argument("--glow", required=True, help="Glow checkpoint of this project")
     bpd.add_argument("--dataset", required=True, help="comma-separated dataset names or folders")
@@ -800,6 +801,8 @@ def get_args(argv=None):
     bpd.add_argument("--test-size", type=nets.positive_int, default=None, help="score a fixed random subset of N images")
     bpd.add_argument("--out", default="runs/glow-bpd", help="output folder for bpd.json and the grids")
     bpd.add_argument("--batch-size", type=nets.positive_int, default=256, help="scoring batch size")
+    bpd.add_argument("--overwrite", action="store_true",
+                     help="replace the bpd.json and grids of an earlier scoring in --out")
     for sub in (train, imp, bpd):
         sub.add_argument("--device", default="auto",
                          help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda, cuda:1, mps")
@@ -818,6 +821,14 @@ def load_many(names, root, train, size, seed):
     return datasets.subset(data, size, seed)
 
 
+def refuse_overwrite(paths, overwrite):
+    """A command that is not a run (import-y0ast, bpd) replaces no file unless told."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise nets.RunError(f"{existing[0]} exists; pass --overwrite to replace it, or choose "
+                            "another --out.")
+
+
 def train_out(args):
     """The checkpoint `glow.py train` writes: --out, else runs/glow-<dataset>.pt."""
     name = args.dataset or ("shapes" if args.quick else "cifar10")
@@ -833,6 +844,7 @@ def main(args):
     device = nets.resolve_device(args.device)
     nets.quick_threads(getattr(args, "quick", False), device)  # only `train` has --quick
     if args.command == "import-y0ast":
+        refuse_overwrite([args.out], args.overwrite)
         state = nets.read_checkpoint(args.checkpoint, "a y0ast state dict", "download glow.zip "
                                      "from the y0ast/Glow-PyTorch README, unzip it and give "
                                      "glow_affine_coupling.pt", error=GlowCheckpointError)
@@ -891,6 +903,9 @@ def main(args):
                 dist.destroy_process_group()
         log(f"wrote {out}")
     else:
+        tags = [os.path.basename(name.rstrip(os.sep)) for name in args.dataset.split(",")]
+        files = ["bpd.json"] + [f"bpd-{tag}.png" for tag in tags]
+        refuse_overwrite([os.path.join(args.out, f) for f in files], args.overwrite)
         glow = load_glow(args.glow, device)
         means = {}
         for name in args.dataset.split(","):
@@ -900,7 +915,7 @@ def main(args):
             order = bpd.argsort()
             picks = order[torch.linspace(0, len(order) - 1, min(32, len(order))).long()]
             images = torch.stack([data[i][0] for i in picks.tolist()])
-            tag = os.path.basename(name.rstrip(os.sep))
+            tag = os.path.basename(name.rstrip(os.sep))  # as in tags
             datasets.save_image_grid(images, os.path.join(args.out, f"bpd-{tag}.png"), nrow=8,
                                      captions=[f"{bpd[i]:.2f}" for i in picks.tolist()])
             print(f"{name}: mean bpd {means[name]:.3f} over {len(data)} images "

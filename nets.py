@@ -716,15 +716,17 @@ def check_folder(folder, flag="--out"):
                        f"another {flag}.") from None
 
 
-def check_out(out, settings, resume, may_change=()):
+def check_out(out, settings, resume, may_change=(), length=None):
     """Make sure the folder `out` may receive this run; nothing is written here.
 
     `out` must be a folder or creatable as one. A new run needs a missing or empty folder:
     a folder with another run's files is refused, so nothing is ever appended to or
     overwritten in them. `--resume` continues the run whose args.json is in `out` (a
     folder without one holds no run to continue): it is refused when another process
-    holds the folder (hold) or a setting differs (check_settings), and removes the
-    temporary files of a killed write. Returns True when an earlier run is continued.
+    holds the folder (hold), a setting differs (check_settings), or the run is finished
+    and `length` ({"epochs": 1}: what this command asks for, as results.json records
+    it) is shorter, and removes the temporary files of a killed write. Returns True when
+    an earlier run is continued.
     """
     out = Path(out)
     check_folder(out)
@@ -742,6 +744,12 @@ def check_out(out, settings, resume, may_change=()):
         raise RunError(f"--resume: {out} holds no run to continue (no args.json); drop "
                        "--resume to start one there, or give the --out of the run.")
     check_settings(f"--resume: {out}", read_args(out), settings, may_change)
+    finished = read_results(out / "results.json") or {}
+    for key, value in (length or {}).items():
+        if finished.get(key, -math.inf) > value:
+            raise RunError(f"--resume: {out} is a finished run of {key} {finished[key]}, more "
+                           f"than {value}; a resume never shortens a run: raise --{key} to "
+                           "continue it, or choose another --out.")
     return True
 
 
@@ -927,15 +935,22 @@ def float_grid(text):
     return tuple(values)
 
 
+def exact_text(value):
+    """A number as short as it reads, yet exact: 2.0 -> "2", 0.4 -> "0.4", 0.1000001 ->
+    "0.1000001" (never "0.1"), so two values never share a folder name."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def grid_text(value):
     """A knob value or grid in a folder name: 2.0 -> "2", (0.0, 0.4, 1.0) -> "0_0.4_1" (no
     commas: folder lists such as condense.py's --condensed are comma-separated)."""
-    return "_".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+    return "_".join(map(exact_text, value)) if isinstance(value, tuple) else exact_text(value)
 
 
 def grid_folder(out, knob, value):
     """Folder of one grid value: grid_folder("g", "lambda_sim", 0.4) -> g/lambda_sim=0.4."""
-    return Path(out) / f"{knob}={value:g}"
+    return Path(out) / f"{knob}={exact_text(value)}"
 
 
 def run_grid(main, args, knob, grid_index=None, summary=None, may_change=()):
@@ -964,12 +979,12 @@ def run_grid(main, args, knob, grid_index=None, summary=None, may_change=()):
             run_args.grid_index = None  # the value's own args.json describes one plain run
         grown = run_args.resume and check_settings(folder, read_args(folder), vars(run_args),
                                                    may_change)
-        if (folder / "results.json").is_file() and not grown:
+        if read_results(folder / "results.json") is not None and not grown:
             print(f"{folder} is finished; skipped", flush=True)
-        else:
-            print(f"{knob} = {value:g} ({i + 1}/{len(values)}) -> {folder}", flush=True)
+        else:  # new, unfinished, grown, or its results.json unreadable: (re)run it
+            print(f"{knob} = {exact_text(value)} ({i + 1}/{len(values)}) -> {folder}", flush=True)
             main(run_args)
-        done.append(json.loads((folder / "results.json").read_text()))
+        done.append(read_results(folder / "results.json"))
         if summary is not None:
             summarize([out], out, **summary)
     return done
@@ -1019,13 +1034,41 @@ def run_command(main, args, knob, out, summary, may_change=()):
     return main(args)
 
 
+def read_results(path):
+    """The results.json at `path` as a dict, or None when it is missing, truncated or not a
+    JSON object (a summary skips it; a grid runs that value again)."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def _number(value):  # a value a chart can draw
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _distinct_names(folders):
+    """The shortest trailing parts of each path that tell the folders apart: a/g, b/g ->
+    "a/g", "b/g"; x/g1, x/g2 -> "g1", "g2"."""
+    parts = [Path(f).resolve().parts for f in folders]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(f) for f in folders]
+
+
 def _grid_runs(grid_dir, knob):
     """The finished runs of one grid folder, sorted by knob value: (name, knob, value, results).
     The knob is `knob`, or the part before "=" of the sub-folder name (see grid_folder);
     its value is read from results.json, else from the folder name."""
     runs = []
     for path in Path(grid_dir).glob("*/results.json"):  # quick-glow/ or unfinished: no results
-        results = json.loads(path.read_text())
+        results = read_results(path)
+        if results is None:
+            print(f"skipped {path}: not a readable results.json", file=sys.stderr, flush=True)
+            continue
         name_key, _, text = path.parent.name.partition("=")
         key = knob or name_key
         value = results.get(key)
@@ -1049,7 +1092,8 @@ def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
     bpd, a dashed line at its mean over runs. Returns the CSV rows as dicts.
     """
     rows, lines, refs, knob_keys = [], [], [], {}
-    for grid_dir in map(Path, grid_dirs):
+    grid_dirs = list(map(Path, grid_dirs))
+    for grid_dir, grid_name in zip(grid_dirs, _distinct_names(grid_dirs)):
         runs = _grid_runs(grid_dir, knob)
         if not runs:
             if not grid_dir.is_dir():
@@ -1061,15 +1105,15 @@ def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
                                               if unfinished else "") + ".")
         for name, key, value, results in runs:
             scalars = {k: v for k, v in results.items() if isinstance(v, (int, float, str, bool))}
-            rows.append({"run": f"{grid_dir.name}/{name}", key: value, **scalars})
+            rows.append({"run": f"{grid_name}/{name}", key: value, **scalars})
             knob_keys[key] = None  # an ordered set: the knob column(s) come right after run
-            refs += [results[ref_key]] if ref_key in results else []
+            refs += [results[ref_key]] if _number(results.get(ref_key)) else []
         for label, *keys in series:
             xk, yk = keys if len(keys) == 2 else (x_key, keys[0])
-            points = [(r[xk], r[yk], f"{key}={value:g}" if value is not None else name)
-                      for name, key, value, r in runs if xk in r and yk in r]
+            points = [(r[xk], r[yk], f"{key}={exact_text(value)}" if value is not None else name)
+                      for name, key, value, r in runs if _number(r.get(xk)) and _number(r.get(yk))]
             if points:
-                lines.append((f"{grid_dir.name}: {label}" if len(grid_dirs) > 1 else label, points))
+                lines.append((f"{grid_name}: {label}" if len(grid_dirs) > 1 else label, points))
     columns = list(dict.fromkeys(["run", *knob_keys] + [k for row in rows for k in row]))
 
     text = io.StringIO(newline="")

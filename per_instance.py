@@ -421,10 +421,14 @@ def save_checkpoint(path, epoch, models, optimizers, history, skipped, made_for)
     nets.save_state(path, {**models, **optimizers}, epoch=epoch, history=history, skipped=skipped)
 
 
-def load_checkpoint(path, models, optimizers):
-    """Restore what save_checkpoint wrote; returns (epoch, metrics history, skipped steps)."""
+def load_checkpoint(path, models, optimizers, epochs=None):
+    """Restore what save_checkpoint wrote; returns (epoch, metrics history, skipped steps).
+    A run that already went beyond `epochs` is not shortened: a RunError."""
     ckpt = nets.load_state(path, "a checkpoint of per_instance.py", {**models, **optimizers},
                            keys=("epoch", "history", "skipped"))
+    if epochs is not None and ckpt["epoch"] > epochs:
+        raise nets.RunError(f"{path} is at epoch {ckpt['epoch']}, beyond --epochs {epochs}; "
+                            "a resume never shortens a run: raise --epochs to continue it.")
     print(f"resuming after epoch {ckpt['epoch']} from {path}", flush=True)
     return ckpt["epoch"], ckpt["history"], ckpt["skipped"]
 
@@ -440,7 +444,7 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
     made_for = datasets.identity(train_set)  # what the saved models record of their data
     done, history, skipped_total = 0, [], 0
     if resuming and ckpt_path.exists():
-        done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers)
+        done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers, cfg.epochs)
     log = nets.Metrics(cfg.out / "metrics.jsonl", history)
     joint = classifier if cfg.simplifier == "unet" else None  # l2: no classifier (S7)
     batches = datasets.Batches(train_set, device)  # the training images, on the device
@@ -520,7 +524,8 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
 def main(args):
     cfg = resolve_config(args)
     print(nets.settings_line(vars(cfg)), flush=True)
-    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, RESUMABLE,
+                              length=dict(epochs=cfg.epochs))
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
     nets.quick_threads(cfg.quick, device)

@@ -442,6 +442,13 @@ def test_import_cli_writes_a_loadable_checkpoint(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(glow.bits_per_dim(model, x, noise=False),
                           reference_bpd(state, 2, 1, x, torch.zeros_like(x)), atol=1e-4)
+    # an existing --out is replaced only when told
+    before = open(out, "rb").read()
+    with pytest.raises(nets.RunError, match=f"{out} exists; pass --overwrite"):
+        glow.main(glow.get_args(["import-y0ast", str(tmp_path / "missing.pt"), "--out", out]))
+    assert open(out, "rb").read() == before
+    glow.main(glow.get_args(["import-y0ast", str(tmp_path / "glow_affine_coupling.pt"), "--out",
+                             out, "--overwrite"]))
 
 
 # ---------------------------------------------------------------- training and Fig. 2 ranking
@@ -577,6 +584,16 @@ def test_train_cli_resumes_and_bpd_cli_writes_grid(tmp_path, monkeypatch, capsys
     means = __import__("json").loads((tmp_path / "bpd" / "bpd.json").read_text())
     assert 0 < means["shapes"] < 16
     assert "mean bpd" in capsys.readouterr().out
+    # scoring into the same --out again replaces nothing unless told
+    bpd = ["bpd", "--glow", out, "--dataset", "shapes", "--test-size", "40", "--out",
+           str(tmp_path / "bpd"), "--data-root", str(tmp_path)]
+    with pytest.raises(nets.RunError, match="bpd.json exists; pass --overwrite"):
+        glow.main(glow.get_args(bpd))
+    glow.main(glow.get_args(bpd + ["--overwrite"]))
+    # a folder as the checkpoint of `train` is one sentence before anything trains
+    with pytest.raises(nets.RunError, match="is a folder; give the checkpoint file"):
+        glow.main(glow.get_args(["train", *common[:1], "--out", str(tmp_path / "bpd"),
+                                 *common[3:], "--epochs", "1"]))
 
 
 def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):

@@ -147,6 +147,17 @@ def test_rerun_without_resume_is_refused_and_resume_checks_settings(tmp_path, ti
     assert snapshot(out) == before  # not one byte of the earlier run changed
 
 
+@pytest.mark.parametrize("name, flag", [("per_instance", "--epochs"), ("condense", "--iterations")])
+def test_a_resume_never_shortens_a_finished_run(tmp_path, tiny_glow_path, name, flag):
+    module, argv = SCRIPTS[name][:2]
+    out = tmp_path / "run"
+    run(module, argv(out, tiny_glow_path, flag, "2"))
+    before = snapshot(out)
+    with pytest.raises(nets.RunError, match=f"finished run of {flag[2:]} 2, more than 1"):
+        run(module, argv(out, tiny_glow_path, "--resume", flag, "1"))
+    assert snapshot(out) == before  # results.json and args.json as they were
+
+
 def test_resume_rewrites_metrics_without_duplicates_and_removes_stale_temp_files(
         tmp_path, tiny_glow_path):
     out = tmp_path / "c"
@@ -346,6 +357,11 @@ def test_resume_of_a_folder_without_a_run_is_one_sentence(tmp_path, tiny_glow_pa
     with pytest.raises(nets.RunError, match=f"--resume: {out} holds no run to continue"):
         run(module, argv(out, tiny_glow_path, "--resume"))
     assert not out.exists()
+    out.mkdir()
+    for text in ("[1, 2]", '"text"', '{"seed": '):  # args.json that is not a JSON object
+        (out / "args.json").write_text(text)
+        with pytest.raises(nets.RunError, match=f"{out / 'args.json'} is unreadable"):
+            run(module, argv(out, tiny_glow_path, "--resume"))
 
 
 def test_glow_train_resume_of_a_missing_checkpoint_is_one_sentence(tmp_path):

@@ -45,6 +45,15 @@ def test_grid_folder_names_the_knob_and_value(tmp_path):
     assert nets.grid_folder(str(tmp_path), "jpeg_quality", 50.0) == tmp_path / "jpeg_quality=50"
 
 
+def test_grid_folders_are_as_distinct_as_the_values(tmp_path):
+    assert nets.grid_folder(tmp_path, "lambda_sim", 0.1000001).name == "lambda_sim=0.1000001"
+    args, main = grid_args(tmp_path, (0.1000001, 0.1000002, 0.1)), FakeMain()
+    nets.run_grid(main, args, "lambda_sim")
+    assert len(main.calls) == 3 and len({c.out for c in main.calls}) == 3
+    rows = nets.summarize([tmp_path / "grid"], tmp_path, "test_bpd_simplified", [])
+    assert [r["lambda_sim"] for r in rows] == [0.1, 0.1000001, 0.1000002]
+
+
 def toy_results(lam):
     """What the fake mode script reports for λ: bpd and accuracy fall with λ."""
     return dict(lambda_sim=lam, test_bpd=3.0, test_bpd_simplified=3.0 - lam / 2,
@@ -204,6 +213,41 @@ def test_summarize_series_per_grid_folder(tmp_path, monkeypatch):
         ("blur: original", points(blur, "test_bpd", "test_acc"))]
     assert len(drawn["series"][0][1]) == 1  # λ=0 lacks test_acc_simplified: not drawn
     assert drawn["ref_x"] == pytest.approx((3.0 + 3.0 + 4.0) / 3)
+
+
+def test_summaries_skip_what_they_cannot_read_and_grids_rerun_it(tmp_path, capsys):
+    make_grid(tmp_path / "grid", [0.0, 0.5, 1.0, 2.0])
+    bad = {0.5: "{\"lambda_sim\": 0.5, \"test_", 1.0: "[1, 2]", 2.0: "\"text\""}
+    for lam, text in bad.items():
+        (nets.grid_folder(tmp_path / "grid", "lambda_sim", lam) / "results.json").write_text(text)
+    rows = nets.summarize([tmp_path / "grid"], tmp_path, "test_bpd_simplified",
+                          [("simplified", "test_acc_simplified")])
+    assert [r["lambda_sim"] for r in rows] == [0.0]
+    err = capsys.readouterr().err
+    assert all(f"skipped {tmp_path / 'grid' / f'lambda_sim={v:g}' / 'results.json'}" in err
+               for v in bad)
+    # a grid with an unreadable results.json runs that value again and goes on
+    args, main = grid_args(tmp_path, (0.0, 0.5, 1.0, 2.0)), FakeMain()
+    for lam in args.lambda_sim:
+        nets.write_json(nets.grid_folder(tmp_path / "grid", "lambda_sim", lam) / "args.json",
+                        {**vars(args), "lambda_sim": lam, "grid_index": None,
+                         "out": str(nets.grid_folder(tmp_path / "grid", "lambda_sim", lam))})
+    results = nets.run_grid(main, args, "lambda_sim")
+    assert results[0]["lambda_sim"] == 0.0 and results[0]["curve"] == [0.0, 1.0]  # kept
+    assert results[1:] == [toy_results(v) for v in (0.5, 1.0, 2.0)]
+    assert [c.lambda_sim for c in main.calls] == [0.5, 1.0, 2.0]
+
+
+def test_two_grids_of_the_same_folder_name_get_distinct_rows_and_legends(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(nets, "draw_tradeoff", lambda path, series, *a, **kw: drawn.update(
+        series=series))
+    for version in ("v1", "v2"):
+        make_grid(tmp_path / version / "grid", [0.0])
+    rows = nets.summarize([tmp_path / "v1" / "grid", tmp_path / "v2" / "grid"], tmp_path,
+                          "test_bpd_simplified", [("simplified", "test_acc_simplified")])
+    assert [r["run"] for r in rows] == ["v1/grid/lambda_sim=0", "v2/grid/lambda_sim=0"]
+    assert [label for label, _ in drawn["series"]] == ["v1/grid: simplified", "v2/grid: simplified"]
 
 
 # ---- the chart ----
