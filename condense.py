@@ -488,16 +488,17 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
 
     labels = torch.arange(len(real_by_class), device=alpha.device).repeat_interleave(cfg.ipc)
     progress = nets.Progress(cfg.iterations - start, "condense")
-    accs = []
+    evaluated = {row["iteration"]: row["test_accs"] for row in history if "test_accs" in row}
     for it in range(start, cfg.iterations + 1):
-        if it in cfg.eval_at:
+        if it in cfg.eval_at and it not in evaluated:  # (a resumed run may have evaluated it)
             x_syn = synthetic_images(alpha).detach()
-            accs = evaluate_images(x_syn, labels)
+            evaluated[it] = accs = evaluate_images(x_syn, labels)
             acc, std = mean_std(accs)
             bpd = mean_bpd(glow_model, x_syn, cfg.seed)
             print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
                   f"({cfg.num_eval} nets), bpd {bpd:.3f}", flush=True)
-            log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "bpd": bpd})
+            log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "test_accs": accs,
+                 "bpd": bpd})
             save_grid(x_syn, class_names, cfg.ipc, cfg.out / "synthetic.png")
         if it == cfg.iterations:
             break
@@ -519,7 +520,7 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
     progress.close()
     # with the last evaluation: a longer rerun keeps its row
     save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, log.rows)
-    return accs
+    return evaluated[cfg.iterations]
 
 
 # --------------------------------------------------------------------------------------

@@ -562,8 +562,13 @@ class Metrics:
     (every row) is read for the next checkpoint."""
 
     def __init__(self, path, rows=()):
-        self.path, self.written, self.pending = path, list(rows), []
-        write_jsonl(path, self.written)
+        self.path = path
+        self.restart(rows)
+
+    def restart(self, rows):
+        """Rewrite the file with `rows`, those the checkpoint a run resumes from kept."""
+        self.written, self.pending = list(rows), []
+        write_jsonl(self.path, self.written)
 
     def __call__(self, row, wait=False):
         self.pending.append(row)

@@ -38,7 +38,8 @@ FULL = dict(train_size=None, test_size=None, train_epochs=30, train_lr=5e-4, dep
             steps=5000, log_every=250)
 QUICK = dict(train_size=2000, test_size=500, train_epochs=5, train_lr=2e-3, depth=10, widen=1,
              steps=300, log_every=50)
-RESUMABLE = ()  # --resume reuses the classifier this run trained and simplifies again
+RESUMABLE = ("steps", "log_every")  # --resume: the classifier this run trained, then the
+# simplification from its last checkpoint (every --log-every steps); more --steps continue it
 
 
 def get_args(argv=None):
@@ -87,7 +88,8 @@ def get_args(argv=None):
     p.add_argument("--num-images", type=nets.positive_int, default=8,
                    help="number of images, simplified as one batch")
     p.add_argument("--log-every", type=nets.positive_int, default=None,
-                   help="print and log the loss parts every N steps (default 250; quick 50)")
+                   help="print and log the loss parts, and save a checkpoint --resume continues "
+                        "from, every N steps (default 250; quick 50)")
     args = p.parse_args(argv)
     if not 0 < args.scale_min <= args.scale_max < 1:
         p.error("the forgetting factor needs 0 < --scale-min <= --scale-max < 1")
@@ -280,10 +282,11 @@ def train_classifier(train_set, cfg, device, log):
 
 def load_classifier(cfg, train_set, device, resuming):
     """f from --classifier, or the one this run trained before it was interrupted (--resume),
-    with the metrics rows of that training; (None, []) when f is still to be trained."""
+    with the metrics rows of that training and the random state after it (None for a given
+    f); (None, [], None) when f is still to be trained."""
     own = cfg.out / "classifier.pt"
     if not (cfg.classifier or (resuming and own.exists())):
-        return None, []
+        return None, [], None
     path = Path(cfg.classifier) if cfg.classifier else own
     model = nets.load_model(path, kind=("NFWideResNet", "ConvNet"), map_location=device,
                             expect=datasets.identity(train_set))
@@ -291,10 +294,10 @@ def load_classifier(cfg, train_set, device, resuming):
         raise nets.CheckpointError(f"the classifier predicts {model.config['num_classes']} classes "
                                    f"but {cfg.dataset} has {train_set.info.num_classes}; give one "
                                    "trained on it.")
-    history = [] if cfg.classifier else \
-        nets.read_checkpoint(own, "a classifier", nets.RESUME_HINT).get("history", [])
+    saved = dict(history=[], rng=None) if cfg.classifier else \
+        nets.read_checkpoint(own, "a classifier", nets.RESUME_HINT, keys=("history", "rng"))
     print(f"classifier f: loaded {path}")
-    return model, history
+    return model, saved["history"], saved["rng"]
 
 
 def select_images(probs, labels, args):
@@ -322,28 +325,41 @@ def select_images(probs, labels, args):
                     f"took the {len(chosen)} most confident {args.select} ones")
 
 
-def simplify(cfg, model, glow_model, x, log):
+def simplify(cfg, model, glow_model, x, log, resuming):
     """Sec. 5 on the images x (B, 3, 32, 32): z_sim starts at the priors' mode, the simplest
-    image G describes, and takes cfg.steps Adam steps (S4) on Alg. 1/2's loss. Returns
-    z_sim and the evaluation of the start point."""
+    image G describes, and takes cfg.steps Adam steps (S4) on Alg. 1/2's loss, with a
+    checkpoint every cfg.log_every steps. Returns z_sim and the evaluation of the start
+    point."""
     with torch.no_grad():
         h = model(x)  # (B, K), f(x) is fixed
         z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
     z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
     start_point = evaluate(model, glow_model, x, z_sim)
     optimizer = torch.optim.Adam(z_sim, lr=cfg.lr)
+    parts = dict(optimizer=optimizer, **{f"z{i}": z for i, z in enumerate(z_sim)})
+    ckpt_path, done = cfg.out / "checkpoint.pt", 0
+    if resuming and ckpt_path.exists():
+        ckpt = nets.load_state(ckpt_path, "a checkpoint of posthoc.py", parts,
+                               keys=("step", "history"), map_location=x.device)
+        done = ckpt["step"]
+        if done > cfg.steps:
+            raise nets.RunError(f"{ckpt_path} is at step {done}, beyond --steps {cfg.steps}; a "
+                                "resume never shortens a run: raise --steps to continue it.")
+        log.restart(ckpt["history"])
+        print(f"resuming after step {done} from {ckpt_path}", flush=True)
     print(f"== simplify {len(x)} images: Alg. {cfg.algorithm}, {cfg.steps} steps, "
           f"λ = {cfg.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f} ==")
-    progress = nets.Progress(cfg.steps, "simplify")
-    for step in range(1, cfg.steps + 1):
+    progress = nets.Progress(cfg.steps - done, "simplify")
+    for step in range(done + 1, cfg.steps + 1):
         # update z_sim: one Adam step on Alg. 2's loss (posthoc_loss)
-        parts = simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg)
-        progress.update(loss=parts["loss"], bpd=parts["bpd"])
+        loss = simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg)
+        progress.update(loss=loss["loss"], bpd=loss["bpd"])
         if step % cfg.log_every == 0 or step == cfg.steps:
-            print(f"step {step}/{cfg.steps}: loss {parts['loss']:.4f}, L_grad {parts['l_grad']:.4f}, "
-                  f"L_pred {parts['l_pred']:.4f}, bpd(x_sim) {parts['bpd']:.3f} "
-                  f"(s {parts['s']:.3f}, α {parts['alpha']:.3f})", flush=True)
-            log(dict(phase="simplify", step=step, **parts))
+            print(f"step {step}/{cfg.steps}: loss {loss['loss']:.4f}, L_grad {loss['l_grad']:.4f}, "
+                  f"L_pred {loss['l_pred']:.4f}, bpd(x_sim) {loss['bpd']:.3f} "
+                  f"(s {loss['s']:.3f}, α {loss['alpha']:.3f})", flush=True)
+            log(dict(phase="simplify", step=step, **loss))
+            nets.save_state(ckpt_path, parts, step=step, history=log.rows)
     progress.close()
     return z_sim, start_point
 
@@ -376,7 +392,8 @@ def save_triples(x, start_point, result, images, names, path):
 def main(args):
     cfg = resolve_config(args)
     print(nets.settings_line(vars(cfg)), flush=True)
-    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, may_change=RESUMABLE)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume, RESUMABLE,
+                              length=dict(steps=cfg.steps))
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
     nets.quick_threads(cfg.quick, device)
@@ -392,7 +409,7 @@ def main(args):
 
     # models: the classifier f (given, trained earlier in this run, or below; a given one is
     # checked against the data before the quick Glow's pretraining), and the Glow G
-    model, history = load_classifier(cfg, train_set, device, resuming)  # history: metrics rows
+    model, history, rng = load_classifier(cfg, train_set, device, resuming)  # history: rows
     glow_model, made_from = glow.glow_for_run(cfg, train_set, test_set, device)
     print(f"Glow ready ({time.time() - start:.0f} s)")
     made_from["classifier"] = nets.file_hash(cfg.classifier) if cfg.classifier else None
@@ -401,9 +418,11 @@ def main(args):
     if model is None:
         print(f"== train the classifier f: NF-WRN-{cfg.depth}-{cfg.widen}, {cfg.train_epochs} epochs ==")
         model = train_classifier(train_set, cfg, device, log)
-        nets.save_model(model, cfg.out / "classifier.pt", history=log.rows,
+        nets.save_model(model, cfg.out / "classifier.pt", history=log.rows, rng=nets.rng_state(),
                         **datasets.identity(train_set))
         print(f"classifier f: saved {cfg.out / 'classifier.pt'} ({time.time() - start:.0f} s)")
+    elif rng is not None:  # the classifier this run trained: go on as an uninterrupted run
+        nets.set_rng_state(rng)
     model.eval().requires_grad_(False)  # f stays fixed; only z_sim is optimised
 
     # the images to explain (Fig. 8: confidently misclassified test images)
@@ -417,7 +436,7 @@ def main(args):
     x, labels = test_x[indices].to(device), test_y[indices]  # (B, 3, 32, 32), (B,)
 
     # simplify: z_sim from the priors' mode, Adam on Alg. 1/2's loss (Sec. 5, S4)
-    z_sim, start_point = simplify(cfg, model, glow_model, x, log)
+    z_sim, start_point = simplify(cfg, model, glow_model, x, log, resuming)
 
     # final evaluation: predictions and bpd of the originals, the start point and the
     # simplified 8-bit images

@@ -176,6 +176,34 @@ def test_resume_rewrites_metrics_without_duplicates_and_removes_stale_temp_files
     assert not list(out.glob(".tmp-*"))
 
 
+def test_condense_never_writes_an_evaluation_twice(tmp_path, tiny_glow_path, monkeypatch):
+    out = tmp_path / "c"
+    run(condense, condense_argv(out, tiny_glow_path, "--eval-at", "0,2"))
+    # resumed with more iterations: the evaluation at 2 is not repeated
+    run(condense, condense_argv(out, tiny_glow_path, "--eval-at", "0,2", "--iterations", "4",
+                                "--resume"))
+    # killed during its final evaluation, then resumed: that evaluation once
+    real, calls = condense.evaluate, []
+
+    def killed_at_the_end(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:  # the evaluation at 6, the first of this run
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(condense, "evaluate", killed_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        run(condense, condense_argv(out, tiny_glow_path, "--eval-at", "0,2", "--iterations", "6",
+                                    "--resume"))
+    monkeypatch.setattr(condense, "evaluate", real)
+    results = run(condense, condense_argv(out, tiny_glow_path, "--eval-at", "0,2",
+                                          "--iterations", "6", "--resume"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "test_acc_mean" in r] == [0, 2, 4, 6]
+    assert [r["iteration"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert results["test_accs"] == [r for r in rows if r.get("iteration") == 6
+                                    and "test_accs" in r][0]["test_accs"]
+
+
 def test_cached_quick_glow_and_classifier_of_other_data_are_refused(tmp_path, tiny_glow_path):
     cache = tmp_path / "quick.pt"
     model = glow.load_glow(tiny_glow_path, frozen=False)
@@ -684,6 +712,40 @@ def test_posthoc_resume_reuses_its_classifier_and_rewrites_metrics(tmp_path, tin
     assert again["classifier_test_acc"] == first["classifier_test_acc"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["classifier", "simplify", "simplify"]  # no duplicates
+
+
+@pytest.mark.parametrize("stop_at", [1, 3])  # before any checkpoint of z_sim, or after one
+def test_posthoc_interrupted_in_either_phase_resumes_to_the_uninterrupted_numbers(
+        tmp_path, tiny_glow_path, monkeypatch, stop_at):
+    argv = ["--steps", "4", "--log-every", "2"]
+    straight = run(posthoc, posthoc_argv(tmp_path / "a", tiny_glow_path, *argv))
+    real_step, calls = posthoc.simplify_step, []
+
+    def stop(*a, **k):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(posthoc, "simplify_step", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(posthoc, posthoc_argv(tmp_path / "b", tiny_glow_path, *argv))
+    monkeypatch.setattr(posthoc, "simplify_step", real_step)
+    resumed = run(posthoc, posthoc_argv(tmp_path / "b", tiny_glow_path, *argv, "--resume"))
+    for key in ("mean_bpd_simplified", "mean_bpd_start", "images"):
+        assert resumed[key] == straight[key], key
+    a, b = (torch.load(tmp_path / r / "simplified.pt", weights_only=True) for r in "ab")
+    assert torch.equal(a["images"], b["images"])
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r.get("step")) for r in rows] == [
+        ("classifier", None), ("simplify", 2), ("simplify", 4)]
+    # more --steps continue the finished run from its last step; fewer are refused
+    longer = run(posthoc, posthoc_argv(tmp_path / "a", tiny_glow_path, "--steps", "6",
+                                       "--log-every", "2", "--resume"))
+    assert longer["steps"] == 6 and longer["mean_bpd_simplified"] != straight["mean_bpd_simplified"]
+    with pytest.raises(nets.RunError, match="finished run of steps 6, more than 4"):
+        run(posthoc, posthoc_argv(tmp_path / "a", tiny_glow_path, *argv, "--resume"))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in rows] == [None, 2, 4, 6]
 
 
 # ----------------------------------------------------------------------------- grids (Fig. 5)
