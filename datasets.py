@@ -414,19 +414,26 @@ def subset(dataset, n, seed):
     return sub
 
 
+def unwrap(dataset, who):
+    """(the TensorImages or Composite under the Subsets of `dataset`, the positions of the
+    items of `dataset` in it); `who` names the caller in the TypeError for anything else."""
+    index = torch.arange(len(dataset))
+    while isinstance(dataset, Subset):  # positions in the subset -> items of its base
+        index = torch.as_tensor(dataset.indices, dtype=torch.long)[index]
+        dataset = dataset.dataset
+    if not isinstance(dataset, (TensorImages, Composite)):
+        raise TypeError(f"{who} takes a TensorImages or a Composite (or a Subset of one), "
+                        f"not a {type(dataset).__name__}.")
+    return dataset, index
+
+
 def fingerprint(dataset, whole=False):
     """A short hash of the data a run takes from `dataset`: the stored uint8 images and
     labels of its items (with whole=True, of the whole split a subset was drawn from), its
     class names, and a composite's kind and sources. Runs compare this, not names: the
     same data under another name or --data-root matches, other data under the same name
     does not (a CIFAR-10 training split: 0.2 s)."""
-    index = torch.arange(len(dataset))
-    while isinstance(dataset, Subset):  # positions in the subset -> items of its base
-        index = torch.as_tensor(dataset.indices, dtype=torch.long)[index]
-        dataset = dataset.dataset
-    if not isinstance(dataset, (TensorImages, Composite)):
-        raise TypeError(f"fingerprint takes a TensorImages or a Composite (or a Subset of one), "
-                        f"not a {type(dataset).__name__}.")
+    dataset, index = unwrap(dataset, "fingerprint")
     target, others = (dataset, []) if isinstance(dataset, TensorImages) else \
         (dataset.target, [dataset.other] if dataset.other is not None else [])
     digest = hashlib.sha256(json.dumps([dataset.info.class_names,
@@ -459,14 +466,8 @@ class Batches:
     tests/benchmark.py data). Usage: `x, y = Batches(train_set, device).get(indices)`."""
 
     def __init__(self, dataset, device):
-        index = torch.arange(len(dataset))
-        while isinstance(dataset, Subset):  # positions in the subset -> items of its base
-            index = torch.as_tensor(dataset.indices, dtype=torch.long)[index]
-            dataset = dataset.dataset
-        if not isinstance(dataset, (TensorImages, Composite)):
-            raise TypeError(f"Batches takes a TensorImages or a Composite (or a Subset of one), "
-                            f"not a {type(dataset).__name__}.")
-        self.index, self.data = index, dataset.to(device)
+        dataset, self.index = unwrap(dataset, "Batches")
+        self.data = dataset.to(device)
 
     def __len__(self):
         return len(self.index)

@@ -820,7 +820,8 @@ def start_run(out, settings, made_from, resuming=False):
     if resuming and (out / "made_from.json").is_file():
         stored = read_args(out, "made_from.json")
         changed = [f"{k.replace('_', ' ')} {stored.get(k)} -> {made_from.get(k)}"
-                   for k in sorted(set(stored) | set(made_from)) if stored.get(k) != made_from.get(k)]
+                   for k in sorted(set(stored) | set(made_from))
+                   if stored.get(k) != made_from.get(k)]
         if changed:
             raise RunError(f"--resume: {out} was made from other data or model files than this "
                            f"command gives (fingerprints: {', '.join(changed)}); give the ones "
