@@ -249,45 +249,38 @@ def matching_loss(net, x_syn, real_by_class, ipc, batch_real):
                for c in range(len(real_by_class)))
 
 
-def simplicity_grad(glow_model, alpha, bpd_chunk):
-    """Mean bpd of X_syn = synthetic_images(α) (Eq. 1) and its gradient w.r.t. α, computed
-    `bpd_chunk` images at a time, so that Glow's saved activations (~44 MiB per image at
-    the released size) stay bounded whatever the number of synthetic images; the authors
-    backpropagated chunks of 50. The dequantization noise is drawn once for the whole set,
-    so the result equals the one-graph computation (the same numbers, the same draws)."""
-    noise = torch.rand_like(alpha) / glow.N_BINS  # u ~ U(0, 1/256), as bits_per_dim draws it
-    bpd, grad = alpha.new_zeros(()), torch.zeros_like(alpha)
-    for start in range(0, len(alpha), bpd_chunk):
-        rows = slice(start, start + bpd_chunk)
-        chunk = alpha.detach()[rows].requires_grad_()
-        part = glow.bits_per_dim(glow_model, synthetic_images(chunk), noise=noise[rows])
-        part = part.sum() / len(alpha)  # this chunk's share of the mean
-        grad[rows] = torch.autograd.grad(part, chunk)[0]
-        bpd = bpd + part.detach()
-    return bpd, grad
-
-
-def condensation_grad(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc, batch_real,
+def condensation_loss(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc, batch_real,
                       bpd_chunk):
     """The condensation objective with simplification, Eq. 7 (our λ, see the README):
 
         L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x),  X_syn = quantize(σ(α))
 
-    and its gradient w.r.t. α. Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits per
-    dimension incl. the +8 of the 256-bin term), what the authors optimise. A bpd term whose
-    value or gradient is not finite is left out of L and of the gradient (the authors
-    skipped a non-finite bpd), selected on the device without a host sync. Returns
-    (∂L/∂α, L, Σ_c D_c, mean bpd; NaN when λ = 0 or left out).
+    backpropagated into alpha.grad. Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits
+    per dimension incl. the +8 of the 256-bin term), what the authors optimise. The bpd
+    term is backpropagated `bpd_chunk` images at a time (gradient accumulation: the same
+    gradient as one graph, with Glow's saved activations, ~44 MiB per image at the
+    released size, bounded; the authors used chunks of 50), its dequantization noise drawn
+    once for the whole set. A bpd term whose value or gradient is not finite is left out
+    (the authors skipped a non-finite bpd). Returns L, Σ_c D_c and the mean bpd (NaN when
+    λ = 0 or left out), detached.
     """
     match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real)
-    grad = torch.autograd.grad(match, alpha)[0]
+    match.backward(inputs=[alpha])  # alpha.grad = ∂Σ_c D_c/∂α
     if lambda_sim == 0:  # plain DC: Glow is not needed
-        return grad, match.detach(), match.detach(), match.new_tensor(math.nan)
-    bpd, bpd_grad = simplicity_grad(glow_model, alpha, bpd_chunk)
-    use = torch.isfinite(bpd) & torch.isfinite(bpd_grad).all()  # a 0-dim bool on the device
-    grad = grad + torch.where(use, lambda_sim * bpd_grad, 0.0)
+        return match.detach(), match.detach(), match.new_tensor(math.nan)
+    match_grad, alpha.grad = alpha.grad, None
+    noise = torch.rand_like(alpha) / glow.N_BINS  # u ~ U(0, 1/256), as bits_per_dim draws it
+    bpd = alpha.new_zeros(())
+    for rows in torch.arange(len(alpha), device=alpha.device).split(bpd_chunk):
+        part = glow.bits_per_dim(glow_model, synthetic_images(alpha[rows]), noise=noise[rows])
+        part = part.sum() / len(alpha)  # this chunk's share of the mean
+        part.backward(inputs=[alpha])  # alpha.grad accumulates ∂ mean bpd/∂α
+        bpd = bpd + part.detach()
+    # the one place for a non-finite bpd term: left out of L and of the gradient
+    use = torch.isfinite(bpd) & torch.isfinite(alpha.grad).all()  # 0-dim, on the device
+    alpha.grad = match_grad + torch.where(use, lambda_sim * alpha.grad, 0.0)
     loss = match.detach() + torch.where(use, lambda_sim * bpd, 0.0)
-    return grad, loss, match.detach(), torch.where(use, bpd, math.nan)
+    return loss, match.detach(), torch.where(use, bpd, math.nan)
 
 
 def synthetic_images(alpha):
@@ -324,12 +317,11 @@ def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, 
     net = make_convnet(num_classes, width, alpha.device)
     net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
     for step in range(outer_loop):
-        # update the synthetic images: minimise Eq. 7 w.r.t. α
-        grad, loss, match, bpd = condensation_grad(
+        # update the synthetic images: one Adam step on Eq. 7 w.r.t. α
+        optimizer.zero_grad()
+        loss, match, bpd = condensation_loss(
             net, alpha, real_by_class, glow_model, lambda_sim=lambda_sim, ipc=ipc,
             batch_real=batch_real, bpd_chunk=bpd_chunk)
-        optimizer.zero_grad()
-        alpha.grad = grad  # only α is updated here
         optimizer.step()
         if step == outer_loop - 1:
             break

@@ -59,7 +59,6 @@ def simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model, x, y,
     return parts, skipped + clf_skipped
 
 
-
 def simplifier_loss(classifier, optimizer, glow_model, x, x_sim, y, aug, lambda_sim):
     """The simplifier's objective, Eq. 2-5 with the S3 changes, as in the authors' code:
 
@@ -96,7 +95,6 @@ def simplifier_loss(classifier, optimizer, glow_model, x, x_sim, y, aug, lambda_
     return loss, {k: v.detach() for k, v in parts.items()}
 
 
-
 def unrolled_train_step(classifier, optimizer, x_sim, y):
     """Eq. 3: f' = train_step(f, l(f(X_sim), y)), differentiable w.r.t. X_sim.
 
@@ -109,7 +107,6 @@ def unrolled_train_step(classifier, optimizer, x_sim, y):
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=True,
                                 allow_unused=True)  # create_graph: differentiable in X_sim
     return loss, differentiable_adamw_step(classifier, optimizer, params, dict(zip(params, grads)))
-
 
 
 def differentiable_adamw_step(model, optimizer, params, grads):
@@ -149,12 +146,10 @@ def differentiable_adamw_step(model, optimizer, params, grads):
     return new
 
 
-
 def classifier_step(classifier, optimizer, x, y):
     """Plain training step of f on l(f(x), y); returns (loss, skipped)."""
     loss = F.cross_entropy(classifier(x), y)
     return loss.detach(), finite_step(optimizer, loss, list(classifier.parameters()))
-
 
 
 def finite_step(optimizer, loss, params):
@@ -176,7 +171,6 @@ def finite_step(optimizer, loss, params):
     return (~finite).long()
 
 
-
 # --------------------------------------------------------------------------- baselines (S7)
 def l2_step(simplifier, opt_simp, glow_model, x, lambda_sim):
     """One batch of the L2 baseline (S7): the simplifier alone on its loss, no classifier,
@@ -184,7 +178,6 @@ def l2_step(simplifier, opt_simp, glow_model, x, lambda_sim):
     x_sim = glow.quantize(simplifier(x))
     loss, parts = l2_simplifier_loss(glow_model, x, x_sim, lambda_sim)
     return parts, finite_step(opt_simp, loss, list(simplifier.parameters()))
-
 
 
 def l2_simplifier_loss(glow_model, x, x_sim, lambda_sim):
@@ -196,11 +189,9 @@ def l2_simplifier_loss(glow_model, x, x_sim, lambda_sim):
     return loss, dict(loss=loss.detach(), mse=mse.detach(), bpd=bpd.mean().detach())
 
 
-
 def gaussian_blur(x, sigma):
     """S7 baseline: 15×15 Gaussian blur with reflect borders (authors: kornia GaussianBlur2d)."""
     return TF.gaussian_blur(x, kernel_size=15, sigma=sigma)
-
 
 
 def jpeg(x, quality):
@@ -213,7 +204,6 @@ def jpeg(x, quality):
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device).float() / 255
 
 
-
 def simplification(args, simplifier):
     """The function x in [0,1] -> X_sim on 8-bit levels (what the classifier and Glow see):
     the simplifier network, or the blur / JPEG baseline of S7."""
@@ -224,12 +214,10 @@ def simplification(args, simplifier):
     return lambda x: glow.quantize(simplifier(x))
 
 
-
 # --------------------------------------------------- training (Sec. 3), retraining (Fig. 5)
 def epoch_order(n, seed, epoch):
     """A permutation of n fixed by (seed, epoch), so a resumed run sees the same batches."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 9973 + epoch))
-
 
 
 def train_batches(batches, batch_size, seed, epoch):
@@ -238,7 +226,6 @@ def train_batches(batches, batch_size, seed, epoch):
     order = epoch_order(len(batches), seed, epoch)
     for idx in order[:len(order) // batch_size * batch_size].split(batch_size):
         yield batches.get(idx)  # (B, 3, 32, 32) float32, (B,) long on the device
-
 
 
 def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, train_set,
@@ -309,7 +296,6 @@ def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase)
     return orig["acc"], sim["acc"]
 
 
-
 def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, device):
     """Fig. 5: a fresh classifier trained on the simplified training images (--retrain, and
     always for the S7 baselines, whose only classifier is that one) and the jointly trained
@@ -338,14 +324,12 @@ def retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, d
     return results
 
 
-
 # ---------------------------------------------------------- evaluation (Fig. 3, Fig. 5, S5)
 @torch.no_grad()
 def simplify_all(simplify, images, device):
     """Simplify (N, 3, 32, 32) float images in batches -> uint8 (N, 3, 32, 32) on the CPU."""
     return torch.cat([datasets.to_uint8(simplify(x.to(device))).cpu()
                       for x in images.split(EVAL_BATCH)])
-
 
 
 @torch.no_grad()
@@ -370,7 +354,6 @@ def evaluate(classifier, glow_model, images, labels, device, seed=0):
     return dict(acc=float(correct) / len(labels), loss=float(loss) / len(labels)), bpd
 
 
-
 def simplified_test_metrics(classifier, simplify, glow_model, test, device):
     """bpd of the simplified test images and, given a classifier, its accuracy on the
     original and on the simplified ones (Fig. 5, S6). test: {"x", "y"}. Returns the
@@ -382,7 +365,6 @@ def simplified_test_metrics(classifier, simplify, glow_model, test, device):
         metrics.update(test_acc=evaluate(classifier, None, test["x"], test["y"], device)[0]["acc"],
                        test_acc_simplified=sim["acc"])
     return metrics, test_sim, sim_bpd
-
 
 
 def test_epoch(cfg, classifier, simplify, glow_model, test, device, epoch):
@@ -416,7 +398,6 @@ def png_bytes(images):
     return float(np.mean(sizes))
 
 
-
 def save_grid(path, x_orig, x_sim, bpd_orig, bpd_sim, n=16, nrow=8):
     """Fig. 3/S5 style: n test images spread over the set (so over the classes), rows
     alternating between original (uint8 or float) and simplified, each with its bpd."""
@@ -427,7 +408,6 @@ def save_grid(path, x_orig, x_sim, bpd_orig, bpd_sim, n=16, nrow=8):
             tiles.append(images[rows].float() / (255 if images.dtype == torch.uint8 else 1))
             captions += [f"{b:.2f} bpd" for b in bpd[rows].tolist()]
     datasets.save_image_grid(torch.cat(tiles), path, nrow=nrow, captions=captions)
-
 
 
 # --- running it: presets, flags, checkpoints (not needed to follow the paper) -------------
@@ -513,7 +493,6 @@ def get_args(argv=None):
     return args
 
 
-
 def resolve_config(args):
     """Quick-sensitive defaults, resolved once into a new namespace; args is never changed."""
     preset = QUICK if args.quick else FULL
@@ -529,7 +508,6 @@ def resolve_config(args):
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
-
 def make_classifier(cfg, info, device):
     if cfg.arch == "convnet":
         return nets.ConvNet(info.num_classes, width=cfg.width, mean=info.mean,
@@ -538,14 +516,12 @@ def make_classifier(cfg, info, device):
                              mean=info.mean, std=info.std).to(device)
 
 
-
 def save_checkpoint(path, epoch, models, optimizers, history, skipped, made_for):
     """Everything --resume needs in one atomic file (nets.save_state); and each model on
     its own beside it (<name>.pt, nets.load_model), with `made_for` (datasets.identity)."""
     for name, model in models.items():
         nets.save_model(model, path.parent / f"{name}.pt", epoch=epoch, **made_for)
     nets.save_state(path, {**models, **optimizers}, epoch=epoch, history=history, skipped=skipped)
-
 
 
 def load_checkpoint(path, models, optimizers, epochs=None):
@@ -558,7 +534,6 @@ def load_checkpoint(path, models, optimizers, epochs=None):
                             "a resume never shortens a run: raise --epochs to continue it.")
     print(f"resuming after epoch {ckpt['epoch']} from {path}", flush=True)
     return ckpt["epoch"], ckpt["history"], ckpt["skipped"]
-
 
 
 @nets.releases_held  # the run's folder, once it ends
@@ -624,7 +599,6 @@ def main(args):
     return results
 
 
-
 # tradeoff.csv / tradeoff.png of a grid (Fig. 5, Fig. S4): accuracy against the bpd of the
 # simplified test images; the joint classifier is tested on simplified images, the
 # retrained and finetuned ones (and the baselines', which are retrained) on the originals
@@ -632,7 +606,6 @@ SUMMARY = dict(x_key="test_bpd_simplified", ref_key="test_bpd",
                series=[("joint (simplified test images)", "test_acc_simplified"),
                        ("retrain", "retrain_test_acc"), ("finetune", "finetune_test_acc")],
                title="Fig. 5: test accuracy against bits per dimension of simplified images")
-
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ Alg. 2 also interpolates z_sim with the original's latents z.
     # Alg. 1 (no interpolation) on chosen test images, with the classifier of the quick run
     python posthoc.py --dataset shapes --quick --algorithm 1 --indices 3 14 15 \
         --classifier runs/posthoc-shapes-alg2-seed0-quick/classifier.pt
+
+Read it in this order: `posthoc_loss` (Alg. 1/2 and its parts below it), `simplify_step`
+and `simplify` (S4's Adam on z_sim), the evaluation, then how f is trained and the images
+chosen. Everything below the "running it" banner is presets, flags, checkpoints and `main`.
 """
 import argparse
 import math
@@ -32,14 +36,265 @@ import glow
 import nets
 
 
+# ------------------------------------------------------------- Sec. 5: Alg. 1 and 2 (S4)
+def posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, lambda_sim):
+    """The simplification loss after training, Alg. 2 (S4) as the authors coded it.
+
+        f_s     = f with every parameter tensor multiplied by s             ("forgetting")
+        z_mix   = α·z_sim + (1 − α)·z,   x_mix = G⁻¹(z_mix),   x_sim = G⁻¹(z_sim)
+        g_o[p]  = p_s ⊙ ∇_{p_s} KL(h ‖ f_s(x))              per example, a constant
+        g_m[p]  = p_s ⊙ ∇_{p_s} KL(h_mix ‖ f_s(x_mix))      per example
+        L_grad  = 1 − mean_{p, i} cos(M⊙g_o, M⊙g_m),   M = [g_o < 0]
+        L_pred  = KL(h_s ‖ h_mix,s) + KL(h ‖ h_mix)
+        L       = (10·L_grad + λ·mean_i bpd(x_sim,i) + L_pred) / (12 + λ)
+
+    h = f(x) (precomputed), h_s = f_s(x), h_mix = f(x_mix), h_mix,s = f_s(x_mix).
+    Alg. 2 writes the target of g_m as h; we use the authors' h_mix (the unscaled
+    prediction on the mixed image). The weights 10, 1, 1 and the division by 12 + λ are
+    the authors' (weighted sum normalised by its weights). Alg. 1 is α = 1: x_mix = x_sim.
+    Returns (loss, dict of its parts as floats).
+    """
+    # f_s: ONE global factor s on all parameters (weights, gains, biases, last Linear; authors)
+    params = {name: p.detach() * s for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def f_s(inputs):
+        return functional_call(model, (params, buffers), (inputs,))
+
+    # the original image: h_s and g_o do not depend on z_sim
+    with torch.no_grad():
+        h_s = f_s(x)  # (B, K)
+        g_orig = gate_gradients(model, params, buffers, x, h)
+    # the mixed image decoded from interpolated latents (Alg. 2 lines 4-9). The classifier
+    # sees it clamped to [0, 1] (straight-through); the authors feed it unclamped.
+    z_mix = z_sim if alpha == 1 else [alpha * zs + (1 - alpha) * zo for zs, zo in zip(z_sim, z_orig)]
+    x_mix = straight_through_clamp(glow.decode(glow_model, z_mix))  # (B, 3, 32, 32)
+    h_mix, h_mix_s = model(x_mix), f_s(x_mix)  # (B, K) each
+    g_mix = gate_gradients(model, params, buffers, x_mix, h_mix)  # target h_mix (authors), not h
+    l_grad = masked_cosine_distance(g_orig, g_mix)
+    l_pred = kl_divergence(h_s, h_mix_s).mean() + kl_divergence(h, h_mix).mean()
+    # the bits of the simplified image itself (Eq. 1), scored as an actual 8-bit image
+    x_sim = x_mix if alpha == 1 else straight_through_clamp(glow.decode(glow_model, z_sim))
+    bpd = glow.bits_per_dim(glow_model, glow.quantize(x_sim)).mean()
+    loss = (10 * l_grad + lambda_sim * bpd + l_pred) / (12 + lambda_sim)
+    # the parts stay on the device (read only when printed): no host sync per step
+    parts = dict(loss=loss.detach(), l_grad=l_grad.detach(), l_pred=l_pred.detach(),
+                 bpd=bpd.detach(), s=s, alpha=alpha)
+    return loss, parts
+
+
+def kl_divergence(logits_a, logits_b):
+    """KL(p_a ‖ p_b) per example (B,) = Σ_k softmax(a)·(log softmax a − log softmax b)."""
+    log_a, log_b = F.log_softmax(logits_a, dim=1), F.log_softmax(logits_b, dim=1)
+    return (log_a.exp() * (log_a - log_b)).sum(dim=1)
+
+
+def gate_gradients(model, params, buffers, x, target):
+    """Per-example gradients on multiplicative gates of the scaled parameters p_s:
+
+        g[p]_i = p_s ⊙ ∂ KL(target_i ‖ f_s(x_i)) / ∂p_s          (B, *p.shape) per tensor p
+
+    i.e. the gradient w.r.t. a gate on each element of p_s, at gate 1 (the "scaling
+    factors" of Alg. 2; the authors use BackPACK). grad of one example's KL, vmapped over
+    the batch. Gradients flow on to x and target, so g_m can be differentiated w.r.t. z_sim.
+    """
+    def kl_one(p, x_i, target_i):  # x_i (3, 32, 32), target_i (K,) -> scalar
+        logits = functional_call(model, (p, buffers), (x_i.unsqueeze(0),))  # (1, K)
+        return kl_divergence(target_i.unsqueeze(0), logits).sum()
+    grads = vmap(grad(kl_one), in_dims=(None, 0, 0))(params, x, target)  # name -> (B, *shape)
+    return {name: params[name] * g for name, g in grads.items()}
+
+
+def masked_cosine_distance(g_orig, g_mix, eps=1e-12):
+    """L_grad = 1 − mean over (parameter tensors p × examples i) of cos(M⊙g_o, M⊙g_m).
+
+    M = [g_o < 0] elementwise: only gates whose gradient is negative for the original,
+    i.e. whose growth would bring f_s's prediction on x back towards f's (authors'
+    cos_sim_neg_grads; "layerwise" = per parameter tensor). cos(a, b) = a·b / max(‖a‖‖b‖, eps),
+    so a tensor with an empty mask counts cos = 0 (a constant, as in the authors' code).
+    """
+    cosines = []
+    for name, a in g_orig.items():
+        a, b = a.flatten(1), g_mix[name].flatten(1)  # (B, numel)
+        mask = (a < 0).to(a.dtype)
+        a, b = a * mask, b * mask
+        norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)  # (B,)
+        cosines.append((a * b).sum(dim=1) / norms.clamp_min(eps))
+    return 1 - torch.stack(cosines).mean()  # (tensors, B) -> scalar
+
+
+def straight_through_clamp(x):
+    """Forward: clamp to [0, 1]; backward: identity (like the authors' soft_clip). Decoded
+    latents may leave [0, 1] slightly; every pixel keeps its gradient."""
+    return x + (x.clamp(0, 1) - x).detach()
+
+
+def simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg):
+    """One Adam step on z_sim: draw s ~ U(scale_min, scale_max) and α = 1 − U[0, 1) (α = 1
+    for Alg. 1), minimise posthoc_loss, and zero the gradient of every example whose
+    gradient is not finite (authors)."""
+    # drawn by the CPU generator: Python floats without a device sync
+    s = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(()).item()
+    alpha = 1.0 if cfg.algorithm == 1 else 1.0 - torch.rand(()).item()  # α ∈ (0, 1]
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts = posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, cfg.lambda_sim)
+    loss.backward()
+    bad = torch.stack([~torch.isfinite(z.grad.flatten(1)).all(dim=1) for z in z_sim]).any(dim=0)  # (B,)
+    for z in z_sim:
+        z.grad.masked_fill_(bad.view(-1, *[1] * (z.dim() - 1)), 0.0)  # on the device, no sync
+    optimizer.step()
+    return parts
+
+
+def simplify(cfg, model, glow_model, x, log, resuming):
+    """Sec. 5 on the images x (B, 3, 32, 32): z_sim starts at the priors' mode, the simplest
+    image G describes, and takes cfg.steps Adam steps (S4) on Alg. 1/2's loss, with a
+    checkpoint every cfg.log_every steps. Returns z_sim and the evaluation of the start
+    point."""
+    with torch.no_grad():
+        h = model(x)  # (B, K), f(x) is fixed
+        z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
+    z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
+    start_point = evaluate(model, glow_model, x, z_sim)
+    optimizer = torch.optim.Adam(z_sim, lr=cfg.lr)
+    parts = dict(optimizer=optimizer, **{f"z{i}": z for i, z in enumerate(z_sim)})
+    ckpt_path, done = cfg.out / "checkpoint.pt", 0
+    if resuming and ckpt_path.exists():
+        ckpt = nets.load_state(ckpt_path, "a checkpoint of posthoc.py", parts,
+                               keys=("step", "history"), map_location=x.device)
+        done = ckpt["step"]
+        if done > cfg.steps:
+            raise nets.RunError(f"{ckpt_path} is at step {done}, beyond --steps {cfg.steps}; a "
+                                "resume never shortens a run: raise --steps to continue it.")
+        log.restart(ckpt["history"])
+        print(f"resuming after step {done} from {ckpt_path}", flush=True)
+    print(f"== simplify {len(x)} images: Alg. {cfg.algorithm}, {cfg.steps} steps, "
+          f"λ = {cfg.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f} ==")
+    progress = nets.Progress(cfg.steps - done, "simplify")
+    for step in range(done + 1, cfg.steps + 1):
+        # update z_sim: one Adam step on Alg. 2's loss (posthoc_loss)
+        loss = simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg)
+        progress.update(loss=loss["loss"], bpd=loss["bpd"])
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            print(f"step {step}/{cfg.steps}: loss {loss['loss']:.4f}, L_grad {loss['l_grad']:.4f}, "
+                  f"L_pred {loss['l_pred']:.4f}, bpd(x_sim) {loss['bpd']:.3f} "
+                  f"(s {loss['s']:.3f}, α {loss['alpha']:.3f})", flush=True)
+            log(dict(phase="simplify", step=step, **loss))
+            nets.save_state(ckpt_path, parts, step=step, history=log.rows)
+    progress.close()
+    return z_sim, start_point
+
+
+# ------------------------------------------------------- evaluation and figures (Fig. 8)
+@torch.no_grad()
+def evaluate(model, glow_model, x, z_sim):
+    """Predictions and bpd of the originals and of the simplified images (as 8-bit images)."""
+    x_sim = torch.round(glow.decode(glow_model, z_sim).clamp(0, 1) * 255) / 255  # (B, 3, 32, 32)
+    return dict(x_sim=x_sim, pred_original=model(x).argmax(1), pred_simplified=model(x_sim).argmax(1),
+                bpd_original=glow.bits_per_dim(glow_model, x),
+                bpd_simplified=glow.bits_per_dim(glow_model, x_sim))
+
+
+def per_image_results(indices, labels, names, start_point, result):
+    """One dict per explained image: label, predictions and bpd of the original, the start
+    point and the simplified 8-bit image."""
+    return [dict(index=i, label=int(labels[k]), label_name=names[int(labels[k])],
+                 pred_original=int(result["pred_original"][k]),
+                 pred_start=int(start_point["pred_simplified"][k]),
+                 pred_simplified=int(result["pred_simplified"][k]),
+                 bpd_original=float(result["bpd_original"][k]),
+                 bpd_start=float(start_point["bpd_simplified"][k]),
+                 bpd_simplified=float(result["bpd_simplified"][k]))
+            for k, i in enumerate(indices.tolist())]
+
+
+def save_triples(x, start_point, result, images, names, path):
+    """A PNG of (original, start, simplified) per image, captioned with prediction and bpd."""
+    kinds = ("original", "start", "simplified")
+    tiles = torch.stack([x.cpu(), start_point["x_sim"].cpu(), result["x_sim"].cpu()], dim=1)
+    tiles = F.interpolate(tiles.flatten(0, 1), scale_factor=5, mode="nearest")  # (3B, 3, 160, 160)
+    short = dict(original="orig", start="start", simplified="simple")
+    captions = [f"{short[kind]} {names[im['pred_' + kind]]} {im['bpd_' + kind]:.2f}bpd"
+                for im in images for kind in kinds]
+    datasets.save_image_grid(tiles, path, nrow=6 if len(images) > 1 else 3, captions=captions)
+
+
+# ----------------------------------------------------- the classifier f and the images x
+def train_classifier(train_set, cfg, device, log):
+    """An NF-WRN (S2.1) trained with the authors' classifier optimizer (AdamW, betas
+    (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases) and augmentation."""
+    info = train_set.info
+    model = nets.NFWideResNet(info.num_classes, cfg.depth, cfg.widen, mean=info.mean, std=info.std)
+    model = model.to(device)
+    optimizer = nets.classifier_optimizer(model, cfg.train_lr)
+    batches = datasets.Batches(train_set, device)  # the training images, on the device
+    size = min(cfg.batch_size, len(batches))
+    flip = info.name in ("cifar10", "cifar100")  # authors: flips only for CIFAR
+    for epoch in range(1, cfg.train_epochs + 1):
+        model.train()
+        order = torch.randperm(len(batches))[:len(batches) // size * size]  # full batches only
+        progress = nets.Progress(len(order) // size, f"classifier epoch {epoch}")
+        loss_sum, correct, count = 0.0, 0, 0  # summed on the device: no host sync per step
+        for idx in order.split(size):
+            x, y = batches.get(idx)  # (B, 3, 32, 32), (B,)
+            aug = nets.sample_crop_flip(len(x), 4, flip, device)
+            logits = model(nets.crop_flip(x, aug, 4, "reflect"))  # 4-px reflect crop (+ flip)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            count += len(y)
+            progress.update(loss=loss.detach())
+        progress.close()
+        metrics = dict(phase="classifier", epoch=epoch, train_loss=float(loss_sum) / count,
+                       train_acc=float(correct) / count)
+        if not math.isfinite(metrics["train_loss"]):
+            raise nets.RunError(f"classifier epoch {epoch}: the training loss is not finite, so "
+                                "f was not saved; check the data (an image channel that never "
+                                "varies?) or lower --train-lr.")
+        print(f"classifier epoch {epoch}/{cfg.train_epochs}: train loss {metrics['train_loss']:.4f}, "
+              f"train acc {metrics['train_acc']:.4f}", flush=True)
+        log(metrics)
+    return model.eval()
+
+
+def select_images(probs, labels, args):
+    """Test-set indices to explain: --indices, or the first --num-images confidently
+    (max softmax > --confidence) misclassified / correct ones, in dataset order (authors,
+    Fig. 8, S17/S18). If too few are that confident, the most confident ones of that kind
+    are taken instead and the returned note says so."""
+    if args.indices is not None:
+        outside = [i for i in args.indices if not 0 <= i < len(labels)]
+        if outside:
+            raise nets.RunError(f"--indices {outside} are outside the test set of {len(labels)} images.")
+        return torch.tensor(args.indices), "given by --indices"
+    confidence, pred = probs.max(dim=1)
+    wanted = (pred != labels) if args.select == "misclassified" else (pred == labels)
+    candidates = wanted.nonzero().flatten()
+    confident = candidates[confidence[candidates] > args.confidence]
+    if len(confident) >= args.num_images:
+        return confident[:args.num_images], f"{args.select}, confidence > {args.confidence}"
+    if len(candidates) == 0:
+        other = "correct" if args.select == "misclassified" else "misclassified"
+        raise nets.RunError(f"the classifier has no {args.select} test images; "
+                         f"use --select {other} or --indices.")
+    chosen = candidates[confidence[candidates].argsort(descending=True)][:args.num_images]
+    return chosen, (f"only {len(confident)} {args.select} images have confidence > {args.confidence}; "
+                    f"took the {len(chosen)} most confident {args.select} ones")
+
+
+# --- running it: presets, flags, checkpoints (not needed to follow the paper) -------------
 # Presets: the paper's setting (the authors' code), and a CPU-sized one for --quick (a small
 # NF-WRN trained 5 epochs at a higher learning rate, 300 steps). Any flag given explicitly wins.
 FULL = dict(train_size=None, test_size=None, train_epochs=30, train_lr=5e-4, depth=16, widen=2,
             steps=5000, log_every=250)
 QUICK = dict(train_size=2000, test_size=500, train_epochs=5, train_lr=2e-3, depth=10, widen=1,
              steps=300, log_every=50)
-RESUMABLE = ("steps", "log_every")  # --resume: the classifier this run trained, then the
-# simplification from its last checkpoint (every --log-every steps); more --steps continue it
+# --resume: the classifier this run trained, then the simplification from its last
+# checkpoint (every --log-every steps); more --steps continue it
+RESUMABLE = ("steps", "log_every")
 
 
 def get_args(argv=None):
@@ -112,174 +367,6 @@ def resolve_config(args):
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
-# ----------------------------------------------------------------------------------------
-# Alg. 2 (S4): the scaled classifier f_s, gate gradients, masked cosine distance, loss
-# ----------------------------------------------------------------------------------------
-
-
-def kl_divergence(logits_a, logits_b):
-    """KL(p_a ‖ p_b) per example (B,) = Σ_k softmax(a)·(log softmax a − log softmax b)."""
-    log_a, log_b = F.log_softmax(logits_a, dim=1), F.log_softmax(logits_b, dim=1)
-    return (log_a.exp() * (log_a - log_b)).sum(dim=1)
-
-
-def gate_gradients(model, params, buffers, x, target):
-    """Per-example gradients on multiplicative gates of the scaled parameters p_s:
-
-        g[p]_i = p_s ⊙ ∂ KL(target_i ‖ f_s(x_i)) / ∂p_s          (B, *p.shape) per tensor p
-
-    i.e. the gradient w.r.t. a gate on each element of p_s, at gate 1 (the "scaling
-    factors" of Alg. 2; the authors use BackPACK). grad of one example's KL, vmapped over
-    the batch. Gradients flow on to x and target, so g_m can be differentiated w.r.t. z_sim.
-    """
-    def kl_one(p, x_i, target_i):  # x_i (3, 32, 32), target_i (K,) -> scalar
-        logits = functional_call(model, (p, buffers), (x_i.unsqueeze(0),))  # (1, K)
-        return kl_divergence(target_i.unsqueeze(0), logits).sum()
-    grads = vmap(grad(kl_one), in_dims=(None, 0, 0))(params, x, target)  # name -> (B, *shape)
-    return {name: params[name] * g for name, g in grads.items()}
-
-
-def masked_cosine_distance(g_orig, g_mix, eps=1e-12):
-    """L_grad = 1 − mean over (parameter tensors p × examples i) of cos(M⊙g_o, M⊙g_m).
-
-    M = [g_o < 0] elementwise: only gates whose gradient is negative for the original,
-    i.e. whose growth would bring f_s's prediction on x back towards f's (authors'
-    cos_sim_neg_grads; "layerwise" = per parameter tensor). cos(a, b) = a·b / max(‖a‖‖b‖, eps),
-    so a tensor with an empty mask counts cos = 0 (a constant, as in the authors' code).
-    """
-    cosines = []
-    for name, a in g_orig.items():
-        a, b = a.flatten(1), g_mix[name].flatten(1)  # (B, numel)
-        mask = (a < 0).to(a.dtype)
-        a, b = a * mask, b * mask
-        norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)  # (B,)
-        cosines.append((a * b).sum(dim=1) / norms.clamp_min(eps))
-    return 1 - torch.stack(cosines).mean()  # (tensors, B) -> scalar
-
-
-def straight_through_clamp(x):
-    """Forward: clamp to [0, 1]; backward: identity (like the authors' soft_clip). Decoded
-    latents may leave [0, 1] slightly; every pixel keeps its gradient."""
-    return x + (x.clamp(0, 1) - x).detach()
-
-
-def posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, lambda_sim):
-    """The simplification loss after training, Alg. 2 (S4) as the authors coded it.
-
-        f_s     = f with every parameter tensor multiplied by s             ("forgetting")
-        z_mix   = α·z_sim + (1 − α)·z,   x_mix = G⁻¹(z_mix),   x_sim = G⁻¹(z_sim)
-        g_o[p]  = p_s ⊙ ∇_{p_s} KL(h ‖ f_s(x))              per example, a constant
-        g_m[p]  = p_s ⊙ ∇_{p_s} KL(h_mix ‖ f_s(x_mix))      per example
-        L_grad  = 1 − mean_{p, i} cos(M⊙g_o, M⊙g_m),   M = [g_o < 0]
-        L_pred  = KL(h_s ‖ h_mix,s) + KL(h ‖ h_mix)
-        L       = (10·L_grad + λ·mean_i bpd(x_sim,i) + L_pred) / (12 + λ)
-
-    h = f(x) (precomputed), h_s = f_s(x), h_mix = f(x_mix), h_mix,s = f_s(x_mix).
-    Alg. 2 writes the target of g_m as h; we use the authors' h_mix (the unscaled
-    prediction on the mixed image). The weights 10, 1, 1 and the division by 12 + λ are
-    the authors' (weighted sum normalised by its weights). Alg. 1 is α = 1: x_mix = x_sim.
-    Returns (loss, dict of its parts as floats).
-    """
-    # f_s: ONE global factor s on all parameters (weights, gains, biases, last Linear; authors)
-    params = {name: p.detach() * s for name, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def f_s(inputs):
-        return functional_call(model, (params, buffers), (inputs,))
-
-    # the original image: h_s and g_o do not depend on z_sim
-    with torch.no_grad():
-        h_s = f_s(x)  # (B, K)
-        g_orig = gate_gradients(model, params, buffers, x, h)
-    # the mixed image decoded from interpolated latents (Alg. 2 lines 4-9). The classifier
-    # sees it clamped to [0, 1] (straight-through); the authors feed it unclamped.
-    z_mix = z_sim if alpha == 1 else [alpha * zs + (1 - alpha) * zo for zs, zo in zip(z_sim, z_orig)]
-    x_mix = straight_through_clamp(glow.decode(glow_model, z_mix))  # (B, 3, 32, 32)
-    h_mix, h_mix_s = model(x_mix), f_s(x_mix)  # (B, K) each
-    g_mix = gate_gradients(model, params, buffers, x_mix, h_mix)  # target h_mix (authors), not h
-    l_grad = masked_cosine_distance(g_orig, g_mix)
-    l_pred = kl_divergence(h_s, h_mix_s).mean() + kl_divergence(h, h_mix).mean()
-    # the bits of the simplified image itself (Eq. 1), scored as an actual 8-bit image
-    x_sim = x_mix if alpha == 1 else straight_through_clamp(glow.decode(glow_model, z_sim))
-    bpd = glow.bits_per_dim(glow_model, glow.quantize(x_sim)).mean()
-    loss = (10 * l_grad + lambda_sim * bpd + l_pred) / (12 + lambda_sim)
-    # the parts stay on the device (read only when printed): no host sync per step
-    parts = dict(loss=loss.detach(), l_grad=l_grad.detach(), l_pred=l_pred.detach(),
-                 bpd=bpd.detach(), s=s, alpha=alpha)
-    return loss, parts
-
-
-def simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg):
-    """One Adam step on z_sim: draw s ~ U(scale_min, scale_max) and α = 1 − U[0, 1) (α = 1
-    for Alg. 1), minimise posthoc_loss, and zero the gradient of every example whose
-    gradient is not finite (authors)."""
-    # drawn by the CPU generator: Python floats without a device sync
-    s = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(()).item()
-    alpha = 1.0 if cfg.algorithm == 1 else 1.0 - torch.rand(()).item()  # α ∈ (0, 1]
-    optimizer.zero_grad(set_to_none=True)
-    loss, parts = posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, cfg.lambda_sim)
-    loss.backward()
-    bad = torch.stack([~torch.isfinite(z.grad.flatten(1)).all(dim=1) for z in z_sim]).any(dim=0)  # (B,)
-    for z in z_sim:
-        z.grad.masked_fill_(bad.view(-1, *[1] * (z.dim() - 1)), 0.0)  # on the device, no sync
-    optimizer.step()
-    return parts
-
-
-@torch.no_grad()
-def evaluate(model, glow_model, x, z_sim):
-    """Predictions and bpd of the originals and of the simplified images (as 8-bit images)."""
-    x_sim = torch.round(glow.decode(glow_model, z_sim).clamp(0, 1) * 255) / 255  # (B, 3, 32, 32)
-    return dict(x_sim=x_sim, pred_original=model(x).argmax(1), pred_simplified=model(x_sim).argmax(1),
-                bpd_original=glow.bits_per_dim(glow_model, x),
-                bpd_simplified=glow.bits_per_dim(glow_model, x_sim))
-
-
-# ----------------------------------------------------------------------------------------
-# The classifier f and the choice of images
-# ----------------------------------------------------------------------------------------
-
-
-def train_classifier(train_set, cfg, device, log):
-    """An NF-WRN (S2.1) trained with the authors' classifier optimizer (AdamW, betas
-    (0.9, 0.995), weight decay 1e-5 on weights and gains, none on biases) and augmentation."""
-    info = train_set.info
-    model = nets.NFWideResNet(info.num_classes, cfg.depth, cfg.widen, mean=info.mean, std=info.std)
-    model = model.to(device)
-    optimizer = nets.classifier_optimizer(model, cfg.train_lr)
-    batches = datasets.Batches(train_set, device)  # the training images, on the device
-    size = min(cfg.batch_size, len(batches))
-    flip = info.name in ("cifar10", "cifar100")  # authors: flips only for CIFAR
-    for epoch in range(1, cfg.train_epochs + 1):
-        model.train()
-        order = torch.randperm(len(batches))[:len(batches) // size * size]  # full batches only
-        progress = nets.Progress(len(order) // size, f"classifier epoch {epoch}")
-        loss_sum, correct, count = 0.0, 0, 0  # summed on the device: no host sync per step
-        for idx in order.split(size):
-            x, y = batches.get(idx)  # (B, 3, 32, 32), (B,)
-            aug = nets.sample_crop_flip(len(x), 4, flip, device)
-            logits = model(nets.crop_flip(x, aug, 4, "reflect"))  # 4-px reflect crop (+ flip)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            count += len(y)
-            progress.update(loss=loss.detach())
-        progress.close()
-        metrics = dict(phase="classifier", epoch=epoch, train_loss=float(loss_sum) / count,
-                       train_acc=float(correct) / count)
-        if not math.isfinite(metrics["train_loss"]):
-            raise nets.RunError(f"classifier epoch {epoch}: the training loss is not finite, so "
-                                "f was not saved; check the data (an image channel that never "
-                                "varies?) or lower --train-lr.")
-        print(f"classifier epoch {epoch}/{cfg.train_epochs}: train loss {metrics['train_loss']:.4f}, "
-              f"train acc {metrics['train_acc']:.4f}", flush=True)
-        log(metrics)
-    return model.eval()
-
-
 def load_classifier(cfg, train_set, device, resuming):
     """f from --classifier, or the one this run trained before it was interrupted (--resume),
     with the metrics rows of that training and the random state after it (None for a given
@@ -298,94 +385,6 @@ def load_classifier(cfg, train_set, device, resuming):
         nets.read_checkpoint(own, "a classifier", nets.RESUME_HINT, keys=("history", "rng"))
     print(f"classifier f: loaded {path}")
     return model, saved["history"], saved["rng"]
-
-
-def select_images(probs, labels, args):
-    """Test-set indices to explain: --indices, or the first --num-images confidently
-    (max softmax > --confidence) misclassified / correct ones, in dataset order (authors,
-    Fig. 8, S17/S18). If too few are that confident, the most confident ones of that kind
-    are taken instead and the returned note says so."""
-    if args.indices is not None:
-        outside = [i for i in args.indices if not 0 <= i < len(labels)]
-        if outside:
-            raise nets.RunError(f"--indices {outside} are outside the test set of {len(labels)} images.")
-        return torch.tensor(args.indices), "given by --indices"
-    confidence, pred = probs.max(dim=1)
-    wanted = (pred != labels) if args.select == "misclassified" else (pred == labels)
-    candidates = wanted.nonzero().flatten()
-    confident = candidates[confidence[candidates] > args.confidence]
-    if len(confident) >= args.num_images:
-        return confident[:args.num_images], f"{args.select}, confidence > {args.confidence}"
-    if len(candidates) == 0:
-        other = "correct" if args.select == "misclassified" else "misclassified"
-        raise nets.RunError(f"the classifier has no {args.select} test images; "
-                         f"use --select {other} or --indices.")
-    chosen = candidates[confidence[candidates].argsort(descending=True)][:args.num_images]
-    return chosen, (f"only {len(confident)} {args.select} images have confidence > {args.confidence}; "
-                    f"took the {len(chosen)} most confident {args.select} ones")
-
-
-def simplify(cfg, model, glow_model, x, log, resuming):
-    """Sec. 5 on the images x (B, 3, 32, 32): z_sim starts at the priors' mode, the simplest
-    image G describes, and takes cfg.steps Adam steps (S4) on Alg. 1/2's loss, with a
-    checkpoint every cfg.log_every steps. Returns z_sim and the evaluation of the start
-    point."""
-    with torch.no_grad():
-        h = model(x)  # (B, K), f(x) is fixed
-        z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
-    z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
-    start_point = evaluate(model, glow_model, x, z_sim)
-    optimizer = torch.optim.Adam(z_sim, lr=cfg.lr)
-    parts = dict(optimizer=optimizer, **{f"z{i}": z for i, z in enumerate(z_sim)})
-    ckpt_path, done = cfg.out / "checkpoint.pt", 0
-    if resuming and ckpt_path.exists():
-        ckpt = nets.load_state(ckpt_path, "a checkpoint of posthoc.py", parts,
-                               keys=("step", "history"), map_location=x.device)
-        done = ckpt["step"]
-        if done > cfg.steps:
-            raise nets.RunError(f"{ckpt_path} is at step {done}, beyond --steps {cfg.steps}; a "
-                                "resume never shortens a run: raise --steps to continue it.")
-        log.restart(ckpt["history"])
-        print(f"resuming after step {done} from {ckpt_path}", flush=True)
-    print(f"== simplify {len(x)} images: Alg. {cfg.algorithm}, {cfg.steps} steps, "
-          f"λ = {cfg.lambda_sim:g}, start bpd {start_point['bpd_simplified'].mean():.3f} ==")
-    progress = nets.Progress(cfg.steps - done, "simplify")
-    for step in range(done + 1, cfg.steps + 1):
-        # update z_sim: one Adam step on Alg. 2's loss (posthoc_loss)
-        loss = simplify_step(model, glow_model, z_sim, z_orig, x, h, optimizer, cfg)
-        progress.update(loss=loss["loss"], bpd=loss["bpd"])
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            print(f"step {step}/{cfg.steps}: loss {loss['loss']:.4f}, L_grad {loss['l_grad']:.4f}, "
-                  f"L_pred {loss['l_pred']:.4f}, bpd(x_sim) {loss['bpd']:.3f} "
-                  f"(s {loss['s']:.3f}, α {loss['alpha']:.3f})", flush=True)
-            log(dict(phase="simplify", step=step, **loss))
-            nets.save_state(ckpt_path, parts, step=step, history=log.rows)
-    progress.close()
-    return z_sim, start_point
-
-
-def per_image_results(indices, labels, names, start_point, result):
-    """One dict per explained image: label, predictions and bpd of the original, the start
-    point and the simplified 8-bit image."""
-    return [dict(index=i, label=int(labels[k]), label_name=names[int(labels[k])],
-                 pred_original=int(result["pred_original"][k]),
-                 pred_start=int(start_point["pred_simplified"][k]),
-                 pred_simplified=int(result["pred_simplified"][k]),
-                 bpd_original=float(result["bpd_original"][k]),
-                 bpd_start=float(start_point["bpd_simplified"][k]),
-                 bpd_simplified=float(result["bpd_simplified"][k]))
-            for k, i in enumerate(indices.tolist())]
-
-
-def save_triples(x, start_point, result, images, names, path):
-    """A PNG of (original, start, simplified) per image, captioned with prediction and bpd."""
-    kinds = ("original", "start", "simplified")
-    tiles = torch.stack([x.cpu(), start_point["x_sim"].cpu(), result["x_sim"].cpu()], dim=1)
-    tiles = F.interpolate(tiles.flatten(0, 1), scale_factor=5, mode="nearest")  # (3B, 3, 160, 160)
-    short = dict(original="orig", start="start", simplified="simple")
-    captions = [f"{short[kind]} {names[im['pred_' + kind]]} {im['bpd_' + kind]:.2f}bpd"
-                for im in images for kind in kinds]
-    datasets.save_image_grid(tiles, path, nrow=6 if len(images) > 1 else 3, captions=captions)
 
 
 @nets.releases_held  # the run's folder, once it ends

@@ -223,7 +223,15 @@ def reference_synthetic(alpha):
     return sig + (torch.round(255 * sig) / 255 - sig).detach()  # 8-bit, straight-through
 
 
-def test_condensation_grad_matches_reference(float64, monkeypatch):
+def condensation_grad(net, alpha, *args, **kwargs):
+    """(∂L/∂α, L, Σ_c D_c, mean bpd) of condense.condensation_loss (it leaves ∂L/∂α in
+    alpha.grad)."""
+    alpha.grad = None
+    loss, match, bpd = condense.condensation_loss(net, alpha, *args, **kwargs)
+    return alpha.grad, loss, match, bpd
+
+
+def test_condensation_loss_and_its_gradient_match_reference(float64, monkeypatch):
     """Eq. 7: L = Σ_c D_c + λ·mean bpd(X_syn) with a random real batch of each class, and
     ∂L/∂α, against the written-out computation in one graph under the same seed (sampling
     and dequantization noise); the bpd term in chunks of 1, 2 or all images gives the same
@@ -240,7 +248,7 @@ def test_condensation_grad_matches_reference(float64, monkeypatch):
     ref_rng = torch.get_rng_state()
     for chunk in (1, 3, 50):
         torch.manual_seed(4)
-        grad, loss, match, bpd = condense.condensation_grad(
+        grad, loss, match, bpd = condensation_grad(
             net, alpha, real, g, lambda_sim=0.3, ipc=2, batch_real=3, bpd_chunk=chunk)
         assert match.item() == pytest.approx(ref_match.item(), rel=1e-10)
         assert bpd.item() == pytest.approx(ref_bpd.item(), rel=1e-10)
@@ -254,7 +262,7 @@ def test_condensation_grad_matches_reference(float64, monkeypatch):
     # λ = 0 is plain DC (no Glow needed)
     torch.manual_seed(4)
     ref_match_grad = torch.autograd.grad(ref_match, alpha)[0]
-    grad, loss, _, bpd = condense.condensation_grad(net, alpha, real, None, lambda_sim=0.0, ipc=2,
+    grad, loss, _, bpd = condensation_grad(net, alpha, real, None, lambda_sim=0.0, ipc=2,
                                                     batch_real=3, bpd_chunk=50)
     assert loss.item() == pytest.approx(ref_match.item(), rel=1e-10) and math.isnan(bpd)
     torch.testing.assert_close(grad, ref_match_grad, rtol=1e-9, atol=1e-12)
@@ -264,7 +272,7 @@ def test_condensation_grad_matches_reference(float64, monkeypatch):
                  lambda g, x, *a, **k: 3 + (x - x.detach()).abs().sqrt().sum((1, 2, 3))):
         monkeypatch.setattr(condense.glow, "bits_per_dim", fake)  # the second: 3, ∂ = NaN
         torch.manual_seed(4)
-        grad, loss, _, bpd = condense.condensation_grad(net, alpha, real, g, lambda_sim=0.3,
+        grad, loss, _, bpd = condensation_grad(net, alpha, real, g, lambda_sim=0.3,
                                                         ipc=2, batch_real=3, bpd_chunk=50)
         assert loss.item() == pytest.approx(ref_match.item(), rel=1e-10) and math.isnan(bpd)
         torch.testing.assert_close(grad, ref_match_grad, rtol=1e-9, atol=1e-12)
