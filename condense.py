@@ -22,6 +22,11 @@ task-incremental continual learning (S11, Fig. S8/S9, Zhao & Bilen 2021).
         --condensed runs/condense-shapes-ipc10-lam50-seed0-quick
     # S11 on a GPU: SVHN -> MNIST -> USPS, replaying condensed SVHN and MNIST (ipc 10 runs)
     python condense.py --continual --dataset svhn,mnist,usps --condensed RUN_SVHN,RUN_MNIST
+
+Read it in the paper's order: `gradient_match_loss` (Eq. 6's D), `matching_loss` (Σ_c D_c),
+`condensation_loss` (Eq. 7), `outer_iteration` and `condense` (DC's loops); then the
+evaluation, the figures, and continual learning (S11: `continual`). Everything below the
+"running it" banner is presets, flags, checkpoints and `main`.
 """
 import argparse
 import copy
@@ -40,26 +45,503 @@ import datasets
 import glow
 import nets
 
+CROP_PAD = 3  # random-crop padding of the continual training images (authors' RandomCrop pad 3)
 
+
+# ------------------------------------------------------------------ Sec. 4: Eq. 6 and 7
+def gradient_match_loss(grads_real, grads_syn, eps=1e-6):
+    """Layer-wise cosine distance D of Eq. 6 (Zhao et al. 2021, `distance_wb`):
+
+        D(G_real, G_syn) = Σ_layers Σ_i ( 1 − ⟨g_r,i, g_s,i⟩ / (‖g_r,i‖·‖g_s,i‖ + ε) )
+
+    where g_r,i and g_s,i are row i of the real and the synthetic gradient of one weight
+    tensor reshaped to (out, rest); a row belongs to one output unit: an output channel
+    of a conv, a class of the final linear layer. Tensors with one dimension (biases,
+    instance-norm gains and offsets) contribute 0, as in DC's 'ours' metric. ε = 1e-6
+    (DC) keeps zero rows finite.
+    """
+    distance = grads_syn[0].new_zeros(())
+    for g_real, g_syn in zip(grads_real, grads_syn):
+        if g_real.dim() == 1:
+            continue  # biases / norm parameters are ignored
+        g_real, g_syn = g_real.flatten(1), g_syn.flatten(1)  # (out, in·kh·kw)
+        cos = (g_real * g_syn).sum(1) / (g_real.norm(dim=1) * g_syn.norm(dim=1) + eps)
+        distance = distance + (1 - cos).sum()  # sum over rows, then over layers
+    return distance
+
+
+def class_match_loss(net, x_real, x_syn, label):
+    """Eq. 6 for one class c: D(∇θ l(f(X_real,c), c), ∇θ l(f(X_syn,c), c)).
+
+    The real gradient is a constant target (detached); the synthetic gradient keeps its
+    graph (create_graph=True) so that D can be differentiated w.r.t. the synthetic images.
+    """
+    params = list(net.parameters())
+    y_real = torch.full((len(x_real),), label, dtype=torch.long, device=x_real.device)
+    y_syn = torch.full((len(x_syn),), label, dtype=torch.long, device=x_syn.device)
+    g_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
+    g_real = [g.detach() for g in g_real]
+    g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
+    return gradient_match_loss(g_real, g_syn)
+
+
+def matching_loss(net, x_syn, real_by_class, ipc, batch_real):
+    """Σ_c D_c of Eq. 6-7: the gradient-matching distance of every class, each against a
+    fresh random batch of that class's real images. x_syn (N, 3, 32, 32) is class-major,
+    ipc images per class."""
+    return sum(class_match_loss(net, sample_real(real_by_class, c, batch_real),
+                                x_syn[c * ipc:(c + 1) * ipc], c)
+               for c in range(len(real_by_class)))
+
+
+def sample_real(real_by_class, c, batch_real):
+    """A random batch of up to `batch_real` real images of class c (global RNG, on CPU so
+    that the draw does not depend on the device)."""
+    x = real_by_class[c]
+    return x[torch.randperm(len(x))[:batch_real].to(x.device)]
+
+
+def condensation_loss(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc, batch_real,
+                      bpd_chunk):
+    """The condensation objective with simplification, Eq. 7 (our λ, see the README):
+
+        L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x),  X_syn = quantize(σ(α))
+
+    backpropagated into alpha.grad. Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits
+    per dimension incl. the +8 of the 256-bin term), what the authors optimise. The bpd
+    term is backpropagated `bpd_chunk` images at a time (gradient accumulation: the same
+    gradient as one graph, with Glow's saved activations, ~44 MiB per image at the
+    released size, bounded; the authors used chunks of 50), its dequantization noise drawn
+    once for the whole set. A bpd term whose value or gradient is not finite is left out
+    (the authors skipped a non-finite bpd). Returns L, Σ_c D_c and the mean bpd (NaN when
+    λ = 0 or left out), detached.
+    """
+    match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real)
+    match.backward(inputs=[alpha])  # alpha.grad = ∂Σ_c D_c/∂α
+    if lambda_sim == 0:  # plain DC: Glow is not needed
+        return match.detach(), match.detach(), match.new_tensor(math.nan)
+    match_grad, alpha.grad = alpha.grad, None
+    noise = torch.rand_like(alpha) / glow.N_BINS  # u ~ U(0, 1/256), as bits_per_dim draws it
+    bpd = alpha.new_zeros(())
+    for rows in torch.arange(len(alpha), device=alpha.device).split(bpd_chunk):
+        part = glow.bits_per_dim(glow_model, synthetic_images(alpha[rows]), noise=noise[rows])
+        part = part.sum() / len(alpha)  # this chunk's share of the mean
+        part.backward(inputs=[alpha])  # alpha.grad accumulates ∂ mean bpd/∂α
+        bpd = bpd + part.detach()
+    # the one place for a non-finite bpd term: left out of L and of the gradient
+    use = torch.isfinite(bpd) & torch.isfinite(alpha.grad).all()  # 0-dim, on the device
+    alpha.grad = match_grad + torch.where(use, lambda_sim * alpha.grad, 0.0)
+    loss = match.detach() + torch.where(use, lambda_sim * bpd, 0.0)
+    return loss, match.detach(), torch.where(use, bpd, math.nan)
+
+
+def synthetic_images(alpha):
+    """X_syn = quantize(sigmoid(α)): straight-through 8-bit rounding, so the classifier
+    and Glow both see an actual 8-bit image and gradients reach α unchanged. The
+    classifier gets this image without dequantization noise, like the real images (the
+    authors also fed it the +U(0, 1/255) noise); only Glow adds noise, in bits_per_dim.
+    The saved synthetic.pt therefore holds exactly what the evaluation nets train on."""
+    return glow.quantize(torch.sigmoid(alpha))
+
+
+def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, ipc,
+                    batch_real, width, outer_loop, inner_loop, batch_size, bpd_chunk):
+    """One outer iteration of DC with the simplification term: a fresh ConvNet; then
+    `outer_loop` times: one Adam step on α minimising Eq. 7, and (except after the last)
+    `inner_loop` epochs of SGD (lr 0.01, momentum 0.5) of the net on the synthetic set.
+    Returns the last step's loss, Σ_c D_c and mean bpd (NaN when left out), as 0-dim
+    tensors on the device: reading them waits for the device, so the caller does it
+    rarely."""
+    num_classes = len(real_by_class)
+    labels = torch.arange(num_classes, device=alpha.device).repeat_interleave(ipc)
+    net = make_convnet(num_classes, width, alpha.device)
+    net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
+    for step in range(outer_loop):
+        # update the synthetic images: one Adam step on Eq. 7 w.r.t. α
+        optimizer.zero_grad()
+        loss, match, bpd = condensation_loss(
+            net, alpha, real_by_class, glow_model, lambda_sim=lambda_sim, ipc=ipc,
+            batch_real=batch_real, bpd_chunk=bpd_chunk)
+        optimizer.step()
+        if step == outer_loop - 1:
+            break
+        # update the network: inner_loop epochs on the current (detached) synthetic set
+        train_network(net, net_optimizer, synthetic_images(alpha).detach(), labels,
+                      inner_loop, batch_size)
+    return {"loss": loss, "match": match, "bpd": bpd}  # 0-dim tensors on the device
+
+
+def make_convnet(num_classes, width, device):
+    """A fresh randomly initialised DC ConvNet (depth 3, instance norm), seeded by the
+    global RNG. mean 0.5, std 1 gives the input x − 0.5, the authors' glow-range input
+    x·255/256 − 0.5 up to 0.4% (the authors' repository feeds the classifier that input)."""
+    return nets.ConvNet(num_classes, width=width, depth=3,
+                        mean=(0.5,) * 3, std=(1.0,) * 3).to(device)
+
+
+def get_loops(ipc):
+    """(outer_loop, inner_loop) of DC's `get_loops`: image updates per network, and the
+    network's epochs on the synthetic set between them. DC defines 1, 10, 20, ..., 50;
+    for other ipc we keep outer = ipc and inner ≈ 500/ipc, the rule behind DC's table."""
+    table = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+    return table.get(ipc, (ipc, max(1, round(500 / ipc))))
+
+
+def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, class_names,
+             resuming):
+    """Sec. 4: cfg.iterations outer iterations (Eq. 7), each with a fresh ConvNet; at the
+    iterations in cfg.eval_at the DC evaluation, the bpd and a Fig. 6-style grid; a
+    checkpoint every 10 iterations. Returns the last evaluation's accuracies."""
+    ckpt_path = cfg.out / "checkpoint.pt"
+    start, history = 0, []  # history: every metrics.jsonl row up to the checkpoint
+    if resuming and ckpt_path.exists():
+        start, history = load_checkpoint(ckpt_path, alpha, optimizer, cfg.iterations)
+    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
+
+    labels = torch.arange(len(real_by_class), device=alpha.device).repeat_interleave(cfg.ipc)
+    progress = nets.Progress(cfg.iterations - start, "condense")
+    evaluated = {row["iteration"]: row["test_accs"] for row in history if "test_accs" in row}
+    for it in range(start, cfg.iterations + 1):
+        if it in cfg.eval_at and it not in evaluated:  # (a resumed run may have evaluated it)
+            x_syn = synthetic_images(alpha).detach()
+            evaluated[it] = accs = evaluate_images(x_syn, labels)
+            acc, std = mean_std(accs)
+            bpd = mean_bpd(glow_model, x_syn, cfg.seed)
+            print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
+                  f"({cfg.num_eval} nets), bpd {bpd:.3f}", flush=True)
+            log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "test_accs": accs,
+                 "bpd": bpd})
+            save_grid(x_syn, class_names, cfg.ipc, cfg.out / "synthetic.png")
+        if it == cfg.iterations:
+            break
+        t0 = time.time()
+        metrics = outer_iteration(alpha, optimizer, real_by_class, glow_model,
+                                  lambda_sim=cfg.lambda_sim, ipc=cfg.ipc,
+                                  batch_real=cfg.batch_real, width=cfg.width,
+                                  outer_loop=cfg.outer_loop, inner_loop=cfg.inner_loop,
+                                  batch_size=cfg.batch_size, bpd_chunk=cfg.bpd_chunk)
+        log({"iteration": it + 1, **metrics, "seconds": time.time() - t0}, wait=True)  # read
+        progress.update(1, **metrics)  # at the next checkpoint or progress line, not here
+        if (it + 1) % 10 == 0:
+            if cfg.lambda_sim > 0:  # a simplicity term left out (nearly) every time: plain DC
+                recent = [row for row in log.rows if "match" in row and row["iteration"] > it - 9]
+                nets.check_skipped(sum(row["bpd"] is None for row in recent), len(recent),
+                                   f"iterations {it - 8}-{it + 1}",
+                                   "bpd terms (non-finite bpd or gradient)")
+            save_checkpoint(ckpt_path, it + 1, alpha, optimizer, log.rows)
+    progress.close()
+    # with the last evaluation: a longer rerun keeps its row
+    save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, log.rows)
+    return evaluated[cfg.iterations]
+
+
+# ------------------------------------------- evaluation (Sec. 4, DC's protocol) and figures
+def evaluate(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs, width,
+             batch_size, seed):
+    """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
+    (x_train, y_train) with SGD lr 0.01, momentum 0.9, wd 5e-4, lr ÷10 at half the
+    epochs; returns their test accuracies on the real test set. As in DC's
+    `evaluate_synset`, the lr drop re-creates the optimizer, so the momentum restarts.
+    Every evaluation (synthetic or random real, at any iteration) uses the same `seed`,
+    hence the same network initialisations and batch orders."""
+    device = x_train.device
+    accs = []
+    with nets.isolated_rng(device, seed):
+        for _ in range(num_eval):
+            net = make_convnet(num_classes, width, device)
+            for epoch in range(epochs):
+                if epoch in (0, epochs // 2):  # a fresh optimizer at lr 0.01, then at 0.001
+                    lr = 0.01 if epoch == 0 else 0.001
+                    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+                train_network(net, opt, x_train, y_train, 1, batch_size)
+            accs.append(test_accuracy(net, x_test, y_test))
+    return accs
+
+
+def train_network(net, optimizer, x, y, epochs, batch_size):
+    """Plain minibatch training on (x, y) for `epochs` epochs (no augmentation)."""
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(batch_size):
+            idx = idx.to(x.device)
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def test_accuracy(net, x_test, y_test, batch_size=1000):
+    net.eval()
+    correct = sum((net(x).argmax(1) == y).sum().item()
+                  for x, y in zip(x_test.split(batch_size), y_test.split(batch_size)))
+    return correct / len(x_test)
+
+
+def random_real(real_by_class, ipc, generator):
+    """Sec. 4's baseline: `ipc` random real images of each class (fewer where a class has
+    fewer), class-major like the condensed set, with their labels."""
+    device = real_by_class[0].device
+    x = torch.cat([x[torch.randperm(len(x), generator=generator)[:ipc].to(device)]
+                   for x in real_by_class])  # (≤ C·ipc, 3, 32, 32)
+    y = torch.cat([torch.full((min(ipc, len(x)),), c, device=device)
+                   for c, x in enumerate(real_by_class)])
+    return x, y
+
+
+@torch.no_grad()
+def mean_bpd(glow_model, x, seed, batch_size=100):
+    """Mean bpd of 8-bit images x (one dequantization draw from a seeded stream)."""
+    with nets.isolated_rng(x.device, seed):
+        return torch.cat([glow.bits_per_dim(glow_model, glow.quantize(b))
+                          for b in x.split(batch_size)]).mean().item()
+
+
+def mean_std(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), t.std(correction=0).item()  # population std, as DC (np.std)
+
+
+def save_grid(images, class_names, ipc, path):
+    """Fig. 6 layout: one row per class (ipc > 1), or the whole set on one row (ipc = 1)."""
+    captions = [class_names[i // ipc][:10] for i in range(len(images))]
+    datasets.save_image_grid(images.cpu(), path, nrow=ipc if ipc > 1 else len(images),
+                             captions=captions)
+
+
+def two_class_difference(a, b, scale):
+    """Fig. 7's colour-coded mixed image of two condensed images a (class A) and b (class B),
+    (..., 3, H, W) in [0, 1] -> (..., 3, H, W) in [0, 1]:
+
+        d = mean_rgb(a) − mean_rgb(b),  w = min(|d| / scale, 1),  grey = mean_rgb(a + b) / 2
+        mix = (1 − w)·grey + w·green  where d > 0 (A brighter)
+        mix = (1 − w)·grey + w·red    where d ≤ 0 (B brighter; w = 0 where d = 0)
+
+    i.e. the pair's grey average, tinted in proportion to |d|; `scale` is the |d| drawn in
+    full colour (save_two_class passes the largest |d| of the figure, so rows compare)."""
+    d = (a - b).mean(-3, keepdim=True)  # (..., 1, H, W) in [−1, 1]
+    grey = (a + b).mean(-3, keepdim=True) / 2  # (..., 1, H, W)
+    w = (d.abs() / scale).clamp(max=1)
+    green, red = a.new_tensor([0.0, 1.0, 0.0]), a.new_tensor([1.0, 0.0, 0.0])
+    colour = torch.where(d > 0, green[:, None, None], red[:, None, None])  # (..., 3, H, W)
+    return (1 - w) * grey + w * colour
+
+
+def save_two_class(path, runs, class_names):
+    """Fig. 7: per run and image pair k, a row [image k of class A, image k of class B, their
+    two_class_difference]; runs = [(caption, images (N, 3, 32, 32), labels (N,))], e.g. the
+    λ = 0 run above the simplified one. With ipc > 1 the k-th images of the two classes are
+    paired as stored (DC does not match them, so a pair also differs in what it depicts)."""
+    pairs = [(cap, x[y == 0], x[y == 1]) for cap, x, y in runs]
+    pairs = [(cap, a[:len(b)], b[:len(a)]) for cap, a, b in pairs]  # (ipc, 3, 32, 32) each
+    scale = max(max((a - b).mean(1).abs().max().item() for _, a, b in pairs), 1 / 255)
+    tiles, captions = [], []
+    for cap, a, b in pairs:
+        for xa, xb, mix in zip(a, b, two_class_difference(a, b, scale)):
+            tiles += [xa, xb, mix]
+            captions += [f"{class_names[0]} {cap}", f"{class_names[1]} {cap}",
+                         f"g:{class_names[0]} r:{class_names[1]}"]
+    datasets.save_image_grid(torch.stack(tiles), path, nrow=3, captions=captions)
+
+
+# ------------------------------------- continual learning with condensed sets (S11, Fig. S8/S9)
+def continual(cfg, net, tasks, replay, resuming):
+    """S11: train the tasks in turn (cfg.first_cycles cosine cycles on the first task, one
+    on each later one), replaying the earlier tasks' condensed sets `replay` (none with
+    --no-replay) and, with --distill, distilling from the network as it was before the
+    task; after each stage the test accuracy of every task seen so far. A checkpoint after
+    every epoch. Returns the accuracies after each stage, [{task: accuracy}]."""
+    stage_epochs = [cfg.cycle_epochs * (cfg.first_cycles if i == 0 else 1)
+                    for i in range(len(tasks))]
+    steps_per_cycle = [cfg.cycle_epochs * math.ceil(len(t.x_train) / cfg.train_batch)
+                       for t in tasks]
+    ckpt_path = cfg.out / "checkpoint.pt"
+    start_stage, start_epoch, history, stage_accs, (optimizer, scheduler, teacher) = \
+        0, 0, [], [], (None, None, None)
+    if resuming and ckpt_path.exists():
+        start_stage, start_epoch, history, stage_accs, (optimizer, scheduler, teacher) = \
+            load_continual_checkpoint(ckpt_path, net, steps_per_cycle)
+    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
+    for stage in range(start_stage, len(tasks)):
+        task = tasks[stage]
+        if start_epoch == 0:  # a new task: new optimizer and schedule, the teacher frozen now
+            optimizer, scheduler = stage_optimizer(net, stage, steps_per_cycle[stage])
+            teacher = frozen_copy(net) if cfg.distill and stage > 0 else None
+        print(f"task {stage + 1}/{len(tasks)}: {task.name}, {stage_epochs[stage]} epochs, "
+              f"replaying {len(replay[:stage]) if not cfg.no_replay else 0} condensed set(s)"
+              f"{', distilling' if teacher is not None else ''}", flush=True)
+        for epoch in range(start_epoch, stage_epochs[stage]):
+            t0, lr = time.time(), optimizer.param_groups[0]["lr"]
+            loss = train_continual_epoch(net, optimizer, scheduler, task.x_train, task.y_train,
+                                         stage, [] if cfg.no_replay else replay[:stage], teacher,
+                                         cfg.train_batch)
+            row = {"stage": stage + 1, "task": task.name, "epoch": epoch + 1,
+                   "train_loss": loss, "lr": lr, "seconds": time.time() - t0}
+            if epoch + 1 == stage_epochs[stage]:  # end of the stage: every task seen so far
+                stage_accs.append(task_accuracies(net, tasks[:stage + 1]))
+                row["test_acc"] = stage_accs[-1]
+                print(f"after task {stage + 1} ({task.name}): " + ", ".join(
+                    f"{k} {100 * v:.2f}%" for k, v in stage_accs[-1].items()), flush=True)
+            log(row)
+            nets.save_state(ckpt_path, dict(model=net, optimizer=optimizer, scheduler=scheduler,
+                                            teacher=teacher),
+                            stage=stage, epoch=epoch + 1, history=log.rows, stage_accs=stage_accs)
+        start_epoch = 0
+    return stage_accs
+
+
+class MultiHeadConvNet(nn.Module):
+    """Task-incremental network (Zhao & Bilen 2021, the authors' continual code): the
+    features of the DC ConvNet of make_convnet (depth 3, instance norm, input x − 0.5)
+    shared by all tasks, and a new linear head per task (all made here; head j is trained
+    during task j only, see stage_optimizer)."""
+
+    def __init__(self, class_counts, width):
+        super().__init__()
+        convnet = make_convnet(1, width, "cpu")  # only its features and input shift are kept
+        self.register_buffer("mean", convnet.mean)  # (1, 3, 1, 1)
+        self.register_buffer("std", convnet.std)
+        self.features = convnet.features
+        self.heads = nn.ModuleList(nn.Linear(convnet.classifier.in_features, n)
+                                   for n in class_counts)
+
+    def embed(self, x):  # (B, 3, 32, 32) in [0,1] -> shared features (B, width·4·4)
+        return self.features((x - self.mean) / self.std).flatten(1)
+
+    def forward(self, x, task):  # -> logits of head `task` (B, classes of that task)
+        return self.heads[task](self.embed(x))
+
+
+def continual_loss(net, x, y, task, replay, teacher=None):
+    """The loss of one step of task t = `task` (S11; Zhao & Bilen 2021; authors' code):
+
+        L = ℓ(x, y, t) + Σ_{j<t} ℓ(S_j, y_j, j),   ℓ(x, y, j) = CE(h_j(φ(x)), y)
+
+    φ the shared features, h_j the head of task j, x a batch of task t's real images, and
+    (S_j, y_j) = replay[j] the whole condensed set of task j (none with --no-replay), each
+    through its own head; the earlier heads are frozen (stage_optimizer), so replay keeps
+    φ usable for them. With a teacher (--distill: φ', h' frozen after the previous stage;
+    the authors kept one per earlier task, the network after that task) every input also
+    distils all t previous heads, and each term is averaged as the authors did:
+
+        ℓ(x, y, j) = [CE(h_j(φ(x)), y) + Σ_{k<t} KD(h_k(φ(x)), h'_k(φ'(x)))] / (1 + t)
+
+    so the KD inputs are the current real batch and the condensed images of every earlier
+    task (through every previous head, as in the authors' code)."""
+    loss = 0.0
+    terms = [(x, y, task)] + [(xs, ys, j) for j, (xs, ys) in enumerate(replay)]
+    for inputs, labels, head in terms:
+        h = net.embed(inputs)  # (B, width·16)
+        term = F.cross_entropy(net.heads[head](h), labels)
+        if teacher is not None:
+            with torch.no_grad():
+                h_old = teacher.embed(inputs)
+            for k in range(task):
+                term = term + distillation_loss(net.heads[k](h), teacher.heads[k](h_old))
+            term = term / (1 + task)
+        loss = loss + term
+    return loss
+
+
+def distillation_loss(student_logits, teacher_logits, temperature=2.0):
+    """Knowledge distillation (Hinton et al. 2015) as in the authors' continual code, T = 2:
+    KD = mean_batch −Σ_c softmax(z_teacher/T)_c · log softmax(z_student/T)_c, no T² factor."""
+    target = F.softmax(teacher_logits / temperature, dim=1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean()
+
+
+def train_continual_epoch(net, optimizer, scheduler, x_train, y_train, task, replay, teacher,
+                          batch_size):
+    """One epoch on task `task` (minibatches, continual_loss, one lr step per batch);
+    returns the mean batch loss. Augmentation: a random crop with zero padding 3 and no
+    flip (digits); the authors also translated by up to 10% (RandomAffine). The condensed
+    images are replayed unaugmented, as the authors did."""
+    net.train()
+    losses = []
+    for idx in torch.randperm(len(x_train)).split(batch_size):  # CPU draws: any device
+        idx = idx.to(x_train.device)
+        x = x_train[idx].float() / 255  # uint8 storage -> (B, 3, 32, 32) in [0, 1]
+        x = nets.crop_flip(x, nets.sample_crop_flip(len(x), CROP_PAD, False, x.device), CROP_PAD)
+        loss = continual_loss(net, x, y_train[idx], task, replay, teacher)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item()
+
+
+def stage_optimizer(net, task, steps_per_cycle):
+    """The optimizer of task `task`: SGD (lr 0.1, momentum 0.9, weight decay 1e-4; S11 and
+    the authors' code), new for each task as the authors', on the shared features and this
+    task's head; the other heads are frozen (the authors' train_old_clfs=False: replay
+    trains only the features; also training the earlier heads on their replayed sets lost
+    6-9 points on the earlier tasks in our quick runs). The schedule is the cosine of S11
+    (Loshchilov & Hutter 2017), stepped every iteration and restarted at 0.1 every
+    `steps_per_cycle` iterations: lr(i) = 0.05·(1 + cos(π·(i mod T)/T)). The authors' code
+    re-created its scheduler every epoch, a per-epoch warm-up sawtooth; this is the paper's."""
+    for j, head in enumerate(net.heads):
+        head.requires_grad_(j == task)
+    params = [*net.features.parameters(), *net.heads[task].parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, steps_per_cycle)
+    return optimizer, scheduler
+
+
+def frozen_copy(net):
+    """The teacher of --distill: a copy of the network that no optimizer changes."""
+    return copy.deepcopy(net).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def task_accuracies(net, tasks, batch_size=1000):
+    """{task name: test accuracy through the task's own head} for the given tasks."""
+    net.eval()
+    return {t.name: sum((net(x.float() / 255, j).argmax(1) == y).sum().item()
+                        for x, y in zip(t.x_test.split(batch_size), t.y_test.split(batch_size)))
+            / len(t.x_test) for j, t in enumerate(tasks)}
+
+
+def save_accuracy_table(path, stage_accs, title):
+    """Fig. S8/S9 as a PNG table: a row per task (and the mean of the tasks seen), a column
+    per stage ("after task k"), each cell the test accuracy in %, shaded white (0) to green
+    (100)."""
+    names = list(stage_accs[-1])
+    rows = [(n, [a.get(n) for a in stage_accs]) for n in names]
+    rows.append(("mean of tasks seen", [sum(a.values()) / len(a) for a in stage_accs]))
+    left, cell_w, cell_h = 150, 96, 26  # pixels
+    img = Image.new("RGB", (left + cell_w * len(stage_accs) + 4, cell_h * (len(rows) + 2)), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    draw.text((6, cell_h // 2), title, fill="black", font=font, anchor="lm")
+    for j in range(len(stage_accs)):
+        draw.text((left + j * cell_w + cell_w // 2, cell_h * 3 // 2), f"after task {j + 1}",
+                  fill="black", font=font, anchor="mm")
+    for i, (name, accs) in enumerate(rows):
+        top = cell_h * (i + 2)
+        draw.text((6, top + cell_h // 2), name[:22], fill="black", font=font, anchor="lm")
+        for j, acc in enumerate(accs):
+            if acc is not None:  # a task not seen yet has no cell
+                x0, shade = left + j * cell_w, round(255 - 155 * acc)
+                draw.rectangle((x0, top, x0 + cell_w - 3, top + cell_h - 3),
+                               fill=(shade, 255, shade))
+                draw.text((x0 + cell_w // 2, top + cell_h // 2), f"{100 * acc:.1f}",
+                          fill="black", font=font, anchor="mm")
+    img.save(path, format="PNG")
+
+
+# --- running it: presets, flags, checkpoints (not needed to follow the paper) -------------
 # Presets: the paper's setting (DC and the authors' code), and a CPU-sized one for --quick: one
 # image update per fresh network, as DC does for ipc 1 (DC's (10, 50) loops for ipc 10 cost
 # ~15x more per iteration, too slow for a CPU demo). outer/inner None: DC's get_loops(ipc).
 # Any flag given explicitly wins.
 FULL = dict(train_size=None, test_size=None, iterations=1000, batch_real=256, width=128,
             num_eval=5, eval_epochs=300, eval_at="0,500,1000", outer_loop=None, inner_loop=None)
+
 QUICK = dict(train_size=2000, test_size=1000, iterations=400, batch_real=64, width=32,
              num_eval=3, eval_epochs=100, eval_at="", outer_loop=1, inner_loop=1)
+
 # --resume may condense longer, evaluate elsewhere, and chunk the bpd term differently
 RESUMABLE = ("iterations", "eval_at", "bpd_chunk")
-# --continual (S11): the paper's schedule, 3 cosine cycles of 50 epochs on the first task and
-# one on each later one, DC ConvNet width 128, batches of 512 (authors); quick: 2 cycles of
-# 5 epochs, then 5 per task, on batches of 128 (with 512, 2000 images give 4 steps an epoch:
-# the first task stayed at 46% and nothing was forgotten; measured on shapes -> digits).
-CONTINUAL = dict(train_size=None, test_size=None, width=128, cycle_epochs=50, first_cycles=3,
-                 train_batch=512)
-CONTINUAL_QUICK = dict(train_size=2000, test_size=1000, width=32, cycle_epochs=5,
-                       first_cycles=2, train_batch=128)
-CROP_PAD = 3  # random-crop padding of the continual training images (authors' RandomCrop pad 3)
 
 
 def get_args(argv=None):
@@ -138,21 +620,7 @@ def get_args(argv=None):
         if args.condensed or args.distill or args.no_replay or args.cycle_epochs:
             p.error("--condensed, --distill, --no-replay and --cycle-epochs need --continual.")
         return args
-    tasks = args.dataset.split(",")
-    names = [Path(t).name for t in tasks]
-    if len(tasks) < 2 or not all(names) or len(set(names)) < len(names):
-        p.error(f"--continual needs --dataset T1,T2,... with two or more different tasks, got "
-                f"{args.dataset!r}.")
-    if args.compare or isinstance(args.lambda_sim, tuple) or args.summarize:
-        p.error("--compare, a --lambda-sim grid and --summarize are for condensation runs; "
-                "they do not go with --continual.")
-    runs = args.condensed.split(",") if args.condensed else []
-    if args.no_replay and runs:
-        p.error("--no-replay trains without condensed sets; drop --condensed.")
-    if not args.no_replay and (len(runs) != len(tasks) - 1 or not all(runs)):
-        p.error(f"--condensed needs {len(tasks) - 1} run folder(s), one per task but the last "
-                f"({', '.join(tasks[:-1])}); got {len(runs)} (or pass --no-replay).")
-    return args
+    return check_continual_flags(p, args)
 
 
 def resolve_config(args):
@@ -181,222 +649,21 @@ def resolve_config(args):
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
-def get_loops(ipc):
-    """(outer_loop, inner_loop) of DC's `get_loops`: image updates per network, and the
-    network's epochs on the synthetic set between them. DC defines 1, 10, 20, ..., 50;
-    for other ipc we keep outer = ipc and inner ≈ 500/ipc, the rule behind DC's table."""
-    table = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
-    return table.get(ipc, (ipc, max(1, round(500 / ipc))))
-
-
-def make_convnet(num_classes, width, device):
-    """A fresh randomly initialised DC ConvNet (depth 3, instance norm), seeded by the
-    global RNG. mean 0.5, std 1 gives the input x − 0.5, the authors' glow-range input
-    x·255/256 − 0.5 up to 0.4% (the authors' repository feeds the classifier that input)."""
-    return nets.ConvNet(num_classes, width=width, depth=3,
-                        mean=(0.5,) * 3, std=(1.0,) * 3).to(device)
-
-
-def gradient_match_loss(grads_real, grads_syn, eps=1e-6):
-    """Layer-wise cosine distance D of Eq. 6 (Zhao et al. 2021, `distance_wb`):
-
-        D(G_real, G_syn) = Σ_layers Σ_i ( 1 − ⟨g_r,i, g_s,i⟩ / (‖g_r,i‖·‖g_s,i‖ + ε) )
-
-    where g_r,i and g_s,i are row i of the real and the synthetic gradient of one weight
-    tensor reshaped to (out, rest); a row belongs to one output unit: an output channel
-    of a conv, a class of the final linear layer. Tensors with one dimension (biases,
-    instance-norm gains and offsets) contribute 0, as in DC's 'ours' metric. ε = 1e-6
-    (DC) keeps zero rows finite.
-    """
-    distance = grads_syn[0].new_zeros(())
-    for g_real, g_syn in zip(grads_real, grads_syn):
-        if g_real.dim() == 1:
-            continue  # biases / norm parameters are ignored
-        g_real, g_syn = g_real.flatten(1), g_syn.flatten(1)  # (out, in·kh·kw)
-        cos = (g_real * g_syn).sum(1) / (g_real.norm(dim=1) * g_syn.norm(dim=1) + eps)
-        distance = distance + (1 - cos).sum()  # sum over rows, then over layers
-    return distance
-
-
-def class_match_loss(net, x_real, x_syn, label):
-    """Eq. 6 for one class c: D(∇θ l(f(X_real,c), c), ∇θ l(f(X_syn,c), c)).
-
-    The real gradient is a constant target (detached); the synthetic gradient keeps its
-    graph (create_graph=True) so that D can be differentiated w.r.t. the synthetic images.
-    """
-    params = list(net.parameters())
-    y_real = torch.full((len(x_real),), label, dtype=torch.long, device=x_real.device)
-    y_syn = torch.full((len(x_syn),), label, dtype=torch.long, device=x_syn.device)
-    g_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
-    g_real = [g.detach() for g in g_real]
-    g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
-    return gradient_match_loss(g_real, g_syn)
-
-
-def sample_real(real_by_class, c, batch_real):
-    """A random batch of up to `batch_real` real images of class c (global RNG, on CPU so
-    that the draw does not depend on the device)."""
-    x = real_by_class[c]
-    return x[torch.randperm(len(x))[:batch_real].to(x.device)]
-
-
-def matching_loss(net, x_syn, real_by_class, ipc, batch_real):
-    """Σ_c D_c of Eq. 6-7: the gradient-matching distance of every class, each against a
-    fresh random batch of that class's real images. x_syn (N, 3, 32, 32) is class-major,
-    ipc images per class."""
-    return sum(class_match_loss(net, sample_real(real_by_class, c, batch_real),
-                                x_syn[c * ipc:(c + 1) * ipc], c)
-               for c in range(len(real_by_class)))
-
-
-def condensation_loss(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc, batch_real,
-                      bpd_chunk):
-    """The condensation objective with simplification, Eq. 7 (our λ, see the README):
-
-        L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x),  X_syn = quantize(σ(α))
-
-    backpropagated into alpha.grad. Eq. 7 adds Σ −log p_G(x_syn); we use the mean bpd (bits
-    per dimension incl. the +8 of the 256-bin term), what the authors optimise. The bpd
-    term is backpropagated `bpd_chunk` images at a time (gradient accumulation: the same
-    gradient as one graph, with Glow's saved activations, ~44 MiB per image at the
-    released size, bounded; the authors used chunks of 50), its dequantization noise drawn
-    once for the whole set. A bpd term whose value or gradient is not finite is left out
-    (the authors skipped a non-finite bpd). Returns L, Σ_c D_c and the mean bpd (NaN when
-    λ = 0 or left out), detached.
-    """
-    match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real)
-    match.backward(inputs=[alpha])  # alpha.grad = ∂Σ_c D_c/∂α
-    if lambda_sim == 0:  # plain DC: Glow is not needed
-        return match.detach(), match.detach(), match.new_tensor(math.nan)
-    match_grad, alpha.grad = alpha.grad, None
-    noise = torch.rand_like(alpha) / glow.N_BINS  # u ~ U(0, 1/256), as bits_per_dim draws it
-    bpd = alpha.new_zeros(())
-    for rows in torch.arange(len(alpha), device=alpha.device).split(bpd_chunk):
-        part = glow.bits_per_dim(glow_model, synthetic_images(alpha[rows]), noise=noise[rows])
-        part = part.sum() / len(alpha)  # this chunk's share of the mean
-        part.backward(inputs=[alpha])  # alpha.grad accumulates ∂ mean bpd/∂α
-        bpd = bpd + part.detach()
-    # the one place for a non-finite bpd term: left out of L and of the gradient
-    use = torch.isfinite(bpd) & torch.isfinite(alpha.grad).all()  # 0-dim, on the device
-    alpha.grad = match_grad + torch.where(use, lambda_sim * alpha.grad, 0.0)
-    loss = match.detach() + torch.where(use, lambda_sim * bpd, 0.0)
-    return loss, match.detach(), torch.where(use, bpd, math.nan)
-
-
-def synthetic_images(alpha):
-    """X_syn = quantize(sigmoid(α)): straight-through 8-bit rounding, so the classifier
-    and Glow both see an actual 8-bit image and gradients reach α unchanged. The
-    classifier gets this image without dequantization noise, like the real images (the
-    authors also fed it the +U(0, 1/255) noise); only Glow adds noise, in bits_per_dim.
-    The saved synthetic.pt therefore holds exactly what the evaluation nets train on."""
-    return glow.quantize(torch.sigmoid(alpha))
-
-
-def train_network(net, optimizer, x, y, epochs, batch_size):
-    """Plain minibatch training on (x, y) for `epochs` epochs (no augmentation)."""
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(batch_size):
-            idx = idx.to(x.device)
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-
-def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, ipc,
-                    batch_real, width, outer_loop, inner_loop, batch_size, bpd_chunk):
-    """One outer iteration of DC with the simplification term: a fresh ConvNet; then
-    `outer_loop` times: one Adam step on α minimising Eq. 7, and (except after the last)
-    `inner_loop` epochs of SGD (lr 0.01, momentum 0.5) of the net on the synthetic set.
-    Returns the last step's loss, Σ_c D_c and mean bpd (NaN when left out), as 0-dim
-    tensors on the device: reading them waits for the device, so the caller does it
-    rarely."""
-    num_classes = len(real_by_class)
-    labels = torch.arange(num_classes, device=alpha.device).repeat_interleave(ipc)
-    net = make_convnet(num_classes, width, alpha.device)
-    net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
-    for step in range(outer_loop):
-        # update the synthetic images: one Adam step on Eq. 7 w.r.t. α
-        optimizer.zero_grad()
-        loss, match, bpd = condensation_loss(
-            net, alpha, real_by_class, glow_model, lambda_sim=lambda_sim, ipc=ipc,
-            batch_real=batch_real, bpd_chunk=bpd_chunk)
-        optimizer.step()
-        if step == outer_loop - 1:
-            break
-        # update the network: inner_loop epochs on the current (detached) synthetic set
-        train_network(net, net_optimizer, synthetic_images(alpha).detach(), labels,
-                      inner_loop, batch_size)
-    return {"loss": loss, "match": match, "bpd": bpd}  # 0-dim tensors on the device
-
-
-@torch.no_grad()
-def test_accuracy(net, x_test, y_test, batch_size=1000):
-    net.eval()
-    correct = sum((net(x).argmax(1) == y).sum().item()
-                  for x, y in zip(x_test.split(batch_size), y_test.split(batch_size)))
-    return correct / len(x_test)
-
-
-def evaluate(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs, width,
-             batch_size, seed):
-    """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
-    (x_train, y_train) with SGD lr 0.01, momentum 0.9, wd 5e-4, lr ÷10 at half the
-    epochs; returns their test accuracies on the real test set. As in DC's
-    `evaluate_synset`, the lr drop re-creates the optimizer, so the momentum restarts.
-    Every evaluation (synthetic or random real, at any iteration) uses the same `seed`,
-    hence the same network initialisations and batch orders."""
-    device = x_train.device
-    accs = []
-    with nets.isolated_rng(device, seed):
-        for _ in range(num_eval):
-            net = make_convnet(num_classes, width, device)
-            for epoch in range(epochs):
-                if epoch in (0, epochs // 2):  # a fresh optimizer at lr 0.01, then at 0.001
-                    lr = 0.01 if epoch == 0 else 0.001
-                    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-                train_network(net, opt, x_train, y_train, 1, batch_size)
-            accs.append(test_accuracy(net, x_test, y_test))
-    return accs
-
-
-@torch.no_grad()
-def mean_bpd(glow_model, x, seed, batch_size=100):
-    """Mean bpd of 8-bit images x (one dequantization draw from a seeded stream)."""
-    with nets.isolated_rng(x.device, seed):
-        return torch.cat([glow.bits_per_dim(glow_model, glow.quantize(b))
-                          for b in x.split(batch_size)]).mean().item()
-
-
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), t.std(correction=0).item()  # population std, as DC (np.std)
-
-
-def save_grid(images, class_names, ipc, path):
-    """Fig. 6 layout: one row per class (ipc > 1), or the whole set on one row (ipc = 1)."""
-    captions = [class_names[i // ipc][:10] for i in range(len(images))]
-    datasets.save_image_grid(images.cpu(), path, nrow=ipc if ipc > 1 else len(images),
-                             captions=captions)
-
-
-def two_class_difference(a, b, scale):
-    """Fig. 7's colour-coded mixed image of two condensed images a (class A) and b (class B),
-    (..., 3, H, W) in [0, 1] -> (..., 3, H, W) in [0, 1]:
-
-        d = mean_rgb(a) − mean_rgb(b),  w = min(|d| / scale, 1),  grey = mean_rgb(a + b) / 2
-        mix = (1 − w)·grey + w·green  where d > 0 (A brighter)
-        mix = (1 − w)·grey + w·red    where d ≤ 0 (B brighter; w = 0 where d = 0)
-
-    i.e. the pair's grey average, tinted in proportion to |d|; `scale` is the |d| drawn in
-    full colour (save_two_class passes the largest |d| of the figure, so rows compare)."""
-    d = (a - b).mean(-3, keepdim=True)  # (..., 1, H, W) in [−1, 1]
-    grey = (a + b).mean(-3, keepdim=True) / 2  # (..., 1, H, W)
-    w = (d.abs() / scale).clamp(max=1)
-    green, red = a.new_tensor([0.0, 1.0, 0.0]), a.new_tensor([1.0, 0.0, 0.0])
-    colour = torch.where(d > 0, green[:, None, None], red[:, None, None])  # (..., 3, H, W)
-    return (1 - w) * grey + w * colour
+def by_class(x_train, y_train, info, ipc, device):
+    """The real training images of each class, on the device; a class without any, or with
+    fewer than --ipc (the random-real baseline draws --ipc per class), is one sentence."""
+    real_by_class = [x_train[y_train == c].to(device) for c in range(info.num_classes)]
+    sizes = [len(x) for x in real_by_class]
+    if min(sizes) == 0:
+        raise nets.RunError(f"class {info.class_names[sizes.index(0)]} has no training images; "
+                            "raise --train-size.")
+    if ipc > min(sizes):  # checked before the quick Glow's pretraining
+        name = info.class_names[sizes.index(min(sizes))]
+        raise nets.RunError(f"--ipc {ipc} is more than the {min(sizes)} training images of "
+                            f"class {name}: a condensed set is smaller than its data, and the "
+                            "random-real baseline draws --ipc real images per class; lower "
+                            "--ipc or raise --train-size.")
+    return real_by_class
 
 
 def load_run_images(run, dataset, class_names, flag):
@@ -431,23 +698,6 @@ def load_run_images(run, dataset, class_names, flag):
     return images.float(), labels.long(), stored
 
 
-def save_two_class(path, runs, class_names):
-    """Fig. 7: per run and image pair k, a row [image k of class A, image k of class B, their
-    two_class_difference]; runs = [(caption, images (N, 3, 32, 32), labels (N,))], e.g. the
-    λ = 0 run above the simplified one. With ipc > 1 the k-th images of the two classes are
-    paired as stored (DC does not match them, so a pair also differs in what it depicts)."""
-    pairs = [(cap, x[y == 0], x[y == 1]) for cap, x, y in runs]
-    pairs = [(cap, a[:len(b)], b[:len(a)]) for cap, a, b in pairs]  # (ipc, 3, 32, 32) each
-    scale = max(max((a - b).mean(1).abs().max().item() for _, a, b in pairs), 1 / 255)
-    tiles, captions = [], []
-    for cap, a, b in pairs:
-        for xa, xb, mix in zip(a, b, two_class_difference(a, b, scale)):
-            tiles += [xa, xb, mix]
-            captions += [f"{class_names[0]} {cap}", f"{class_names[1]} {cap}",
-                         f"g:{class_names[0]} r:{class_names[1]}"]
-    datasets.save_image_grid(torch.stack(tiles), path, nrow=3, captions=captions)
-
-
 def save_checkpoint(path, iteration, alpha, optimizer, history):
     """Everything --resume needs in one atomic file: α, its Adam state, the log (and the
     random state: nets.save_state)."""
@@ -467,296 +717,25 @@ def load_checkpoint(path, alpha, optimizer, iterations):
     return ckpt["iteration"], ckpt["history"]
 
 
-def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, class_names,
-             resuming):
-    """Sec. 4: cfg.iterations outer iterations (Eq. 7), each with a fresh ConvNet; at the
-    iterations in cfg.eval_at the DC evaluation, the bpd and a Fig. 6-style grid; a
-    checkpoint every 10 iterations. Returns the last evaluation's accuracies."""
-    ckpt_path = cfg.out / "checkpoint.pt"
-    start, history = 0, []  # history: every metrics.jsonl row up to the checkpoint
-    if resuming and ckpt_path.exists():
-        start, history = load_checkpoint(ckpt_path, alpha, optimizer, cfg.iterations)
-    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
-
-    labels = torch.arange(len(real_by_class), device=alpha.device).repeat_interleave(cfg.ipc)
-    progress = nets.Progress(cfg.iterations - start, "condense")
-    evaluated = {row["iteration"]: row["test_accs"] for row in history if "test_accs" in row}
-    for it in range(start, cfg.iterations + 1):
-        if it in cfg.eval_at and it not in evaluated:  # (a resumed run may have evaluated it)
-            x_syn = synthetic_images(alpha).detach()
-            evaluated[it] = accs = evaluate_images(x_syn, labels)
-            acc, std = mean_std(accs)
-            bpd = mean_bpd(glow_model, x_syn, cfg.seed)
-            print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
-                  f"({cfg.num_eval} nets), bpd {bpd:.3f}", flush=True)
-            log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "test_accs": accs,
-                 "bpd": bpd})
-            save_grid(x_syn, class_names, cfg.ipc, cfg.out / "synthetic.png")
-        if it == cfg.iterations:
-            break
-        t0 = time.time()
-        metrics = outer_iteration(alpha, optimizer, real_by_class, glow_model,
-                                  lambda_sim=cfg.lambda_sim, ipc=cfg.ipc,
-                                  batch_real=cfg.batch_real, width=cfg.width,
-                                  outer_loop=cfg.outer_loop, inner_loop=cfg.inner_loop,
-                                  batch_size=cfg.batch_size, bpd_chunk=cfg.bpd_chunk)
-        log({"iteration": it + 1, **metrics, "seconds": time.time() - t0}, wait=True)  # read
-        progress.update(1, **metrics)  # at the next checkpoint or progress line, not here
-        if (it + 1) % 10 == 0:
-            if cfg.lambda_sim > 0:  # a simplicity term left out (nearly) every time: plain DC
-                recent = [row for row in log.rows if "match" in row and row["iteration"] > it - 9]
-                nets.check_skipped(sum(row["bpd"] is None for row in recent), len(recent),
-                                   f"iterations {it - 8}-{it + 1}",
-                                   "bpd terms (non-finite bpd or gradient)")
-            save_checkpoint(ckpt_path, it + 1, alpha, optimizer, log.rows)
-    progress.close()
-    # with the last evaluation: a longer rerun keeps its row
-    save_checkpoint(ckpt_path, cfg.iterations, alpha, optimizer, log.rows)
-    return evaluated[cfg.iterations]
-
-
-# --------------------------------------------------------------------------------------
-# Continual learning with condensed sets (S11, Fig. S8/S9; Zhao & Bilen 2021)
-# --------------------------------------------------------------------------------------
-
-class MultiHeadConvNet(nn.Module):
-    """Task-incremental network (Zhao & Bilen 2021, the authors' continual code): the
-    features of the DC ConvNet of make_convnet (depth 3, instance norm, input x − 0.5)
-    shared by all tasks, and a new linear head per task (all made here; head j is trained
-    during task j only, see stage_optimizer)."""
-
-    def __init__(self, class_counts, width):
-        super().__init__()
-        convnet = make_convnet(1, width, "cpu")  # only its features and input shift are kept
-        self.register_buffer("mean", convnet.mean)  # (1, 3, 1, 1)
-        self.register_buffer("std", convnet.std)
-        self.features = convnet.features
-        self.heads = nn.ModuleList(nn.Linear(convnet.classifier.in_features, n)
-                                   for n in class_counts)
-
-    def embed(self, x):  # (B, 3, 32, 32) in [0,1] -> shared features (B, width·4·4)
-        return self.features((x - self.mean) / self.std).flatten(1)
-
-    def forward(self, x, task):  # -> logits of head `task` (B, classes of that task)
-        return self.heads[task](self.embed(x))
-
-
-def distillation_loss(student_logits, teacher_logits, temperature=2.0):
-    """Knowledge distillation (Hinton et al. 2015) as in the authors' continual code, T = 2:
-    KD = mean_batch −Σ_c softmax(z_teacher/T)_c · log softmax(z_student/T)_c, no T² factor."""
-    target = F.softmax(teacher_logits / temperature, dim=1)
-    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean()
-
-
-def continual_loss(net, x, y, task, replay, teacher=None):
-    """The loss of one step of task t = `task` (S11; Zhao & Bilen 2021; authors' code):
-
-        L = ℓ(x, y, t) + Σ_{j<t} ℓ(S_j, y_j, j),   ℓ(x, y, j) = CE(h_j(φ(x)), y)
-
-    φ the shared features, h_j the head of task j, x a batch of task t's real images, and
-    (S_j, y_j) = replay[j] the whole condensed set of task j (none with --no-replay), each
-    through its own head; the earlier heads are frozen (stage_optimizer), so replay keeps
-    φ usable for them. With a teacher (--distill: φ', h' frozen after the previous stage;
-    the authors kept one per earlier task, the network after that task) every input also
-    distils all t previous heads, and each term is averaged as the authors did:
-
-        ℓ(x, y, j) = [CE(h_j(φ(x)), y) + Σ_{k<t} KD(h_k(φ(x)), h'_k(φ'(x)))] / (1 + t)
-
-    so the KD inputs are the current real batch and the condensed images of every earlier
-    task (through every previous head, as in the authors' code)."""
-    loss = 0.0
-    terms = [(x, y, task)] + [(xs, ys, j) for j, (xs, ys) in enumerate(replay)]
-    for inputs, labels, head in terms:
-        h = net.embed(inputs)  # (B, width·16)
-        term = F.cross_entropy(net.heads[head](h), labels)
-        if teacher is not None:
-            with torch.no_grad():
-                h_old = teacher.embed(inputs)
-            for k in range(task):
-                term = term + distillation_loss(net.heads[k](h), teacher.heads[k](h_old))
-            term = term / (1 + task)
-        loss = loss + term
-    return loss
-
-
-def stage_optimizer(net, task, steps_per_cycle):
-    """The optimizer of task `task`: SGD (lr 0.1, momentum 0.9, weight decay 1e-4; S11 and
-    the authors' code), new for each task as the authors', on the shared features and this
-    task's head; the other heads are frozen (the authors' train_old_clfs=False: replay
-    trains only the features; also training the earlier heads on their replayed sets lost
-    6-9 points on the earlier tasks in our quick runs). The schedule is the cosine of S11
-    (Loshchilov & Hutter 2017), stepped every iteration and restarted at 0.1 every
-    `steps_per_cycle` iterations: lr(i) = 0.05·(1 + cos(π·(i mod T)/T)). The authors' code
-    re-created its scheduler every epoch, a per-epoch warm-up sawtooth; this is the paper's."""
-    for j, head in enumerate(net.heads):
-        head.requires_grad_(j == task)
-    params = [*net.features.parameters(), *net.heads[task].parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, steps_per_cycle)
-    return optimizer, scheduler
-
-
-def train_continual_epoch(net, optimizer, scheduler, x_train, y_train, task, replay, teacher,
-                          batch_size):
-    """One epoch on task `task` (minibatches, continual_loss, one lr step per batch);
-    returns the mean batch loss. Augmentation: a random crop with zero padding 3 and no
-    flip (digits); the authors also translated by up to 10% (RandomAffine). The condensed
-    images are replayed unaugmented, as the authors did."""
-    net.train()
-    losses = []
-    for idx in torch.randperm(len(x_train)).split(batch_size):  # CPU draws: any device
-        idx = idx.to(x_train.device)
-        x = x_train[idx].float() / 255  # uint8 storage -> (B, 3, 32, 32) in [0, 1]
-        x = nets.crop_flip(x, nets.sample_crop_flip(len(x), CROP_PAD, False, x.device), CROP_PAD)
-        loss = continual_loss(net, x, y_train[idx], task, replay, teacher)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.detach())
-    return torch.stack(losses).mean().item()
-
-
-@torch.no_grad()
-def task_accuracies(net, tasks, batch_size=1000):
-    """{task name: test accuracy through the task's own head} for the given tasks."""
-    net.eval()
-    return {t.name: sum((net(x.float() / 255, j).argmax(1) == y).sum().item()
-                        for x, y in zip(t.x_test.split(batch_size), t.y_test.split(batch_size)))
-            / len(t.x_test) for j, t in enumerate(tasks)}
-
-
-def save_accuracy_table(path, stage_accs, title):
-    """Fig. S8/S9 as a PNG table: a row per task (and the mean of the tasks seen), a column
-    per stage ("after task k"), each cell the test accuracy in %, shaded white (0) to green
-    (100)."""
-    names = list(stage_accs[-1])
-    rows = [(n, [a.get(n) for a in stage_accs]) for n in names]
-    rows.append(("mean of tasks seen", [sum(a.values()) / len(a) for a in stage_accs]))
-    left, cell_w, cell_h = 150, 96, 26  # pixels
-    img = Image.new("RGB", (left + cell_w * len(stage_accs) + 4, cell_h * (len(rows) + 2)), "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
-    draw.text((6, cell_h // 2), title, fill="black", font=font, anchor="lm")
-    for j in range(len(stage_accs)):
-        draw.text((left + j * cell_w + cell_w // 2, cell_h * 3 // 2), f"after task {j + 1}",
-                  fill="black", font=font, anchor="mm")
-    for i, (name, accs) in enumerate(rows):
-        top = cell_h * (i + 2)
-        draw.text((6, top + cell_h // 2), name[:22], fill="black", font=font, anchor="lm")
-        for j, acc in enumerate(accs):
-            if acc is not None:  # a task not seen yet has no cell
-                x0, shade = left + j * cell_w, round(255 - 155 * acc)
-                draw.rectangle((x0, top, x0 + cell_w - 3, top + cell_h - 3),
-                               fill=(shade, 255, shade))
-                draw.text((x0 + cell_w // 2, top + cell_h // 2), f"{100 * acc:.1f}",
-                          fill="black", font=font, anchor="mm")
-    img.save(path, format="PNG")
-
-
-def frozen_copy(net):
-    """The teacher of --distill: a copy of the network that no optimizer changes."""
-    return copy.deepcopy(net).requires_grad_(False).eval()
-
-
-def continual(args):
-    """S11: train the tasks in turn (3 cosine cycles on the first, one on each later task),
-    replaying the earlier tasks' condensed sets; after each stage the test accuracy of every
-    task seen so far. A checkpoint after every epoch; --resume continues bit for bit."""
-    cfg = resolve_config(args)
-    print(nets.settings_line(vars(cfg)), flush=True)
-    resuming = nets.check_out(cfg.out, vars(args), cfg.resume)
-    nets.seed_everything(cfg.seed)
-    device = nets.resolve_device(cfg.device)
-    nets.quick_threads(cfg.quick, device)
-
-    # data: each task's splits (uint8 on the device) and the condensed sets to replay
-    tasks, replay, made_from = [], [], {}  # made_from: fingerprints, for --resume
-    runs = cfg.condensed.split(",") if cfg.condensed else []
-    for i, name in enumerate(cfg.dataset.split(",")):
-        train_set, test_set = datasets.load_splits(name, cfg.data_root, cfg.train_size,
-                                                   cfg.test_size, cfg.seed)
-        made_from.update({f"task{i + 1}_train_data": datasets.fingerprint(train_set),
-                          f"task{i + 1}_test_data": datasets.fingerprint(test_set)})
-        (x_train, y_train), (x_test, y_test) = map(datasets.to_tensors, (train_set, test_set))
-        tasks.append(argparse.Namespace(
-            name=Path(name).name, num_classes=train_set.info.num_classes,
-            x_train=datasets.to_uint8(x_train).to(device), y_train=y_train.to(device),
-            x_test=datasets.to_uint8(x_test).to(device), y_test=y_test.to(device)))
-        if i < len(runs):
-            x_syn, y_syn, _ = load_run_images(runs[i], name, train_set.info.class_names,
-                                              "--condensed")
-            replay.append((x_syn.to(device), y_syn.to(device)))
-            made_from[f"task{i + 1}_condensed"] = nets.file_hash(Path(runs[i]) / "synthetic.pt")
-
-    # model, and the run's state: resumed from the checkpoint after the last finished epoch
-    net = MultiHeadConvNet([t.num_classes for t in tasks], cfg.width).to(device)
-    nets.start_run(cfg.out, vars(args), made_from, resuming)  # the run starts: it holds its folder
-    ckpt_path = cfg.out / "checkpoint.pt"
-    stage_epochs = [cfg.cycle_epochs * (cfg.first_cycles if i == 0 else 1)
-                    for i in range(len(tasks))]
-    steps_per_cycle = [cfg.cycle_epochs * math.ceil(len(t.x_train) / cfg.train_batch)
-                       for t in tasks]
-    start_stage, start_epoch, history, stage_accs = 0, 0, [], []
-    optimizer = scheduler = teacher = None
-    if resuming and ckpt_path.exists():
-        ckpt = nets.load_state(ckpt_path, "a checkpoint of condense.py --continual",
-                               dict(model=net), map_location=device,
-                               keys=("optimizer", "scheduler", "teacher", "stage", "epoch",
-                                     "history", "stage_accs"))
-        start_stage, start_epoch = ckpt["stage"], ckpt["epoch"]
-        history, stage_accs = ckpt["history"], ckpt["stage_accs"]
-        optimizer, scheduler = stage_optimizer(net, start_stage, steps_per_cycle[start_stage])
-        teacher = None if ckpt["teacher"] is None else frozen_copy(net)
-        nets.restore(ckpt, dict(optimizer=optimizer, scheduler=scheduler,
-                                **({} if teacher is None else dict(teacher=teacher))), ckpt_path)
-        print(f"resuming after epoch {start_epoch} of task {start_stage + 1} from {ckpt_path}",
-              flush=True)
-    log = nets.Metrics(cfg.out / "metrics.jsonl", history)
-
-    # train the tasks in turn
-    for stage in range(start_stage, len(tasks)):
-        task = tasks[stage]
-        if start_epoch == 0:  # a new task: new optimizer and schedule, the teacher frozen now
-            optimizer, scheduler = stage_optimizer(net, stage, steps_per_cycle[stage])
-            teacher = frozen_copy(net) if cfg.distill and stage > 0 else None
-        print(f"task {stage + 1}/{len(tasks)}: {task.name}, {stage_epochs[stage]} epochs, "
-              f"replaying {len(replay[:stage]) if not cfg.no_replay else 0} condensed set(s)"
-              f"{', distilling' if teacher is not None else ''}, device {device}", flush=True)
-        for epoch in range(start_epoch, stage_epochs[stage]):
-            t0, lr = time.time(), optimizer.param_groups[0]["lr"]
-            loss = train_continual_epoch(net, optimizer, scheduler, task.x_train, task.y_train,
-                                         stage, [] if cfg.no_replay else replay[:stage], teacher,
-                                         cfg.train_batch)
-            row = {"stage": stage + 1, "task": task.name, "epoch": epoch + 1,
-                   "train_loss": loss, "lr": lr, "seconds": time.time() - t0}
-            if epoch + 1 == stage_epochs[stage]:  # end of the stage: every task seen so far
-                stage_accs.append(task_accuracies(net, tasks[:stage + 1]))
-                row["test_acc"] = stage_accs[-1]
-                print(f"after task {stage + 1} ({task.name}): " + ", ".join(
-                    f"{k} {100 * v:.2f}%" for k, v in stage_accs[-1].items()), flush=True)
-            log(row)
-            nets.save_state(ckpt_path, dict(model=net, optimizer=optimizer, scheduler=scheduler,
-                                            teacher=teacher),
-                            stage=stage, epoch=epoch + 1, history=log.rows, stage_accs=stage_accs)
-        start_epoch = 0
-
-    # save: accuracies after every stage (Fig. S8/S9) and their mean at the end
-    results = {"tasks": [t.name for t in tasks], "replay": not cfg.no_replay,
-               "distill": cfg.distill, "stage_test_acc": stage_accs,
-               "final_mean_acc": sum(stage_accs[-1].values()) / len(tasks)}
-    save_accuracy_table(cfg.out / "accuracy.png", stage_accs,
-                        f"test accuracy (%), {'no replay' if cfg.no_replay else 'replay'}"
-                        f"{' + distillation' if cfg.distill else ''}")
-    nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
-    nets.write_json(cfg.out / "results.json", results)
-    print(f"final mean test accuracy {100 * results['final_mean_acc']:.2f}% -> {cfg.out}")
-    return results
+def save_condensed(cfg, class_names, x_syn, x_random, compare):
+    """synthetic.pt (what the evaluation nets trained on, for --compare and --condensed),
+    the grids synthetic.png and random_real.png, and for two classes Fig. 7's
+    two_class.png with the --compare run above this one."""
+    labels = torch.arange(len(class_names)).repeat_interleave(cfg.ipc)
+    nets.atomic_save({"images": x_syn.cpu(), "labels": labels, "class_names": class_names},
+                     cfg.out / "synthetic.pt")
+    save_grid(x_syn, class_names, cfg.ipc, cfg.out / "synthetic.png")
+    save_grid(x_random, class_names, cfg.ipc, cfg.out / "random_real.png")
+    if len(class_names) == 2:  # captions say "lam": the default PIL font has no λ
+        rows = [(f"lam{compare[2].get('lambda_sim', math.nan):g}", *compare[:2])] if compare else []
+        save_two_class(cfg.out / "two_class.png",
+                       rows + [(f"lam{cfg.lambda_sim:g}", x_syn.cpu(), labels)], class_names)
 
 
 @nets.releases_held  # the run's folder, once it ends
 def main(args):
     if args.continual:
-        return continual(args)
+        return continual_main(args)
     cfg = resolve_config(args)
     print(nets.settings_line(vars(cfg)), flush=True)
     resuming = nets.check_out(cfg.out, vars(args), cfg.resume, RESUMABLE,
@@ -771,17 +750,7 @@ def main(args):
     info = train_set.info
     x_train, y_train = datasets.to_tensors(train_set)
     x_test, y_test = (t.to(device) for t in datasets.to_tensors(test_set))
-    real_by_class = [x_train[y_train == c].to(device) for c in range(info.num_classes)]
-    empty = [info.class_names[c] for c, x in enumerate(real_by_class) if len(x) == 0]
-    if empty:
-        raise nets.RunError(f"class {empty[0]} has no training images; raise --train-size.")
-    sizes = [len(x) for x in real_by_class]
-    if cfg.ipc > min(sizes):  # checked before the quick Glow's pretraining
-        name = info.class_names[sizes.index(min(sizes))]
-        raise nets.RunError(f"--ipc {cfg.ipc} is more than the {min(sizes)} training images of "
-                            f"class {name}: a condensed set is smaller than its data, and the "
-                            "random-real baseline draws --ipc real images per class; lower "
-                            "--ipc or raise --train-size.")
+    real_by_class = by_class(x_train, y_train, info, cfg.ipc, device)
     if cfg.compare and info.num_classes != 2:
         raise nets.RunError(f"--compare draws Fig. 7 for two classes, but {info.name} has "
                             f"{info.num_classes}; drop --compare.")
@@ -811,10 +780,7 @@ def main(args):
 
     # final evaluation: the same number of random real images per class, same protocol
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_random = torch.cat([x[torch.randperm(len(x), generator=gen)[:cfg.ipc].to(device)]
-                          for x in real_by_class])  # (≤ C·ipc, 3, 32, 32), class-major
-    y_random = torch.cat([torch.full((min(cfg.ipc, len(x)),), c, device=device)
-                          for c, x in enumerate(real_by_class)])
+    x_random, y_random = random_real(real_by_class, cfg.ipc, gen)
     random_accs = evaluate_images(x_random, y_random)
     real_sample = x_train[torch.randperm(len(x_train), generator=gen)[:500]].to(device)
 
@@ -831,16 +797,7 @@ def main(args):
         "bpd_random_real": mean_bpd(glow_model, x_random, cfg.seed),
         "bpd_real": mean_bpd(glow_model, real_sample, cfg.seed),
     }
-    labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)
-    nets.atomic_save({"images": x_syn.cpu(), "labels": labels,
-                      "class_names": info.class_names}, cfg.out / "synthetic.pt")
-    save_grid(x_syn, info.class_names, cfg.ipc, cfg.out / "synthetic.png")
-    save_grid(x_random, info.class_names, cfg.ipc, cfg.out / "random_real.png")
-    if info.num_classes == 2:  # Fig. 7: the classes and their difference, the --compare run above
-        # captions say "lam": the default PIL font of the grid has no λ
-        rows = [(f"lam{compare[2].get('lambda_sim', math.nan):g}", *compare[:2])] if compare else []
-        save_two_class(cfg.out / "two_class.png", rows + [(f"lam{cfg.lambda_sim:g}", x_syn.cpu(),
-                                                          labels)], info.class_names)
+    save_condensed(cfg, info.class_names, x_syn, x_random, compare)
     nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
     print(f"condensed ({cfg.ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "
@@ -856,6 +813,106 @@ SUMMARY = dict(x_key="bpd_synthetic", ref_key="bpd_real",
                series=[("condensed", "test_acc_mean"),
                        ("random real images", "bpd_random_real", "random_real_acc_mean")],
                title="Fig. 6: test accuracy against bits per dimension of the training images")
+
+
+# --------------------------------------------- running it: --continual (S11, after the flags)
+# --continual (S11): the paper's schedule, 3 cosine cycles of 50 epochs on the first task and
+# one on each later one, DC ConvNet width 128, batches of 512 (authors); quick: 2 cycles of
+# 5 epochs, then 5 per task, on batches of 128 (with 512 a 2000-image task gets 4 steps an
+# epoch, too few to learn it; see the README).
+CONTINUAL = dict(train_size=None, test_size=None, width=128, cycle_epochs=50, first_cycles=3,
+                 train_batch=512)
+
+CONTINUAL_QUICK = dict(train_size=2000, test_size=1000, width=32, cycle_epochs=5,
+                       first_cycles=2, train_batch=128)
+
+
+def check_continual_flags(p, args):
+    """The flags of --continual that parse but do not fit together: p.error names them."""
+    tasks = args.dataset.split(",")
+    names = [Path(t).name for t in tasks]
+    if len(tasks) < 2 or not all(names) or len(set(names)) < len(names):
+        p.error(f"--continual needs --dataset T1,T2,... with two or more different tasks, got "
+                f"{args.dataset!r}.")
+    if args.compare or isinstance(args.lambda_sim, tuple) or args.summarize:
+        p.error("--compare, a --lambda-sim grid and --summarize are for condensation runs; "
+                "they do not go with --continual.")
+    runs = args.condensed.split(",") if args.condensed else []
+    if args.no_replay and runs:
+        p.error("--no-replay trains without condensed sets; drop --condensed.")
+    if not args.no_replay and (len(runs) != len(tasks) - 1 or not all(runs)):
+        p.error(f"--condensed needs {len(tasks) - 1} run folder(s), one per task but the last "
+                f"({', '.join(tasks[:-1])}); got {len(runs)} (or pass --no-replay).")
+    return args
+
+
+def load_tasks(cfg, device):
+    """The tasks of --continual (each one's splits as uint8 on the device), the condensed
+    sets to replay, and their fingerprints for --resume (made_from)."""
+    tasks, replay, made_from = [], [], {}
+    runs = cfg.condensed.split(",") if cfg.condensed else []
+    for i, name in enumerate(cfg.dataset.split(",")):
+        train_set, test_set = datasets.load_splits(name, cfg.data_root, cfg.train_size,
+                                                   cfg.test_size, cfg.seed)
+        made_from.update({f"task{i + 1}_train_data": datasets.fingerprint(train_set),
+                          f"task{i + 1}_test_data": datasets.fingerprint(test_set)})
+        (x_train, y_train), (x_test, y_test) = map(datasets.to_tensors, (train_set, test_set))
+        tasks.append(argparse.Namespace(
+            name=Path(name).name, num_classes=train_set.info.num_classes,
+            x_train=datasets.to_uint8(x_train).to(device), y_train=y_train.to(device),
+            x_test=datasets.to_uint8(x_test).to(device), y_test=y_test.to(device)))
+        if i < len(runs):
+            x_syn, y_syn, _ = load_run_images(runs[i], name, train_set.info.class_names,
+                                              "--condensed")
+            replay.append((x_syn.to(device), y_syn.to(device)))
+            made_from[f"task{i + 1}_condensed"] = nets.file_hash(Path(runs[i]) / "synthetic.pt")
+    return tasks, replay, made_from
+
+
+def load_continual_checkpoint(path, net, steps_per_cycle):
+    """Restore what continual() saved into `net`; returns (stage, epoch, metrics history,
+    stage accuracies, (optimizer, scheduler, teacher) of that stage)."""
+    ckpt = nets.load_state(path, "a checkpoint of condense.py --continual", dict(model=net),
+                           map_location=next(net.parameters()).device,
+                           keys=("optimizer", "scheduler", "teacher", "stage", "epoch",
+                                 "history", "stage_accs"))
+    optimizer, scheduler = stage_optimizer(net, ckpt["stage"], steps_per_cycle[ckpt["stage"]])
+    teacher = None if ckpt["teacher"] is None else frozen_copy(net)
+    nets.restore(ckpt, dict(optimizer=optimizer, scheduler=scheduler,
+                            **({} if teacher is None else dict(teacher=teacher))), path)
+    print(f"resuming after epoch {ckpt['epoch']} of task {ckpt['stage'] + 1} from {path}",
+          flush=True)
+    return (ckpt["stage"], ckpt["epoch"], ckpt["history"], ckpt["stage_accs"],
+            (optimizer, scheduler, teacher))
+
+
+@nets.releases_held  # the run's folder, once it ends
+def continual_main(args):
+    """condense.py --continual: S11 on the tasks of --dataset (continual)."""
+    cfg = resolve_config(args)
+    print(nets.settings_line(vars(cfg)), flush=True)
+    resuming = nets.check_out(cfg.out, vars(args), cfg.resume)
+    nets.seed_everything(cfg.seed)
+    device = nets.resolve_device(cfg.device)
+    nets.quick_threads(cfg.quick, device)
+    tasks, replay, made_from = load_tasks(cfg, device)
+    net = MultiHeadConvNet([t.num_classes for t in tasks], cfg.width).to(device)
+    nets.start_run(cfg.out, vars(args), made_from, resuming)  # the run starts: it holds its folder
+    print(f"continual learning on {device}", flush=True)
+    stage_accs = continual(cfg, net, tasks, replay, resuming)
+
+    # save: accuracies after every stage (Fig. S8/S9) and their mean at the end
+    results = {"tasks": [t.name for t in tasks], "replay": not cfg.no_replay,
+               "distill": cfg.distill, "stage_test_acc": stage_accs,
+               "final_mean_acc": sum(stage_accs[-1].values()) / len(tasks)}
+    save_accuracy_table(cfg.out / "accuracy.png", stage_accs,
+                        f"test accuracy (%), {'no replay' if cfg.no_replay else 'replay'}"
+                        f"{' + distillation' if cfg.distill else ''}")
+    nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
+    nets.write_json(cfg.out / "results.json", results)
+    print(f"final mean test accuracy {100 * results['final_mean_acc']:.2f}% -> {cfg.out}")
+    return results
+
 
 if __name__ == "__main__":
     nets.console()  # before --help: its text has λ
