@@ -244,6 +244,47 @@ class ConvNet(nn.Module):
         return self.classifier(h.flatten(1))
 
 
+# Training helpers of the method: the authors' classifier optimizer and augmentation
+def classifier_optimizer(classifier, lr=5e-4):
+    """The authors' classifier optimizer: AdamW(lr, betas (0.9, 0.995), eps 1e-8), weight
+    decay 1e-5 on weights and gains, none on biases (the paper's text says AdamW, wd 1e-5)."""
+    decay = [p for n, p in classifier.named_parameters() if "weight" in n or "gain" in n]
+    rest = [p for n, p in classifier.named_parameters() if not ("weight" in n or "gain" in n)]
+    groups = [dict(params=decay, weight_decay=1e-5), dict(params=rest, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8,
+                             fused=fused_ok(classifier.parameters()))
+
+
+def fused_ok(params):
+    """Whether torch's fused Adam/AdamW kernel runs on these parameters (CUDA and CPU; not
+    MPS or meta in every torch version). Fused: one kernel per step, and it can skip a
+    non-finite step on the device (per_instance.finite_step) without a host sync."""
+    return all(p.device.type in ("cuda", "cpu") for p in params)
+
+
+def sample_crop_flip(n, pad, flip, device):
+    """Random crop offsets in [0, 2·pad] (rows, columns) and horizontal flips for n images,
+    drawn on the CPU (the same numbers on every device): ((n, 2) long, (n,) bool)."""
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2))
+    flips = torch.rand(n) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return shifts.to(device), flips.to(device)
+
+
+def crop_flip(x, aug, pad, padding="constant"):
+    """Random-crop augmentation with the draws `aug` of sample_crop_flip: pad by `pad`
+    (zeros, or "reflect"), cut the (H, W) window at the offsets, flip where drawn.
+    Differentiable in x; one draw can augment X and X_sim alike. (B,C,H,W) -> same."""
+    shifts, flips = aug
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode=padding)  # (B, C, H+2·pad, W+2·pad)
+    rows = shifts[:, :1] + torch.arange(h, device=x.device)  # (B, H)
+    cols = shifts[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
+    batch = torch.arange(n, device=x.device)[:, None, None]  # (B, 1, 1)
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
 # ======================================================================================
 # Checkpoints and run utilities shared by the mode scripts (no model maths below here)
 # ======================================================================================
@@ -349,46 +390,6 @@ def quick_threads(quick, device):
     threads), while one thread costs 1.2-1.5x on an idle machine."""
     if quick and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
-
-
-def classifier_optimizer(classifier, lr=5e-4):
-    """The authors' classifier optimizer: AdamW(lr, betas (0.9, 0.995), eps 1e-8), weight
-    decay 1e-5 on weights and gains, none on biases (the paper's text says AdamW, wd 1e-5)."""
-    decay = [p for n, p in classifier.named_parameters() if "weight" in n or "gain" in n]
-    rest = [p for n, p in classifier.named_parameters() if not ("weight" in n or "gain" in n)]
-    groups = [dict(params=decay, weight_decay=1e-5), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.995), eps=1e-8,
-                             fused=fused_ok(classifier.parameters()))
-
-
-def fused_ok(params):
-    """Whether torch's fused Adam/AdamW kernel runs on these parameters (CUDA and CPU; not
-    MPS or meta in every torch version). Fused: one kernel per step, and it can skip a
-    non-finite step on the device (per_instance.finite_step) without a host sync."""
-    return all(p.device.type in ("cuda", "cpu") for p in params)
-
-
-def sample_crop_flip(n, pad, flip, device):
-    """Random crop offsets in [0, 2·pad] (rows, columns) and horizontal flips for n images,
-    drawn on the CPU (the same numbers on every device): ((n, 2) long, (n,) bool)."""
-    shifts = torch.randint(0, 2 * pad + 1, (n, 2))
-    flips = torch.rand(n) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
-    return shifts.to(device), flips.to(device)
-
-
-def crop_flip(x, aug, pad, padding="constant"):
-    """Random-crop augmentation with the draws `aug` of sample_crop_flip: pad by `pad`
-    (zeros, or "reflect"), cut the (H, W) window at the offsets, flip where drawn.
-    Differentiable in x; one draw can augment X and X_sim alike. (B,C,H,W) -> same."""
-    shifts, flips = aug
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode=padding)  # (B, C, H+2·pad, W+2·pad)
-    rows = shifts[:, :1] + torch.arange(h, device=x.device)  # (B, H)
-    cols = shifts[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
-    batch = torch.arange(n, device=x.device)[:, None, None]  # (B, 1, 1)
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def seed_everything(seed):

@@ -154,18 +154,19 @@ def classifier_step(classifier, optimizer, x, y):
 
 def finite_step(optimizer, loss, params):
     """Backward into `params` and step, unless the loss or a gradient is non-finite
-    (authors' code: such steps are skipped). The check never leaves the device: the fused
-    Adam/AdamW kernel reads it as `found_inf`, the flag torch.amp.GradScaler hands it, and
-    then leaves parameters, moments and step count untouched; so no step waits for the
-    host (an unfused optimizer reads the check on the host). Returns 1 when the step was
-    skipped, else 0 (a tensor on the device)."""
+    (authors' code: such steps are skipped). Returns 1 when the step was skipped, else 0
+    (a tensor on the device)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=params)
     grads = [p.grad for p in params if p.grad is not None]
     finite = torch.stack([loss.isfinite().all()] + [g.isfinite().all() for g in grads]).all()
     if optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~finite).float()  # read by the fused kernel (float32, 0-dim)
+        # the contract of torch.amp.GradScaler with the fused Adam/AdamW kernels: a float32
+        # 0-dim `found_inf` attribute, read on the device, makes step() leave parameters,
+        # moments and step count untouched when it is 1; removed again after the step
+        optimizer.found_inf = (~finite).float()
         optimizer.step()
+        del optimizer.found_inf
     elif finite:  # an unfused optimizer (e.g. on MPS): the check is read on the host
         optimizer.step()
     return (~finite).long()

@@ -636,3 +636,29 @@ def test_get_glow_error_and_quick_cache(tmp_path, monkeypatch):
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(glow.bits_per_dim(first, x, noise=False), glow.bits_per_dim(again, x, noise=False))
     assert not any(p.requires_grad for p in again.parameters())
+
+
+def test_sample_draws_from_the_priors_and_the_cli_writes_a_grid(tmp_path):
+    torch.manual_seed(0)
+    model = glow.Glow(levels=2, steps=1, hidden=8)
+    with torch.no_grad():
+        model(glow.to_glow_range(torch.rand(8, 3, 32, 32)))  # data-dependent ActNorm init
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # priors with a mean and scale of their own
+    frozen = glow.freeze(model)
+    assert glow.freeze(frozen) is frozen  # freezing twice is harmless
+    # temperature 0: every latent at its prior mode, the image prior_mode decodes to
+    mode = glow.decode(frozen, glow.prior_mode(frozen, 2)).clamp(0, 1)
+    torch.testing.assert_close(glow.sample_images(frozen, 2, 0.0), mode, rtol=0, atol=1e-5)
+    # temperature 1 draws other images each time; their top latent has the prior's scale
+    a, b = glow.sample_images(frozen, 2, 1.0), glow.sample_images(frozen, 2, 1.0)
+    assert not torch.equal(a, b) and not torch.allclose(a, mode, atol=1e-3)
+    path = tmp_path / "g.pt"
+    glow.save_glow(model, path)
+    out = tmp_path / "samples.png"
+    glow.main(glow.get_args(["sample", "--glow", str(path), "--num", "10", "--out", str(out),
+                             "--device", "cpu"]))
+    from PIL import Image
+    assert Image.open(out).size == (8 * 34 + 2, 2 * 34 + 2)  # 8 columns, 2 rows, padding 2
+    with pytest.raises(nets.RunError, match="exists; pass --overwrite"):
+        glow.main(glow.get_args(["sample", "--glow", str(path), "--out", str(out)]))

@@ -251,16 +251,17 @@ def test_differentiable_adamw_step_matches_torch_adamw(previous_steps):
     assert torch.equal(unused["fc.weight"], params["fc.weight"])
 
 
+@pytest.mark.parametrize("kind", [torch.optim.Adam, torch.optim.AdamW])
 @pytest.mark.parametrize("fused", [True, False])
-def test_non_finite_steps_are_skipped(fused):
+def test_non_finite_steps_are_skipped(fused, kind):
     """A step with a non-finite loss or gradient leaves parameters, Adam's moments and its
     step count exactly as they were (authors: skipped), decided on the device by the fused
     kernel (or on the host for an unfused optimizer); a finite step then is torch's
     ordinary Adam step (compared on a copy)."""
     model = nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    optimizer = kind(model.parameters(), lr=0.1, fused=fused)
     reference = copy.deepcopy(model)
-    ref_optimizer = torch.optim.Adam(reference.parameters(), lr=0.1)  # not fused
+    ref_optimizer = kind(reference.parameters(), lr=0.1)  # not fused
     for m, opt in ((model, optimizer), (reference, ref_optimizer)):  # one real step first
         opt.zero_grad()
         m(torch.ones(1, 3)).sum().backward()
@@ -286,6 +287,14 @@ def test_non_finite_steps_are_skipped(fused):
     ref_optimizer.zero_grad()
     reference(x).pow(2).sum().backward()
     ref_optimizer.step()  # the second real step: t = 2 in the bias correction
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # a plain step() afterwards is an ordinary step: no flag of a skipped step is left over
+    assert not hasattr(optimizer, "found_inf")
+    for opt, m in ((optimizer, model), (ref_optimizer, reference)):
+        opt.zero_grad()
+        m(x).sum().backward()
+        opt.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert not torch.equal(before[0], model.weight)
