@@ -211,7 +211,7 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
                   f"({cfg.num_eval} nets), bpd {bpd:.3f}", flush=True)
             log({"iteration": it, "test_acc_mean": acc, "test_acc_std": std, "test_accs": accs,
                  "bpd": bpd})
-            save_grid(x_syn, class_names, cfg.ipc, cfg.out / "synthetic.png")
+            save_grid(cfg.out / "synthetic.png", x_syn, class_names, cfg.ipc)
         if it == cfg.iterations:
             break
         t0 = time.time()
@@ -236,7 +236,7 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
 
 
 # ------------------------------------------- evaluation (Sec. 4, DC's protocol) and figures
-def evaluate(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs, width,
+def evaluate_synset(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs, width,
              batch_size, seed):
     """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
     (x_train, y_train) with SGD lr 0.01, momentum 0.9, wd 5e-4, lr ÷10 at half the
@@ -302,7 +302,7 @@ def mean_std(values):
     return t.mean().item(), t.std(correction=0).item()  # population std, as DC (np.std)
 
 
-def save_grid(images, class_names, ipc, path):
+def save_grid(path, images, class_names, ipc):
     """Fig. 6 layout: one row per class (ipc > 1), or the whole set on one row (ipc = 1)."""
     captions = [class_names[i // ipc][:10] for i in range(len(images))]
     datasets.save_image_grid(images.cpu(), path, nrow=ipc if ipc > 1 else len(images),
@@ -475,8 +475,7 @@ def stage_optimizer(net, task, steps_per_cycle):
     """The optimizer of task `task`: SGD (lr 0.1, momentum 0.9, weight decay 1e-4; S11 and
     the authors' code), new for each task as the authors', on the shared features and this
     task's head; the other heads are frozen (the authors' train_old_clfs=False: replay
-    trains only the features; also training the earlier heads on their replayed sets lost
-    6-9 points on the earlier tasks in our quick runs). The schedule is the cosine of S11
+    trains only the features; see the README's notes). The schedule is the cosine of S11
     (Loshchilov & Hutter 2017), stepped every iteration and restarted at 0.1 every
     `steps_per_cycle` iterations: lr(i) = 0.05·(1 + cos(π·(i mod T)/T)). The authors' code
     re-created its scheduler every epoch, a per-epoch warm-up sawtooth; this is the paper's."""
@@ -724,8 +723,8 @@ def save_condensed(cfg, class_names, x_syn, x_random, compare):
     labels = torch.arange(len(class_names)).repeat_interleave(cfg.ipc)
     nets.atomic_save({"images": x_syn.cpu(), "labels": labels, "class_names": class_names},
                      cfg.out / "synthetic.pt")
-    save_grid(x_syn, class_names, cfg.ipc, cfg.out / "synthetic.png")
-    save_grid(x_random, class_names, cfg.ipc, cfg.out / "random_real.png")
+    save_grid(cfg.out / "synthetic.png", x_syn, class_names, cfg.ipc)
+    save_grid(cfg.out / "random_real.png", x_random, class_names, cfg.ipc)
     if len(class_names) == 2:  # captions say "lam": the default PIL font has no λ
         rows = [(f"lam{compare[2].get('lambda_sim', math.nan):g}", *compare[:2])] if compare else []
         save_two_class(cfg.out / "two_class.png",
@@ -768,7 +767,7 @@ def main(args):
 
     # condense, evaluating with fresh networks at cfg.eval_at
     def evaluate_images(x, y):
-        return evaluate(x, y, x_test, y_test, num_classes=info.num_classes,
+        return evaluate_synset(x, y, x_test, y_test, num_classes=info.num_classes,
                         num_eval=cfg.num_eval, epochs=cfg.eval_epochs, width=cfg.width,
                         batch_size=cfg.batch_size, seed=cfg.seed)
 

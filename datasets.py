@@ -107,7 +107,7 @@ class TensorImages(Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):  # batch() of one item, written out: 3× faster per item
+    def __getitem__(self, i):  # batch() of one item, written out for speed
         x = self.images[i].float() / 255  # (C, 32, 32)
         return x.expand(3, -1, -1).contiguous(), int(self.labels[i])
 
@@ -118,7 +118,7 @@ class TensorImages(Dataset):
     def stored(self, indices):
         """Items `indices` (B,) with the channels as stored: float32 (B, C, 32, 32), labels (B,),
         on the images' device."""
-        indices = indices.to(self.images.device)  # index_select: 10× faster than images[indices]
+        indices = indices.to(self.images.device)  # index_select: faster than images[indices]
         return self.images.index_select(0, indices).float() / 255, self.labels[indices]
 
     def batch(self, indices, generator=None):
@@ -461,9 +461,9 @@ def to_uint8(x):
 
 class Batches:
     """Batches of a TensorImages or a Composite (or a Subset of one, as load_splits gives)
-    built by tensor indexing on `device`: the uint8 sources move there once, and a batch of
-    32 takes 0.1-0.5 ms on one CPU core instead of 0.7-5.5 ms item by item (measured,
-    tests/benchmark.py data). Usage: `x, y = Batches(train_set, device).get(indices)`."""
+    built by tensor indexing on `device`: the uint8 sources move there once, and a batch is
+    one indexing instead of one call per item (README, Speed). Usage:
+    `x, y = Batches(train_set, device).get(indices)`."""
 
     def __init__(self, dataset, device):
         dataset, self.index = unwrap(dataset, "Batches")

@@ -35,9 +35,9 @@ import nets
 LOGSCALE_FACTOR = 3.0  # Conv2dZeros output gain exp(3·logs): fixed in y0ast, not stored
 N_BINS = 256  # 8-bit images: bins of width 1/256 in the Glow input space
 QUICK_GLOW = dict(levels=3, steps=4, hidden=32)  # the tiny Glow that --quick pretrains on CPU
-QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow: about 30 s on 2 idle CPU cores
-QUICK_LR = 5e-3  # 10x the full-size rate: within 300 steps the tiny Glow learns that plain
-                 # backgrounds are cheap (shapes: plain-background images 38% fewer bits)
+QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow
+QUICK_LR = 5e-3  # 10x the full-size rate, so that 300 steps learn that plain backgrounds
+# are cheap (the README's notes)
 
 
 class GlowCheckpointError(Exception):
@@ -405,8 +405,8 @@ def freeze(glow):
     """A frozen copy of `glow` (or of one of its layers) for scoring: eval mode, no parameter
     gradients (gradients still flow to the input), and every per-channel affine folded into
     its convolution, so one flow step is four convolutions: ActNorm and the 1×1 conv become
-    one FoldedMix, each ConvActNorm / ZeroConv one nn.Conv2d. The same numbers; on a CPU
-    forward + backward at batch 32 is 14-41% faster (README, Speed). Train and save the
+    one FoldedMix, each ConvActNorm / ZeroConv one nn.Conv2d. The same numbers, faster
+    (README, Speed). Train and save the
     original: the copy is for scoring only. A frozen Glow is returned as it is."""
     if getattr(glow, "folded", False):
         return glow
@@ -530,8 +530,8 @@ def load_glow(path, device="cpu", frozen=True, made_from=None):
     try:
         glow.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1].strip()
-        raise GlowCheckpointError(f"{path}: the weights do not match its config ({first_line}).")
+        last_line = str(error).strip().splitlines()[-1].strip()
+        raise GlowCheckpointError(f"{path}: the weights do not match its config ({last_line}).")
     glow = glow.to(device)
     return freeze(glow) if frozen else glow
 
@@ -712,7 +712,7 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         finite = math.isfinite(test_bpd.item()) and all(bool(p.isfinite().all())
                                                         for p in glow.parameters())
         if not finite:
-            raise GlowCheckpointError(f"Glow training diverged in epoch {epoch + 1} (non-finite "
+            raise nets.RunError(f"Glow training diverged in epoch {epoch + 1} (non-finite "
                                       "weights or test bpd), so it was not saved; lower --lr.")
         done = epoch + 1 == epochs or (max_steps and step >= max_steps)
         if out and rank == 0:
@@ -728,7 +728,7 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
 
 def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=print):
     """The scoring Glow of a mode script, on `device`: `path` if given; with `quick`, the
-    tiny Glow of the --quick presets, pretrained here on `train_set` (~30 s on a CPU) and
+    tiny Glow of the --quick presets, pretrained here on `train_set` and
     cached at `cache_path`, or taken from there if it was made from the same data
     (`made_from`, e.g. {"dataset": ..., "train_size": ..., "seed": ...}); otherwise a clear
     error. The pretraining draws from its own random stream seeded with made_from["seed"],
@@ -738,7 +738,7 @@ def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=pri
     if path:
         return load_glow(path, device)
     if not quick:
-        raise GlowCheckpointError(f"no Glow given: pass --glow PATH ({HOW_TO_GET_A_GLOW}), "
+        raise nets.RunError(f"no Glow given: pass --glow PATH ({HOW_TO_GET_A_GLOW}), "
                                   f"or use --quick to pretrain a tiny one.")
     if os.path.isfile(cache_path):
         log(f"using the cached quick Glow {cache_path}")
@@ -892,9 +892,9 @@ def main(args):
                                 f"e.g. {os.path.join(out, 'glow.pt')}.")
         nets.check_folder(os.path.dirname(os.path.abspath(out)), "--out's folder")
         if os.path.isfile(out) and not args.resume:
-            raise GlowCheckpointError(f"{out} exists: pass --resume to continue it or another --out.")
+            raise nets.RunError(f"{out} exists: pass --resume to continue it or another --out.")
         if args.resume and not os.path.isfile(out):
-            raise GlowCheckpointError(f"--resume: {out} does not exist, so there is no run to "
+            raise nets.RunError(f"--resume: {out} does not exist, so there is no run to "
                                       "continue; drop --resume to start one.")
         if args.resume:  # only a run of the same flags continues (more epochs or steps allowed)
             state = nets.read_checkpoint(out, "an unfinished `glow.py train` run (finished, "

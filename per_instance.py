@@ -205,13 +205,13 @@ def jpeg(x, quality):
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device).float() / 255
 
 
-def simplification(args, simplifier):
+def simplification(cfg, simplifier):
     """The function x in [0,1] -> X_sim on 8-bit levels (what the classifier and Glow see):
     the simplifier network, or the blur / JPEG baseline of S7."""
-    if args.simplifier == "blur":
-        return lambda x: glow.quantize(gaussian_blur(x, args.blur_sigma))
-    if args.simplifier == "jpeg":
-        return lambda x: jpeg(x, int(args.jpeg_quality))
+    if cfg.simplifier == "blur":
+        return lambda x: glow.quantize(gaussian_blur(x, cfg.blur_sigma))
+    if cfg.simplifier == "jpeg":
+        return lambda x: jpeg(x, int(cfg.jpeg_quality))
     return lambda x: glow.quantize(simplifier(x))
 
 
@@ -265,7 +265,7 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
                    skipped_steps=skipped)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:  # and after the last epoch
             row.update(test_epoch(cfg, classifier, simplify, glow_model, test, device, epoch))
-        row["time_s"] = time.time() - t_start
+        row["seconds"] = time.time() - t_start  # since training started
         log(row)
         print(epoch_line(row, cfg.epochs), flush=True)
         save_checkpoint(ckpt_path, epoch, models, optimizers, log.rows, skipped_total, made_for)
@@ -287,8 +287,8 @@ def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase)
             losses.append(loss)
             skipped += n_skip
         nets.check_skipped(int(skipped), len(losses), f"{phase} epoch {epoch}/{cfg.retrain_epochs}")
-        orig, _ = evaluate(classifier, None, *test["orig"], device)
-        sim, _ = evaluate(classifier, None, *test["sim"], device)
+        orig, _ = accuracy_and_bpd(classifier, None, *test["orig"], device)
+        sim, _ = accuracy_and_bpd(classifier, None, *test["sim"], device)
         row = dict(phase=phase, epoch=epoch, train_loss=torch.stack(losses).mean().item(),
                    test_acc=orig["acc"], test_acc_simplified=sim["acc"])
         nets.append_jsonl(cfg.out / "metrics.jsonl", row)
@@ -334,7 +334,7 @@ def simplify_all(simplify, images, device):
 
 
 @torch.no_grad()
-def evaluate(classifier, glow_model, images, labels, device, seed=0):
+def accuracy_and_bpd(classifier, glow_model, images, labels, device, seed=0):
     """Accuracy and loss of f (if given), and per-image bpd (Eq. 1) if glow_model is given.
     The bpd's dequantization noise comes from its own seeded stream, so that how often a
     run evaluates never changes what it trains; counts are summed on the device."""
@@ -360,10 +360,10 @@ def simplified_test_metrics(classifier, simplify, glow_model, test, device):
     original and on the simplified ones (Fig. 5, S6). test: {"x", "y"}. Returns the
     metrics, the simplified images (uint8) and their bpd."""
     test_sim = simplify_all(simplify, test["x"], device)  # uint8 (N, 3, 32, 32)
-    sim, sim_bpd = evaluate(classifier, glow_model, test_sim, test["y"], device)
+    sim, sim_bpd = accuracy_and_bpd(classifier, glow_model, test_sim, test["y"], device)
     metrics = dict(test_bpd_simplified=sim_bpd.mean().item())
     if classifier is not None:
-        metrics.update(test_acc=evaluate(classifier, None, test["x"], test["y"], device)[0]["acc"],
+        metrics.update(test_acc=accuracy_and_bpd(classifier, None, test["x"], test["y"], device)[0]["acc"],
                        test_acc_simplified=sim["acc"])
     return metrics, test_sim, sim_bpd
 
@@ -386,7 +386,7 @@ def epoch_line(row, epochs):
         line += f"  test acc {row['test_acc']:.3f} (simplified {row['test_acc_simplified']:.3f})"
     if "test_bpd" in row:
         line += f"  test bpd {row['test_bpd']:.2f} -> {row['test_bpd_simplified']:.2f}"
-    return line + f"  {row['time_s']:.0f}s"
+    return line + f"  {row['seconds']:.0f}s"
 
 
 def png_bytes(images):
@@ -421,8 +421,8 @@ FULL = dict(epochs=100, batch_size=32, lambda_sim=2.0, lr=5e-4, arch="wrn", dept
             widen=2, width=128, ngf=64, train_size=None, test_size=None, eval_every=5)
 QUICK = dict(epochs=12, batch_size=16, lambda_sim=50.0, lr=5e-3, arch="convnet", depth=10,
              widen=1, width=32, ngf=16, train_size=2000, test_size=500, eval_every=1)
-# the flag that takes a grid (Fig. 5, Fig. S4), per --simplifier
-GRID_KNOB = dict(unet="lambda_sim", l2="lambda_sim", blur="blur_sigma", jpeg="jpeg_quality")
+# the knob of each --simplifier: the flag that takes a grid (Fig. 5, Fig. S4)
+KNOB_OF = dict(unet="lambda_sim", l2="lambda_sim", blur="blur_sigma", jpeg="jpeg_quality")
 GRID_KNOBS = ("lambda_sim", "blur_sigma", "jpeg_quality")
 # what --resume lets change: train longer, evaluate elsewhere, and add the phases after
 # joint training (Fig. 5)
@@ -480,7 +480,7 @@ def get_args(argv=None):
                    help="write simplified_{train,test}.pt (uint8 images in dataset order; S5)")
     nets.add_grid_flags(p, GRID_KNOBS)
     args = p.parse_args(argv)
-    nets.settle_grid(p, args, GRID_KNOB[args.simplifier], GRID_KNOBS)
+    nets.settle_grid(p, args, KNOB_OF[args.simplifier], GRID_KNOBS)
     sigmas, qualities = (v if isinstance(v, tuple) else (v,)
                          for v in (args.blur_sigma, args.jpeg_quality))
     if min(sigmas) <= 0 or not all(q == int(q) and 1 <= q <= 100 for q in qualities):
@@ -574,7 +574,7 @@ def main(args):
 
     # train: Sec. 3 (unet) or the L2 baseline (l2); the blur and JPEG baselines train nothing.
     # The original test images' bpd is computed once, before --resume restores the RNG.
-    test = dict(x=test_x, y=test_y, bpd=evaluate(None, glow_model, test_x, test_y, device)[1])
+    test = dict(x=test_x, y=test_y, bpd=accuracy_and_bpd(None, glow_model, test_x, test_y, device)[1])
     skipped = 0
     if cfg.simplifier in ("unet", "l2"):
         skipped = train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify,
@@ -583,7 +583,7 @@ def main(args):
     # final evaluation (Fig. 3, Fig. 5 "joint", S5 PNG sizes), then the Fig. 5 phases
     joint = classifier if cfg.simplifier == "unet" else None
     metrics, test_sim, sim_bpd = simplified_test_metrics(joint, simplify, glow_model, test, device)
-    knob = GRID_KNOB[cfg.simplifier]  # lambda_sim, blur_sigma or jpeg_quality
+    knob = KNOB_OF[cfg.simplifier]  # lambda_sim, blur_sigma or jpeg_quality
     results = dict(dataset=info.name, simplifier=cfg.simplifier, **{knob: getattr(cfg, knob)},
                    epochs=cfg.epochs if cfg.simplifier in ("unet", "l2") else 0,
                    test_bpd=test["bpd"].mean().item(), **metrics,
@@ -593,7 +593,7 @@ def main(args):
     results.update(retrain_phases(cfg, classifier, simplify, train_set, test, test_sim, flip, device))
 
     # save
-    results["time_s"] = time.time() - t_start
+    results["seconds"] = time.time() - t_start
     nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}, flush=True)
@@ -613,13 +613,13 @@ if __name__ == "__main__":
     nets.console()  # before --help: its text has λ
     args = get_args()
     try:
-        nets.run_command(main, args, GRID_KNOB[args.simplifier], resolve_config(args).out,
+        nets.run_command(main, args, KNOB_OF[args.simplifier], resolve_config(args).out,
                          SUMMARY, RESUMABLE)
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (nets.console)
-        grid = isinstance(getattr(args, GRID_KNOB[args.simplifier]), tuple)
+        grid = isinstance(getattr(args, KNOB_OF[args.simplifier]), tuple)
         print(nets.interrupted(resolve_config(args).out, grid), file=sys.stderr)
         sys.exit(130)

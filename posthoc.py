@@ -52,7 +52,7 @@ def posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, lambda_sim):
     Alg. 2 writes the target of g_m as h; we use the authors' h_mix (the unscaled
     prediction on the mixed image). The weights 10, 1, 1 and the division by 12 + λ are
     the authors' (weighted sum normalised by its weights). Alg. 1 is α = 1: x_mix = x_sim.
-    Returns (loss, dict of its parts as floats).
+    Returns (loss, dict of its parts: 0-dim tensors, detached, and the floats s and α).
     """
     # f_s: ONE global factor s on all parameters (weights, gains, biases, last Linear; authors)
     params = {name: p.detach() * s for name, p in model.named_parameters()}
@@ -61,7 +61,8 @@ def posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, lambda_sim):
     def f_s(inputs):
         return functional_call(model, (params, buffers), (inputs,))
 
-    # the original image: h_s and g_o do not depend on z_sim
+    # the original image: h_s and g_o do not depend on z_sim, so no graph is kept for them
+    # (torch.func.grad differentiates on its own: g_o is computed under no_grad too)
     with torch.no_grad():
         h_s = f_s(x)  # (B, K)
         g_orig = gate_gradients(model, params, buffers, x, h)
@@ -77,7 +78,7 @@ def posthoc_loss(model, glow_model, z_sim, z_orig, x, h, s, alpha, lambda_sim):
     x_sim = x_mix if alpha == 1 else straight_through_clamp(glow.decode(glow_model, z_sim))
     bpd = glow.bits_per_dim(glow_model, glow.quantize(x_sim)).mean()
     loss = (10 * l_grad + lambda_sim * bpd + l_pred) / (12 + lambda_sim)
-    # the parts stay on the device (read only when printed): no host sync per step
+    # the parts stay on the device, read only when printed
     parts = dict(loss=loss.detach(), l_grad=l_grad.detach(), l_pred=l_pred.detach(),
                  bpd=bpd.detach(), s=s, alpha=alpha)
     return loss, parts
@@ -155,7 +156,7 @@ def simplify(cfg, model, glow_model, x, log, resuming):
         h = model(x)  # (B, K), f(x) is fixed
         z_orig = glow.encode(glow_model, x)  # [(B, 6, 16, 16), (B, 12, 8, 8), (B, 48, 4, 4)] for L = 3
     z_sim = [z.clone().requires_grad_() for z in glow.prior_mode(glow_model, len(x))]
-    start_point = evaluate(model, glow_model, x, z_sim)
+    start_point = predictions_and_bpd(model, glow_model, x, z_sim)
     optimizer = torch.optim.Adam(z_sim, lr=cfg.lr)
     parts = dict(optimizer=optimizer, **{f"z{i}": z for i, z in enumerate(z_sim)})
     ckpt_path, done = cfg.out / "checkpoint.pt", 0
@@ -187,7 +188,7 @@ def simplify(cfg, model, glow_model, x, log, resuming):
 
 # ------------------------------------------------------- evaluation and figures (Fig. 8)
 @torch.no_grad()
-def evaluate(model, glow_model, x, z_sim):
+def predictions_and_bpd(model, glow_model, x, z_sim):
     """Predictions and bpd of the originals and of the simplified images (as 8-bit images)."""
     x_sim = torch.round(glow.decode(glow_model, z_sim).clamp(0, 1) * 255) / 255  # (B, 3, 32, 32)
     return dict(x_sim=x_sim, pred_original=model(x).argmax(1), pred_simplified=model(x_sim).argmax(1),
@@ -234,7 +235,7 @@ def train_classifier(train_set, cfg, device, log):
         model.train()
         order = torch.randperm(len(batches))[:len(batches) // size * size]  # full batches only
         progress = nets.Progress(len(order) // size, f"classifier epoch {epoch}")
-        loss_sum, correct, count = 0.0, 0, 0  # summed on the device: no host sync per step
+        loss_sum, correct, count = 0.0, 0, 0  # summed on the device, read once per epoch
         for idx in order.split(size):
             x, y = batches.get(idx)  # (B, 3, 32, 32), (B,)
             aug = nets.sample_crop_flip(len(x), 4, flip, device)
@@ -260,29 +261,29 @@ def train_classifier(train_set, cfg, device, log):
     return model.eval()
 
 
-def select_images(probs, labels, args):
+def select_images(probs, labels, cfg):
     """Test-set indices to explain: --indices, or the first --num-images confidently
     (max softmax > --confidence) misclassified / correct ones, in dataset order (authors,
     Fig. 8, S17/S18). If too few are that confident, the most confident ones of that kind
     are taken instead and the returned note says so."""
-    if args.indices is not None:
-        outside = [i for i in args.indices if not 0 <= i < len(labels)]
+    if cfg.indices is not None:
+        outside = [i for i in cfg.indices if not 0 <= i < len(labels)]
         if outside:
             raise nets.RunError(f"--indices {outside} are outside the test set of {len(labels)} images.")
-        return torch.tensor(args.indices), "given by --indices"
+        return torch.tensor(cfg.indices), "given by --indices"
     confidence, pred = probs.max(dim=1)
-    wanted = (pred != labels) if args.select == "misclassified" else (pred == labels)
+    wanted = (pred != labels) if cfg.select == "misclassified" else (pred == labels)
     candidates = wanted.nonzero().flatten()
-    confident = candidates[confidence[candidates] > args.confidence]
-    if len(confident) >= args.num_images:
-        return confident[:args.num_images], f"{args.select}, confidence > {args.confidence}"
+    confident = candidates[confidence[candidates] > cfg.confidence]
+    if len(confident) >= cfg.num_images:
+        return confident[:cfg.num_images], f"{cfg.select}, confidence > {cfg.confidence}"
     if len(candidates) == 0:
-        other = "correct" if args.select == "misclassified" else "misclassified"
-        raise nets.RunError(f"the classifier has no {args.select} test images; "
+        other = "correct" if cfg.select == "misclassified" else "misclassified"
+        raise nets.RunError(f"the classifier has no {cfg.select} test images; "
                          f"use --select {other} or --indices.")
-    chosen = candidates[confidence[candidates].argsort(descending=True)][:args.num_images]
-    return chosen, (f"only {len(confident)} {args.select} images have confidence > {args.confidence}; "
-                    f"took the {len(chosen)} most confident {args.select} ones")
+    chosen = candidates[confidence[candidates].argsort(descending=True)][:cfg.num_images]
+    return chosen, (f"only {len(confident)} {cfg.select} images have confidence > {cfg.confidence}; "
+                    f"took the {len(chosen)} most confident {cfg.select} ones")
 
 
 # --- running it: presets, flags, checkpoints (not needed to follow the paper) -------------
@@ -439,7 +440,7 @@ def main(args):
 
     # final evaluation: predictions and bpd of the originals, the start point and the
     # simplified 8-bit images
-    result = evaluate(model, glow_model, x, z_sim)
+    result = predictions_and_bpd(model, glow_model, x, z_sim)
     names = info.class_names
     images = per_image_results(indices, labels, names, start_point, result)
     results = dict(

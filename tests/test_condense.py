@@ -357,7 +357,7 @@ def test_evaluate_follows_dc_protocol(float64, monkeypatch):
 
     monkeypatch.setattr(condense, "test_accuracy", record)
     rng_before = torch.get_rng_state()
-    accs = condense.evaluate(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+    accs = condense.evaluate_synset(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                              num_classes=2, num_eval=2, epochs=5, width=4, batch_size=3, seed=9)
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert len(accs) == len(trained) == 2

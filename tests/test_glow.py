@@ -576,7 +576,7 @@ def test_train_cli_resumes_and_bpd_cli_writes_grid(tmp_path, monkeypatch, capsys
     glow.main(glow.get_args(["train", *common, "--epochs", "1", "--max-steps", "1000"]))
     first = torch.load(out, weights_only=True)
     assert "optimizer" not in first  # a finished run holds only the model
-    with pytest.raises(glow.GlowCheckpointError, match="--resume"):
+    with pytest.raises(nets.RunError, match="--resume"):
         glow.main(glow.get_args(["train", *common, "--epochs", "2"]))
     glow.main(glow.get_args(["bpd", "--glow", out, "--dataset", "shapes", "--test-size", "40",
                              "--out", str(tmp_path / "bpd"), "--data-root", str(tmp_path)]))
@@ -626,7 +626,7 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
 
 
 def test_get_glow_error_and_quick_cache(tmp_path, monkeypatch):
-    with pytest.raises(glow.GlowCheckpointError, match="--glow"):
+    with pytest.raises(nets.RunError, match="--glow"):
         glow.get_glow(None, False, None, str(tmp_path / "c.pt"), "cpu")
     monkeypatch.setattr(glow, "QUICK_GLOW", dict(levels=2, steps=1, hidden=8))
     monkeypatch.setattr(glow, "QUICK_STEPS", 3)

@@ -804,7 +804,7 @@ def test_convnet_classifier_and_quick_preset(tmp_path):
 def test_smoke_baselines(tmp_path, kind):
     results = run(tmp_path, kind, "--simplifier", kind, "--epochs", "1", "--retrain-epochs", "1")
     assert "test_acc" not in results and 0 <= results["retrain_test_acc"] <= 1  # f is retrained
-    assert results[pi.GRID_KNOB[kind]] == {"l2": 2, "blur": 1, "jpeg": 20}[kind]
+    assert results[pi.KNOB_OF[kind]] == {"l2": 2, "blur": 1, "jpeg": 20}[kind]
     assert results["test_bpd_simplified"] > 0 and results["png_bytes_simplified"] > 0
     if kind == "blur":  # blurring removes the pixel noise of the background
         assert results["png_bytes_simplified"] < results["png_bytes"]

@@ -352,7 +352,7 @@ def test_evaluate_by_hand():
     f; bpds with dequantization noise, originals first."""
     model, g, x, h, z_orig, z_sim = float64_problem()
     torch.manual_seed(15)
-    result = posthoc.evaluate(model, g, x, z_sim)
+    result = posthoc.predictions_and_bpd(model, g, x, z_sim)
     x_sim = torch.round(255 * glow.decode(g, z_sim).clamp(0, 1)) / 255
     torch.testing.assert_close(result["x_sim"], x_sim, rtol=0, atol=1e-12)
     with torch.no_grad():

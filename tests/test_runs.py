@@ -183,18 +183,18 @@ def test_condense_never_writes_an_evaluation_twice(tmp_path, tiny_glow_path, mon
     run(condense, condense_argv(out, tiny_glow_path, "--eval-at", "0,2", "--iterations", "4",
                                 "--resume"))
     # killed during its final evaluation, then resumed: that evaluation once
-    real, calls = condense.evaluate, []
+    real, calls = condense.evaluate_synset, []
 
     def killed_at_the_end(*a, **k):
         calls.append(1)
         if len(calls) == 1:  # the evaluation at 6, the first of this run
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(condense, "evaluate", killed_at_the_end)
+    monkeypatch.setattr(condense, "evaluate_synset", killed_at_the_end)
     with pytest.raises(KeyboardInterrupt):
         run(condense, condense_argv(out, tiny_glow_path, "--eval-at", "0,2", "--iterations", "6",
                                     "--resume"))
-    monkeypatch.setattr(condense, "evaluate", real)
+    monkeypatch.setattr(condense, "evaluate_synset", real)
     results = run(condense, condense_argv(out, tiny_glow_path, "--eval-at", "0,2",
                                           "--iterations", "6", "--resume"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -394,7 +394,7 @@ def test_resume_of_a_folder_without_a_run_is_one_sentence(tmp_path, tiny_glow_pa
 
 def test_glow_train_resume_of_a_missing_checkpoint_is_one_sentence(tmp_path):
     out = tmp_path / "g.pt"
-    with pytest.raises(glow.GlowCheckpointError, match="does not exist, so there is no run"):
+    with pytest.raises(nets.RunError, match="does not exist, so there is no run"):
         glow.main(glow.get_args(["train", "--dataset", "shapes", "--resume", "--device", "cpu",
                                  "--out", str(out)]))
 
@@ -467,12 +467,12 @@ def test_every_seed_numpy_accepts_is_accepted():
 
 
 def test_non_finite_result_is_an_error(tmp_path, tiny_glow_path, monkeypatch):
-    real = posthoc.evaluate
+    real = posthoc.predictions_and_bpd
 
     def diverged(*args):
         result = real(*args)
         return dict(result, bpd_simplified=torch.full_like(result["bpd_simplified"], float("nan")))
-    monkeypatch.setattr(posthoc, "evaluate", diverged)
+    monkeypatch.setattr(posthoc, "predictions_and_bpd", diverged)
     with pytest.raises(nets.RunError, match="non-finite .*mean_bpd_simplified"):
         run(posthoc, posthoc_argv(tmp_path / "p", tiny_glow_path))
     assert not (tmp_path / "p" / "results.json").exists()  # a grid would count it finished
@@ -480,7 +480,7 @@ def test_non_finite_result_is_an_error(tmp_path, tiny_glow_path, monkeypatch):
 
 def test_diverged_glow_training_is_not_saved(tmp_path):
     out = tmp_path / "g.pt"
-    with pytest.raises(glow.GlowCheckpointError, match="diverged"):
+    with pytest.raises(nets.RunError, match="diverged"):
         glow.main(glow.get_args(["train", "--dataset", "shapes", "--levels", "1", "--flow-steps", "1",
                                  "--hidden", "4", "--train-size", "64", "--test-size", "16",
                                  "--epochs", "1", "--lr", "1e6", "--warmup-steps", "1",
