@@ -633,31 +633,13 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
     every process, so N processes take the same steps as one (up to float rounding).
     Only rank 0 logs, evaluates and writes `out`.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if batch_size % world:
-        raise nets.RunError(f"--batch-size {batch_size} (the global batch) does not divide "
-                            f"over {world} processes.")
-    # every process sees its share of each epoch; the order depends on (seed, epoch) only
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size // world,
-                                         sampler=sampler, drop_last=True)
-    if len(loader) == 0:
-        raise nets.RunError(f"the {len(train_set)} training images do not fill one batch of "
-                            f"{batch_size}; lower --batch-size.")
+    rank, world = rank_and_world()
+    sampler, loader = global_batches(train_set, batch_size, seed)
     total_steps = min(epochs * len(loader), max_steps or math.inf)
-    if warmup_steps is None:
-        warmup_steps = max(1, min(4000, total_steps // 10))
-    log(f"Adamax lr {lr:g}, linear warm-up over {warmup_steps} of {total_steps} steps, global "
-        f"batch {batch_size} = {world} process(es) × {batch_size // world}")
-    if warmup_steps > total_steps:
-        log(f"warning: the warm-up ({warmup_steps} steps) is longer than the run "
-            f"({total_steps} steps): the learning rate never reaches {lr:g}")
     model = glow if world == 1 else torch.nn.parallel.DistributedDataParallel(
         glow, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adamax(glow.parameters(), lr=lr, weight_decay=5e-5)  # y0ast/authors
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+    optimizer, warmup = glow_optimizer(glow, lr, warmup_steps, total_steps, log)
+    log(f"global batch {batch_size} = {world} process(es) × {batch_size // world}")
     start_epoch, step = 0, 0
     if out and os.path.isfile(out):  # an unfinished run of the same flags (main checked them)
         state = nets.load_state(out, "an unfinished `glow.py train` run",
@@ -665,57 +647,24 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
                                 keys=("epoch", "step"))
         start_epoch, step = state["epoch"], state["step"]
         log(f"resumed {out} at epoch {start_epoch}")
-    else:  # data-dependent ActNorm init before the first step (Glow Sec. 3.1), from the
-        # same images on every process
-        pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
-        x = torch.stack([train_set[i][0] for i in pick[:init_images].tolist()]).to(device)
-        glow.train()
-        with torch.no_grad():
-            x = random_crop_flip(x)
-            glow(to_glow_range(x) + torch.rand_like(x) / N_BINS)
+    else:
+        init_actnorm(glow, train_set, init_images, seed, device)
     for epoch in range(start_epoch, epochs):
-        glow.train()
         sampler.set_epoch(epoch)
-        total, count, skipped = torch.zeros((), device=device), 0, 0
-        progress = nets.Progress(len(loader), f"glow epoch {epoch + 1}/{epochs}",
-                                 every=5.0 if rank == 0 else math.inf)
-        for x, _ in loader:  # x: this process's images of the global batch
-            # augmentation and noise for the whole global batch; this process takes its rows
-            shifts, flips = nets.sample_crop_flip(batch_size, 3, True, device)
-            noise = torch.rand(batch_size, *x.shape[1:], device=device) / N_BINS
-            mine = slice(rank, None, world)
-            x = nets.crop_flip(x.to(device), (shifts[mine], flips[mine]), 3, "reflect")
-            loss, bad = glow_step(model, optimizer, x, noise[mine])
-            warmup.step()  # the warm-up counts batches, skipped ones included
-            total = total if bad else total + loss  # the mean over the batches it learned from
-            count, step, skipped = count + 1, step + 1, skipped + bad
-            progress.update()
-            if max_steps and step >= max_steps:
-                break
-        progress.close()
-        if world > 1:
-            dist.all_reduce(total)
-            total = total / world
-        test_bpd = torch.zeros((), device=device)
-        if test_set is not None and rank == 0:  # on its own random stream: training draws
-            # the same numbers on every process, with or without a test set
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                test_bpd += score_dataset(glow, test_set, device).mean().to(device)
-        if world > 1:
-            dist.broadcast(test_bpd, 0)
-        line = f"glow epoch {epoch + 1}: train bpd {total.item() / max(count - skipped, 1):.3f}"
-        if test_set is not None:
-            line += f", test bpd {test_bpd.item():.3f}"
-        log(line + (f", {skipped} batches with non-finite gradients skipped" if skipped else ""))
+        train_bpd, count, skipped, step = glow_epoch(
+            model, optimizer, warmup, loader, batch_size, device, step, max_steps,
+            f"glow epoch {epoch + 1}/{epochs}")
+        test_bpd = mean_test_bpd(glow, test_set, device, seed)
+        log(f"glow epoch {epoch + 1}: train bpd {train_bpd:.3f}"
+            + (f", test bpd {test_bpd:.3f}" if test_set is not None else "")
+            + (f", {skipped} batches with non-finite gradients skipped" if skipped else ""))
         nets.check_skipped(skipped, count, f"glow epoch {epoch + 1}")
-        finite = math.isfinite(test_bpd.item()) and all(bool(p.isfinite().all())
-                                                        for p in glow.parameters())
-        if not finite:
+        weights_finite = all(bool(p.isfinite().all()) for p in glow.parameters())
+        if not (math.isfinite(test_bpd) and weights_finite):
             raise nets.RunError(f"Glow training diverged in epoch {epoch + 1} (non-finite "
-                                      "weights or test bpd), so it was not saved; lower --lr.")
+                                "weights or test bpd), so it was not saved; lower --lr.")
         done = epoch + 1 == epochs or (max_steps and step >= max_steps)
-        if out and rank == 0:
+        if out and rank == 0:  # a finished run keeps only the model
             save_glow(glow, out, settings=settings, **({} if done else dict(
                 optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),
                 epoch=epoch + 1, step=step, rng=nets.rng_state())))
@@ -724,6 +673,97 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         if done:
             break
     return glow
+
+
+def rank_and_world():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def global_batches(train_set, batch_size, seed):
+    """The DistributedSampler and this process's DataLoader of `batch_size` global batches:
+    every process sees its share of each epoch, in an order fixed by (seed, epoch)."""
+    rank, world = rank_and_world()
+    if batch_size % world:
+        raise nets.RunError(f"--batch-size {batch_size} (the global batch) does not divide "
+                            f"over {world} processes.")
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size // world,
+                                         sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise nets.RunError(f"the {len(train_set)} training images do not fill one batch of "
+                            f"{batch_size}; lower --batch-size.")
+    return sampler, loader
+
+
+def glow_optimizer(glow, lr, warmup_steps, total_steps, log):
+    """Adamax(lr, weight decay 5e-5) as y0ast and the authors, with a linear warm-up over
+    `warmup_steps` (default: a tenth of the run, at most the released model's 4000)."""
+    if warmup_steps is None:
+        warmup_steps = max(1, min(4000, total_steps // 10))
+    log(f"Adamax lr {lr:g}, linear warm-up over {warmup_steps} of {total_steps} steps")
+    if warmup_steps > total_steps:
+        log(f"warning: the warm-up ({warmup_steps} steps) is longer than the run "
+            f"({total_steps} steps): the learning rate never reaches {lr:g}")
+    optimizer = torch.optim.Adamax(glow.parameters(), lr=lr, weight_decay=5e-5)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+    return optimizer, warmup
+
+
+def init_actnorm(glow, train_set, init_images, seed, device):
+    """ActNorm's data-dependent initialisation (Glow Sec. 3.1) before the first step, on
+    `init_images` augmented training images, the same on every process."""
+    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+    x = torch.stack([train_set[i][0] for i in pick[:init_images].tolist()]).to(device)
+    glow.train()
+    with torch.no_grad():
+        x = random_crop_flip(x)
+        glow(to_glow_range(x) + torch.rand_like(x) / N_BINS)
+
+
+def glow_epoch(model, optimizer, warmup, loader, batch_size, device, step, max_steps, desc):
+    """One epoch of maximum likelihood (glow_step per batch, until `max_steps` in all).
+    The augmentation and the dequantization noise are drawn for the whole global batch on
+    every process, which takes its rows. Returns (mean train bpd over the batches learned
+    from, over all processes; batches; skipped batches; steps so far)."""
+    rank, world = rank_and_world()
+    model.train()
+    total, count, skipped = torch.zeros((), device=device), 0, 0
+    progress = nets.Progress(len(loader), desc, every=5.0 if rank == 0 else math.inf)
+    for x, _ in loader:  # x: this process's images of the global batch
+        shifts, flips = nets.sample_crop_flip(batch_size, 3, True, device)
+        noise = torch.rand(batch_size, *x.shape[1:], device=device) / N_BINS
+        mine = slice(rank, None, world)
+        x = nets.crop_flip(x.to(device), (shifts[mine], flips[mine]), 3, "reflect")
+        loss, bad = glow_step(model, optimizer, x, noise[mine])
+        warmup.step()  # the warm-up counts batches, skipped ones included
+        total = total if bad else total + loss
+        count, step, skipped = count + 1, step + 1, skipped + bad
+        progress.update()
+        if max_steps and step >= max_steps:
+            break
+    progress.close()
+    if world > 1:
+        dist.all_reduce(total)
+        total = total / world
+    return total.item() / max(count - skipped, 1), count, skipped, step
+
+
+def mean_test_bpd(glow, test_set, device, seed):
+    """The mean bpd of `test_set` (0 without one), scored by rank 0 on its own
+    random stream (training draws the same numbers with or without a test set) and sent
+    to every process."""
+    rank, world = rank_and_world()
+    test_bpd = torch.zeros((), device=device)
+    if test_set is not None and rank == 0:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            test_bpd += score_dataset(glow, test_set, device).mean().to(device)
+    if world > 1:
+        dist.broadcast(test_bpd, 0)
+    return test_bpd.item()
 
 
 def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=print):
