@@ -477,8 +477,8 @@ def stage_optimizer(net, task, steps_per_cycle):
     task's head; the other heads are frozen (the authors' train_old_clfs=False: replay
     trains only the features; see the README's notes). The schedule is the cosine of S11
     (Loshchilov & Hutter 2017), stepped every iteration and restarted at 0.1 every
-    `steps_per_cycle` iterations: lr(i) = 0.05·(1 + cos(π·(i mod T)/T)). The authors' code
-    re-created its scheduler every epoch, a per-epoch warm-up sawtooth; this is the paper's."""
+    `steps_per_cycle` iterations: lr(i) = 0.05·(1 + cos(π·(i mod T)/T)), as S11 describes
+    (the authors' code differs: README, "Notes and deviations")."""
     for j, head in enumerate(net.heads):
         head.requires_grad_(j == task)
     params = [*net.features.parameters(), *net.heads[task].parameters()]

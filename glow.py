@@ -147,9 +147,12 @@ class InvConv1x1(nn.Module):
 
 
 def folded_conv(conv, weight, bias):
-    """A plain nn.Conv2d shaped like `conv`, holding the given (folded) weight and bias."""
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
-    out = out.to(device=weight.device, dtype=weight.dtype)
+    """A plain nn.Conv2d shaped like `conv`, holding the given (folded) weight and bias;
+    built without a random initialisation, so freezing draws nothing from the random
+    stream (a run's numbers never depend on which Glow it scores with at λ = 0)."""
+    out = torch.nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels,
+                                   conv.kernel_size, padding=conv.padding,
+                                   device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
         out.bias.copy_(bias)

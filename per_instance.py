@@ -70,8 +70,8 @@ def simplifier_loss(classifier, optimizer, glow_model, x, x_sim, y, aug, lambda_
 
     ~ marks the augmentation `aug`, shared by X and X_sim; bpd is taken on the un-augmented
     X_sim. w_i is the authors' soft form of S3's "turn L_sim off where the loss > 0.1", and
-    is not differentiated. Each pass of f or f' draws its own dropout mask (see the README's
-    deviations: the authors meant to reuse one, and on a GPU drew fresh ones too). With
+    is not differentiated. Each pass of f or f' draws its own dropout mask (README,
+    "Notes and deviations"). With
     λ_sim = 0 Glow is not called (glow_model may be None) and L is the classification loss
     of plain training through a simplifier. Returns (L, parts).
     """

@@ -662,3 +662,17 @@ def test_sample_draws_from_the_priors_and_the_cli_writes_a_grid(tmp_path):
     assert Image.open(out).size == (8 * 34 + 2, 2 * 34 + 2)  # 8 columns, 2 rows, padding 2
     with pytest.raises(nets.RunError, match="exists; pass --overwrite"):
         glow.main(glow.get_args(["sample", "--glow", str(path), "--out", str(out)]))
+
+
+def test_loading_and_freezing_a_glow_draw_nothing_from_the_random_stream(tmp_path):
+    torch.manual_seed(0)
+    model = glow.Glow(levels=2, steps=2, hidden=8)
+    glow.save_glow(model, tmp_path / "g.pt")
+    state = torch.get_rng_state()
+    frozen = glow.freeze(model)
+    glow.load_glow(tmp_path / "g.pt")
+    glow.load_glow(tmp_path / "g.pt", frozen=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(glow.bits_per_dim(frozen, x, noise=False),
+                               glow.bits_per_dim(model.eval(), x, noise=False), rtol=1e-5, atol=1e-5)

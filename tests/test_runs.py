@@ -223,6 +223,17 @@ def test_cached_quick_glow_and_classifier_of_other_data_are_refused(tmp_path, ti
     assert not (tmp_path / "p").exists()  # refused before anything was written
 
 
+def test_at_lambda_0_the_glow_file_does_not_change_what_a_run_learns(tmp_path, tiny_glow_path):
+    other = tmp_path / "other.pt"
+    torch.manual_seed(5)
+    glow.save_glow(glow.Glow(levels=2, steps=2, hidden=4), other)  # another size and weights
+    results = [run(condense, condense_argv(tmp_path / name, path, "--lambda-sim", "0"))
+               for name, path in (("a", tiny_glow_path), ("b", str(other)))]
+    assert results[0]["test_accs"] == results[1]["test_accs"]
+    a, b = (torch.load(tmp_path / name / "synthetic.pt", weights_only=True) for name in "ab")
+    assert torch.equal(a["images"], b["images"])
+
+
 def test_resume_with_other_data_or_another_glow_file_behind_the_same_flags_is_refused(
         tmp_path, tiny_glow_path):
     from test_datasets import fake_mnist_root
