@@ -10,8 +10,8 @@ Fig. 7's view (two_class.png): the two condensed classes and their colour-coded 
 beside an earlier run (--compare, typically λ = 0). --continual evaluates condensed sets for
 task-incremental continual learning (S11, Fig. S8/S9, Zhao & Bilen 2021).
 
-    # CPU quick start (~4 min, pretrains a tiny Glow on the fly); a grid of λ = 0 (plain DC)
-    # and 50, each into a sub-folder, with tradeoff.csv/png (~9 min)
+    # CPU quick start (a few minutes, pretrains a tiny Glow on the fly); a grid of λ = 0 (plain DC)
+    # and 50, each into a sub-folder, with tradeoff.csv/png (~5 min)
     python condense.py --dataset shapes --quick
     python condense.py --dataset shapes --quick --lambda-sim 0,50
     # the paper's setting on a GPU (Fig. 6): CIFAR-10, 1 image per class, the λ grid
@@ -630,7 +630,7 @@ def resolve_config(args):
         preset = QUICK if args.quick else FULL
     cfg = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in preset.items()}
     if args.continual:
-        names = "-".join(Path(t).name for t in args.dataset.split(","))
+        names = "-".join(Path(t).name for t in datasets.dataset_names(args.dataset))
         cfg["out"] = Path(args.out or f"runs/condense-continual-{names}-"
                                       f"{'noreplay' if args.no_replay else 'replay'}"
                                       f"{'-distill' if args.distill else ''}-seed{args.seed}"
@@ -828,7 +828,10 @@ CONTINUAL_QUICK = dict(train_size=2000, test_size=1000, width=32, cycle_epochs=5
 
 def check_continual_flags(p, args):
     """The flags of --continual that parse but do not fit together: p.error names them."""
-    tasks = args.dataset.split(",")
+    try:
+        tasks = datasets.dataset_names(args.dataset)
+    except datasets.DatasetError as e:
+        p.error(str(e))
     names = [Path(t).name for t in tasks]
     if len(tasks) < 2 or not all(names) or len(set(names)) < len(names):
         p.error(f"--continual needs --dataset T1,T2,... with two or more different tasks, got "
@@ -850,7 +853,7 @@ def load_tasks(cfg, device):
     sets to replay, and their fingerprints for --resume (made_from)."""
     tasks, replay, made_from = [], [], {}
     runs = cfg.condensed.split(",") if cfg.condensed else []
-    for i, name in enumerate(cfg.dataset.split(",")):
+    for i, name in enumerate(datasets.dataset_names(cfg.dataset)):
         train_set, test_set = datasets.load_splits(name, cfg.data_root, cfg.train_size,
                                                    cfg.test_size, cfg.seed)
         made_from.update({f"task{i + 1}_train_data": datasets.fingerprint(train_set),

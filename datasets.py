@@ -34,8 +34,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 import nets
@@ -169,15 +168,31 @@ RESIZE_32 = v2.Compose([v2.Resize((32, 32), interpolation=v2.InterpolationMode.B
                         v2.PILToTensor()])
 
 
+def read_image(file):
+    """An image file as a PIL RGB image, read at its real bit depth: 16-bit grayscale (mode
+    I;16, what medical and scientific images usually are) is scaled by 65535 to 8 bits, not
+    clipped at 255 as PIL's convert("RGB") would; grayscale is repeated to 3 channels."""
+    try:
+        with Image.open(file) as img:
+            img.load()
+    except Exception as e:
+        raise DatasetError(f"Cannot read image file '{file}' ({type(e).__name__}).") from None
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        pixels = np.asarray(img, dtype=np.float64) / 65535  # PNG holds at most 16 bits
+        img = Image.fromarray((pixels * 255).round().clip(0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        kind = "floats" if img.mode == "F" else "32-bit integers"
+        raise DatasetError(f"Cannot read image file '{file}': its pixels are {kind} without a "
+                           "fixed range; save it as an 8- or 16-bit image.")
+    return img.convert("RGB")
+
+
 def _read_images(samples):
     """ImageFolder (file, label) pairs -> uint8 (N, 3, 32, 32), labels (N,). Non-square images
     are squashed, with a warning."""
     images, non_square = [], 0
     for file, _ in samples:
-        try:
-            img = default_loader(file)  # ImageFolder's loader: decodes the whole file, as RGB
-        except Exception as e:
-            raise DatasetError(f"Cannot read image file '{file}' ({type(e).__name__}).") from None
+        img = read_image(file)
         non_square += img.width != img.height
         images.append(RESIZE_32(img))
     if non_square:
@@ -186,34 +201,83 @@ def _read_images(samples):
     return torch.stack(images), torch.tensor([label for _, label in samples])
 
 
+def visible(name):
+    return not name.startswith(".")
+
+
+def image_files(folder):
+    """The image files below `folder` (ImageFolder's extensions, any depth), sorted as
+    ImageFolder sorts them; hidden files and folders (.ipynb_checkpoints, ...) left out."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if visible(d)]
+        found.append((root, sorted(f for f in files
+                                   if visible(f) and f.lower().endswith(IMG_EXTENSIONS))))
+    return [os.path.join(root, f) for root, files in sorted(found) for f in files]
+
+
+def is_run_output(folder):
+    """A folder this project's scripts wrote (a run's args.json below it, or a quick-glow/
+    cache): never a class, so `--dataset .` with runs/ inside trains on the data only."""
+    if os.path.basename(folder) == "quick-glow":
+        return True
+    return any("args.json" in files for _, _, files in os.walk(folder, followlinks=True))
+
+
+def class_folders(folder):
+    """The classes of an ImageFolder split: its visible sub-folders, sorted, that are not
+    run outputs. A class folder without a single image file is one sentence naming it."""
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and visible(e.name)
+                       and not is_run_output(e.path))
+    except OSError as e:
+        raise DatasetError(f"Folder '{folder}' cannot be read ({e.strerror or e}).") from None
+    for name in names:
+        if not image_files(os.path.join(folder, name)):
+            raise DatasetError(
+                f"Class folder '{os.path.join(folder, name)}' holds no image file "
+                f"({', '.join(IMG_EXTENSIONS)}); add images, or move it out of '{folder}'.")
+    return names
+
+
 @functools.lru_cache(maxsize=None)
 def load_image_folder(path):
     """{'train', 'test'} -> TensorImages for an ImageFolder tree; mean/std from its train images.
 
-    With train/ and test/ sub-folders they are the splits (classes = sub-folders of train/);
-    otherwise the whole tree is split 90/10 by a permutation seeded with 0.
+    The classes are the visible sub-folders that hold images (class_folders). With train/
+    and test/ sub-folders they are the splits and must hold the same classes; otherwise
+    the whole tree is split 90/10 by a permutation seeded with 0.
     """
     path = os.path.abspath(path)
     has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
-    empty = (f"Folder '{path}' holds no readable images for both splits: it needs one sub-folder "
-             f"per class with image files, either directly or inside train/ and test/.")
-    try:  # ImageFolder's classes: the sorted sub-folders
-        classes, label_of = find_classes(os.path.join(path, "train") if has_splits else path)
-    except OSError:  # none, or the folder cannot be read
-        raise DatasetError(empty) from None
+    splits = {s: os.path.join(path, s) for s in ("train", "test")} if has_splits else {"all": path}
+    classes = {s: class_folders(folder) for s, folder in splits.items()}
+    if has_splits and classes["train"] != classes["test"]:
+        only = {s: sorted(set(classes[s]) - set(classes[t])) for s, t in (("train", "test"),
+                                                                           ("test", "train"))}
+        raise DatasetError(f"Folder '{path}': train/ and test/ hold different classes (only in "
+                           f"train/: {', '.join(only['train']) or 'none'}; only in test/: "
+                           f"{', '.join(only['test']) or 'none'}); give both the same class "
+                           "sub-folders.")
+    classes = next(iter(classes.values()))
+    if not classes:
+        raise DatasetError(f"Folder '{path}' holds no class sub-folders with images: it needs "
+                           "one sub-folder per class, either directly or inside train/ and test/.")
 
-    def listing(folder):  # ImageFolder's sorted (file, label), labels numbered as in train/
-        return ImageFolder.make_dataset(folder, label_of, IMG_EXTENSIONS, allow_empty=True)
-    if has_splits:  # a class missing from test/ keeps its train/ label
-        samples = {s: listing(os.path.join(path, s)) for s in ("train", "test")}
+    def listing(folder):  # (file, label), labels numbered by the sorted class names
+        return [(file, label) for label, name in enumerate(classes)
+                for file in image_files(os.path.join(folder, name))]
+    if has_splits:
+        samples = {s: listing(folder) for s, folder in splits.items()}
     else:
         found = listing(path)
         perm = torch.randperm(len(found), generator=torch.Generator().manual_seed(0)).tolist()
         n_test = max(1, round(len(found) / 10))  # 90/10 split, the same on every run
         samples = {"train": [found[k] for k in perm[n_test:]],
                    "test": [found[k] for k in perm[:n_test]]}
-    if not samples["train"] or not samples["test"]:
-        raise DatasetError(empty)
+    if not samples["train"]:
+        raise DatasetError(f"Folder '{path}' leaves no training images after the 90/10 split; "
+                           "add images.")
     if len(classes) < 2:
         warnings.warn(f"Folder '{path}' has {len(classes)} class sub-folder(s); a classifier "
                       "needs at least two classes.", stacklevel=2)
@@ -395,11 +459,27 @@ def load_dataset(name, root="data", train=True, download=True):
                        "ImageFolder directory.")
 
 
-def load_splits(name, root, train_size, test_size, seed):
+def dataset_names(text):
+    """The comma-separated dataset names of `text` (glow.py's --dataset, --continual's
+    tasks). A folder whose own name has a comma cannot be one of them: one sentence."""
+    if "," in text and os.path.isdir(text):
+        raise DatasetError(f"'{text}' is a folder whose name has a comma, but commas separate "
+                           "dataset names here; rename the folder, or link it under a name "
+                           "without a comma.")
+    return text.split(",")
+
+
+def load_splits(name, root, train_size, test_size, seed, log=print):
     """The training and test split of `name`, each a fixed random subset of the given size
-    (None: all), the same for the same seed: what every mode script starts from."""
-    return (subset(load_dataset(name, root, train=True), train_size, seed),
-            subset(load_dataset(name, root, train=False), test_size, seed))
+    (None: all), the same for the same seed: what every mode script starts from. Logs the
+    classes and the number of images of each split (a run's first lines)."""
+    train_set = subset(load_dataset(name, root, train=True), train_size, seed)
+    test_set = subset(load_dataset(name, root, train=False), test_size, seed)
+    names = train_set.info.class_names
+    log(f"data {name}: {len(names)} classes ({', '.join(names[:10])}"
+        f"{', ...' if len(names) > 10 else ''}), {len(train_set)} training and "
+        f"{len(test_set)} test images")
+    return train_set, test_set
 
 
 def subset(dataset, n, seed):

@@ -880,7 +880,8 @@ def get_args(argv=None):
 
 def load_many(names, root, train, size, seed):
     """One or several (comma-separated) datasets as one, optionally a fixed random subset."""
-    parts = [datasets.load_dataset(name, root, train=train) for name in names.split(",")]
+    parts = [datasets.load_dataset(name, root, train=train)
+             for name in datasets.dataset_names(names)]
     if len(parts) == 1:
         return datasets.subset(parts[0], size, seed)
     data = torch.utils.data.ConcatDataset(parts)
@@ -977,12 +978,13 @@ def main(args):
         datasets.save_image_grid(images, args.out, nrow=8)
         print(f"wrote {args.out}: {args.num} samples at temperature {args.temperature:g}")
     else:
-        tags = [os.path.basename(name.rstrip(os.sep)) for name in args.dataset.split(",")]
+        tags = [os.path.basename(name.rstrip(os.sep))
+                for name in datasets.dataset_names(args.dataset)]
         files = ["bpd.json"] + [f"bpd-{tag}.png" for tag in tags]
         refuse_overwrite([os.path.join(args.out, f) for f in files], args.overwrite)
         glow = load_glow(args.glow, device)
         means = {}
-        for name in args.dataset.split(","):
+        for name in datasets.dataset_names(args.dataset):
             data = load_many(name, args.data_root, args.split == "train", args.test_size, args.seed)
             bpd = score_dataset(glow, data, device, args.batch_size)
             means[name] = bpd.mean().item()

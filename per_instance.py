@@ -5,8 +5,8 @@ trained on its outputs does not need, measured in Glow bits per dimension (Eq. 1
 retraining / finetuning a classifier on the simplified images (Fig. 5), the L2, blur and
 JPEG baselines (S7, Fig. S4) and PNG file sizes (S5).
 
-    python per_instance.py --dataset shapes --quick                  # CPU, about 5 minutes
-    python per_instance.py --dataset shapes --quick --lambda-sim 0,10,50   # a Fig. 5 grid, 17 min
+    python per_instance.py --dataset shapes --quick                  # CPU, a few minutes
+    python per_instance.py --dataset shapes --quick --lambda-sim 0,10,50   # a Fig. 5 grid, ~10 min
     python per_instance.py --dataset cifar10 --lambda-sim 2.0 --glow glow-cifar10.pt --retrain
     python per_instance.py --dataset mnist --simplifier blur --blur-sigma 1 --glow glow-cifar10.pt
 

@@ -7,7 +7,7 @@ what it forgot about that image. The simplified image is optimised in Glow's lat
 space with Adam, starting from the priors' mode (the simplest image Glow describes);
 Alg. 2 also interpolates z_sim with the original's latents z.
 
-    # CPU, ~3.5 min: trains a small classifier and a tiny Glow on the synthetic shapes set
+    # CPU, a few minutes: trains a small classifier and a tiny Glow on the synthetic shapes set
     python posthoc.py --dataset shapes --quick
     # the paper's Fig. 8: confidently misclassified CIFAR-10 test images, Alg. 2, for the
     # classifier of `python per_instance.py --dataset cifar10 --lambda-sim 0 --glow ...`

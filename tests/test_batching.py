@@ -206,12 +206,12 @@ def test_composite_batch_of_32_is_fast(full_size, kind):
 
 # ----------------------------------------------------------------------- ImageFolder
 def test_image_folder_keeps_train_labels_resizes_bilinearly_counts_non_square(tmp_path):
-    """torchvision's ImageFolder listing with train/'s class numbers in test/ (where a class
-    folder is missing), grayscale repeated to RGB, PIL's bilinear 32×32 resize, and a
+    """ImageFolder's listing and class numbers (sorted class folders, sorted files), the same
+    in train/ and test/, grayscale repeated to RGB, PIL's bilinear 32×32 resize, and a
     warning that counts the non-square images."""
     gradient = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1)))  # L, 64×48
     for split, c in (("train", "ant"), ("train", "bee"), ("train", "cow"), ("test", "ant"),
-                     ("test", "cow")):  # no test/bee
+                     ("test", "bee"), ("test", "cow")):
         (tmp_path / split / c).mkdir(parents=True)
         gradient.save(tmp_path / split / c / "0.png")
     gradient.save(tmp_path / "train" / "cow" / "1.png")
@@ -219,9 +219,9 @@ def test_image_folder_keeps_train_labels_resizes_bilinearly_counts_non_square(tm
     with pytest.warns(UserWarning) as warned:
         train, test = datasets.load_image_folder(str(tmp_path)).values()
     assert [str(w.message).split(";")[0] for w in warned] == [
-        "4 of 5 images are not square", "2 of 2 images are not square"]
+        "4 of 5 images are not square", "3 of 3 images are not square"]
     assert train.info.class_names == ["ant", "bee", "cow"]
-    assert test.labels.tolist() == [0, 2]  # ant, cow: bee keeps label 1 though test/ lacks it
+    assert train.labels.tolist() == [0, 1, 2, 2, 2] and test.labels.tolist() == [0, 1, 2]
     expected = torch.from_numpy(np.array(gradient.resize((32, 32), Image.BILINEAR)))
     assert torch.equal(train.images[0], expected.expand(3, 32, 32))  # gray repeated to RGB
     assert train.images[-1, :, 0, 0].tolist() == [9, 8, 7]

@@ -285,7 +285,7 @@ def test_image_folder_without_splits_is_split_90_10(tmp_path):
 
 def test_empty_or_unreadable_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="holds no readable images"):
+    with pytest.raises(DatasetError, match="holds no class sub-folders with images"):
         load_dataset(str(tmp_path / "empty"))
     (tmp_path / "bad" / "cls").mkdir(parents=True)
     (tmp_path / "bad" / "cls" / "broken.png").write_bytes(b"not a png")
@@ -293,6 +293,72 @@ def test_empty_or_unreadable_folder(tmp_path):
         write_png(str(tmp_path / "bad" / "cls" / f"ok{k}.png"), (1, 2, 3), (8, 8))
     with pytest.raises(DatasetError, match="Cannot read image file .*broken.png"):
         load_dataset(str(tmp_path / "bad"))
+
+
+def test_only_visible_class_folders_with_images_are_classes(tmp_path):
+    root = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        for k in range(5):
+            write_png(str(root / cls / f"{k}.png"), COLOURS[cls], (32, 32))
+    (root / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves
+    write_png(str(root / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png"), (9, 9, 9), (32, 32))
+    write_png(str(root / "cat" / ".hidden.png"), (9, 9, 9), (32, 32))
+    (root / "runs" / "run1").mkdir(parents=True)  # a run of `--dataset .` inside the data
+    (root / "runs" / "run1" / "args.json").write_text("{}")
+    write_png(str(root / "runs" / "run1" / "simplified.png"), (9, 9, 9), (32, 32))
+    (root / "quick-glow").mkdir()
+    (root / "quick-glow" / "glow.pt").write_bytes(b"cache")
+    train, test = (load_dataset(str(root), train=t) for t in (True, False))
+    assert train.info.class_names == ["cat", "dog"] and len(train) + len(test) == 10
+    colours = {tuple((x[:, 0, 0] * 255).round().int().tolist()) for x, _ in list(train) + list(test)}
+    assert colours == {COLOURS["cat"], COLOURS["dog"]}  # no hidden copy, no run output
+
+
+@pytest.mark.parametrize("files", [[], ["notes.txt"], ["a.gif", "b.gif"]])
+def test_a_class_folder_without_images_is_one_sentence(tmp_path, files):
+    root = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        for k in range(5):
+            write_png(str(root / cls / f"{k}.png"), COLOURS[cls], (32, 32))
+    (root / "emu").mkdir()
+    for name in files:
+        (root / "emu" / name).write_bytes(b"GIF89a" if name.endswith(".gif") else b"text")
+    with pytest.raises(DatasetError, match=r"Class folder '.*emu' holds no image file \(\.jpg"):
+        load_dataset(str(root))
+
+
+def test_train_and_test_with_other_classes_are_one_sentence(tmp_path):
+    root = tmp_path / "pets"
+    for split, classes in (("train", ("cat", "dog")), ("test", ("cat", "dog", "emu"))):
+        for cls in classes:
+            write_png(str(root / split / cls / "0.png"), COLOURS[cls], (32, 32))
+    with pytest.raises(DatasetError, match=r"only in train/: none; only in test/: emu"):
+        load_dataset(str(root))
+
+
+def test_16_bit_images_are_read_at_their_bit_depth(tmp_path):
+    root = tmp_path / "scans"
+    for cls, level in (("dark", 8192), ("bright", 49152)):  # 1/8 and 3/4 of 65535
+        for k in range(5):
+            pixels = np.full((32, 32), level + k, dtype=np.uint16)
+            os.makedirs(root / cls, exist_ok=True)
+            Image.fromarray(pixels).save(root / cls / f"{k}.png")  # mode I;16
+    assert Image.open(root / "dark" / "0.png").mode == "I;16"
+    data = list(load_dataset(str(root))) + list(load_dataset(str(root), train=False))
+    values = {round(float(x.mean()) * 255) for x, _ in data}
+    assert values == {round(8192 / 65535 * 255), round(49152 / 65535 * 255)}  # 32 and 191
+
+
+def test_a_folder_with_a_comma_where_commas_separate_names_is_one_sentence(tmp_path):
+    folder = tmp_path / "scans,2024"
+    for cls in ("cat", "dog"):
+        write_png(str(folder / cls / "0.png"), COLOURS[cls], (32, 32))
+    assert datasets.dataset_names("mnist,svhn") == ["mnist", "svhn"]
+    with pytest.raises(DatasetError, match="has a comma, but commas separate dataset names"):
+        datasets.dataset_names(str(folder))
+    import glow
+    with pytest.raises(DatasetError, match="has a comma"):
+        glow.load_many(str(folder), "data", True, None, 0)
 
 
 # ----------------------------------------------------------------------- composites (Fig. 4)

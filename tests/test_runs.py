@@ -426,11 +426,13 @@ def test_an_out_that_cannot_be_a_folder_is_one_sentence_in_every_script(tmp_path
         glow.main(glow.get_args(glow_argv + [str(a_file / "g.pt")]))
 
 
-def test_the_first_line_of_a_run_is_flag_value_pairs(tmp_path, tiny_glow_path, capsys):
+def test_the_first_lines_of_a_run_are_its_settings_and_its_data(tmp_path, tiny_glow_path, capsys):
     run(per_instance, per_instance_argv(tmp_path / "r", tiny_glow_path))
-    first = capsys.readouterr().out.splitlines()[0]
+    first, second = capsys.readouterr().out.splitlines()[:2]
     assert first.startswith("settings: dataset=shapes  ") and "{" not in first
     assert f"out={tmp_path / 'r'}" in first and "PosixPath" not in first
+    names = ", ".join(datasets.load_dataset("shapes").info.class_names)
+    assert second == f"data shapes: 5 classes ({names}), 32 training and 16 test images"
 
 
 def test_a_grid_compares_finished_values_with_the_command(tmp_path, tiny_glow_path):
