@@ -225,19 +225,21 @@ def is_run_output(folder):
 
 
 def class_folders(folder):
-    """The classes of an ImageFolder split: its visible sub-folders, sorted, that are not
-    run outputs. A class folder without a single image file is one sentence naming it."""
+    """The classes of an ImageFolder split, {name: its image files}: its visible
+    sub-folders, sorted, that are not run outputs. A class folder without a single image
+    file is one sentence naming it."""
     try:
         names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and visible(e.name)
                        and not is_run_output(e.path))
     except OSError as e:
         raise DatasetError(f"Folder '{folder}' cannot be read ({e.strerror or e}).") from None
-    for name in names:
-        if not image_files(os.path.join(folder, name)):
+    classes = {name: image_files(os.path.join(folder, name)) for name in names}
+    for name, files in classes.items():
+        if not files:
             raise DatasetError(
                 f"Class folder '{os.path.join(folder, name)}' holds no image file "
                 f"({', '.join(IMG_EXTENSIONS)}); add images, or move it out of '{folder}'.")
-    return names
+    return classes
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,7 +253,8 @@ def load_image_folder(path):
     path = os.path.abspath(path)
     has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
     splits = {s: os.path.join(path, s) for s in ("train", "test")} if has_splits else {"all": path}
-    classes = {s: class_folders(folder) for s, folder in splits.items()}
+    found = {s: class_folders(folder) for s, folder in splits.items()}  # s -> {class: files}
+    classes = {s: list(found[s]) for s in found}
     if has_splits and classes["train"] != classes["test"]:
         only = {s: sorted(set(classes[s]) - set(classes[t])) for s, t in (("train", "test"),
                                                                            ("test", "train"))}
@@ -264,17 +267,17 @@ def load_image_folder(path):
         raise DatasetError(f"Folder '{path}' holds no class sub-folders with images: it needs "
                            "one sub-folder per class, either directly or inside train/ and test/.")
 
-    def listing(folder):  # (file, label), labels numbered by the sorted class names
-        return [(file, label) for label, name in enumerate(classes)
-                for file in image_files(os.path.join(folder, name))]
+    # (file, label) per split, labels numbered by the sorted class names
+    listed = {s: [(file, label) for label, name in enumerate(classes) for file in found[s][name]]
+              for s in found}
     if has_splits:
-        samples = {s: listing(folder) for s, folder in splits.items()}
+        samples = listed
     else:
-        found = listing(path)
-        perm = torch.randperm(len(found), generator=torch.Generator().manual_seed(0)).tolist()
-        n_test = max(1, round(len(found) / 10))  # 90/10 split, the same on every run
-        samples = {"train": [found[k] for k in perm[n_test:]],
-                   "test": [found[k] for k in perm[:n_test]]}
+        every = listed["all"]
+        perm = torch.randperm(len(every), generator=torch.Generator().manual_seed(0)).tolist()
+        n_test = max(1, round(len(every) / 10))  # 90/10 split, the same on every run
+        samples = {"train": [every[k] for k in perm[n_test:]],
+                   "test": [every[k] for k in perm[:n_test]]}
     if not samples["train"]:
         raise DatasetError(f"Folder '{path}' leaves no training images after the 90/10 split; "
                            "add images.")
