@@ -615,11 +615,12 @@ def get_args(argv=None):
     if args.eval_at is not None and not all(v.strip().isdigit() for v in args.eval_at.split(",")
                                             if v.strip()):
         p.error(f"--eval-at must be comma-separated iterations, got {args.eval_at!r}.")
+    given = nets.given_flags(p, args, argv)
     if not args.continual:
-        if args.condensed or args.distill or args.no_replay or args.cycle_epochs:
+        if given & {"condensed", "distill", "no_replay", "cycle_epochs"}:
             p.error("--condensed, --distill, --no-replay and --cycle-epochs need --continual.")
         return args
-    return check_continual_flags(p, args)
+    return check_continual_flags(p, args, given)
 
 
 def resolve_config(args):
@@ -648,20 +649,22 @@ def resolve_config(args):
     return argparse.Namespace(**{**vars(args), **cfg})
 
 
-def by_class(x_train, y_train, info, ipc, device):
+def by_class(x_train, y_train, info, ipc, device, train_size=None):
     """The real training images of each class, on the device; a class without any, or with
-    fewer than --ipc (the random-real baseline draws --ipc per class), is one sentence."""
+    fewer than --ipc (the random-real baseline draws --ipc per class), is one sentence
+    (advising a larger --train-size where one was given)."""
+    more = "raise --train-size" if train_size else "add training images of it"
     real_by_class = [x_train[y_train == c].to(device) for c in range(info.num_classes)]
     sizes = [len(x) for x in real_by_class]
     if min(sizes) == 0:
-        raise nets.RunError(f"class {info.class_names[sizes.index(0)]} has no training images; "
-                            "raise --train-size.")
+        raise nets.RunError(f"class {info.class_names[sizes.index(0)]} has no training "
+                            f"images; {more}.")
     if ipc > min(sizes):  # checked before the quick Glow's pretraining
         name = info.class_names[sizes.index(min(sizes))]
         raise nets.RunError(f"--ipc {ipc} is more than the {min(sizes)} training images of "
                             f"class {name}: a condensed set is smaller than its data, and the "
-                            "random-real baseline draws --ipc real images per class; lower "
-                            "--ipc or raise --train-size.")
+                            f"random-real baseline draws --ipc real images per class; lower "
+                            f"--ipc or {more}.")
     return real_by_class
 
 
@@ -749,7 +752,7 @@ def main(args):
     info = train_set.info
     x_train, y_train = datasets.to_tensors(train_set)
     x_test, y_test = (t.to(device) for t in datasets.to_tensors(test_set))
-    real_by_class = by_class(x_train, y_train, info, cfg.ipc, device)
+    real_by_class = by_class(x_train, y_train, info, cfg.ipc, device, cfg.train_size)
     if cfg.compare and info.num_classes != 2:
         raise nets.RunError(f"--compare draws Fig. 7 for two classes, but {info.name} has "
                             f"{info.num_classes}; drop --compare.")
@@ -826,8 +829,21 @@ CONTINUAL_QUICK = dict(train_size=2000, test_size=1000, width=32, cycle_epochs=5
                        first_cycles=2, train_batch=128)
 
 
-def check_continual_flags(p, args):
-    """The flags of --continual that parse but do not fit together: p.error names them."""
+# The flags --continual reads; the others (--ipc, --glow, --lambda-sim, ...) make the
+# condensed sets, which --condensed gives ready-made.
+CONTINUAL_FLAGS = {"dataset", "data_root", "out", "device", "seed", "quick", "resume",
+                   "train_size", "test_size", "width", "continual", "condensed", "distill",
+                   "no_replay", "cycle_epochs"}
+
+
+def check_continual_flags(p, args, given):
+    """The flags of --continual that parse but do not fit together or do nothing in it
+    (`given`: the flags on the command line): p.error names them."""
+    unused = sorted("--" + k.replace("_", "-") for k in given - CONTINUAL_FLAGS)
+    if unused:
+        p.error(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing with "
+                "--continual (it replays the condensed sets of earlier runs, --condensed); "
+                "drop it or run without --continual.")
     try:
         tasks = datasets.dataset_names(args.dataset)
     except datasets.DatasetError as e:
@@ -836,9 +852,6 @@ def check_continual_flags(p, args):
     if len(tasks) < 2 or not all(names) or len(set(names)) < len(names):
         p.error(f"--continual needs --dataset T1,T2,... with two or more different tasks, got "
                 f"{args.dataset!r}.")
-    if args.compare or isinstance(args.lambda_sim, tuple) or args.summarize:
-        p.error("--compare, a --lambda-sim grid and --summarize are for condensation runs; "
-                "they do not go with --continual.")
     runs = args.condensed.split(",") if args.condensed else []
     if args.no_replay and runs:
         p.error("--no-replay trains without condensed sets; drop --condensed.")

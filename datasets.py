@@ -137,21 +137,65 @@ def to_uint8_32(images):
 
 
 # ----------------------------------------------------------------------- torchvision sources
+def source_files(name, train):
+    """The files (relative to the root) that torchvision needs to load a split of `name`;
+    MNIST and Fashion-MNIST need all four idx files for either split."""
+    if name in ("mnist", "fashionmnist"):
+        folder = "MNIST" if name == "mnist" else "FashionMNIST"
+        return [f"{folder}/raw/{split}-{kind}-ubyte" for split in ("train", "t10k")
+                for kind in ("images-idx3", "labels-idx1")]
+    if name == "svhn":
+        return ["train_32x32.mat" if train else "test_32x32.mat"]
+    if name == "usps":
+        return ["usps.bz2" if train else "usps.t.bz2"]
+    if name == "cifar10":
+        return [f"cifar-10-batches-py/{f}" for f in
+                [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]]
+    return [f"cifar-100-python/{f}" for f in ("train", "test", "meta")]
+
+
+def first_line(error):
+    """The first sentence of an exception's message (its type when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
+
+
 @functools.lru_cache(maxsize=None)
 def load_torchvision(name, root, train, download):
-    """Materialise a torchvision dataset once per process as a TensorImages."""
+    """Materialise a torchvision dataset once per process as a TensorImages. Files that are
+    all in place are read, never downloaded again; a missing, unreadable or mismatched file
+    is one sentence naming it."""
     cls, class_names, mean, std, place = TORCHVISION[name]
     split = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
+    files = source_files(name, train)
+    missing = [f for f in files if not os.path.exists(os.path.join(root, f))]
+    place = place.format(root=root.rstrip("/"))
     try:
-        ds = cls(root, download=download, **split)
+        ds = cls(root, download=download and bool(missing), **split)
     except Exception as e:  # network down, bad root, missing or corrupt files
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
+        cause = first_line(e)
+        if not missing:  # every file is there: one of them cannot be read
+            bad = unreadable(root, files)
+            raise DatasetError(
+                f"The files of dataset '{name}' are in {place} but could not be read ({cause})"
+                + (f": {bad} is not a complete idx file; replace it" if bad else
+                   "; replace them") + " with the original files and run again.") from None
+        if len(missing) < len(files):
+            raise DatasetError(
+                f"Dataset '{name}' in root '{root}' lacks {', '.join(missing)} (the other files "
+                f"are there{f', and downloading failed: {cause}' if download else ''}); place "
+                "the missing files there by hand and run again.") from None
         raise DatasetError(
             f"Could not {'download' if download else 'find'} dataset '{name}' in root '{root}' "
-            f"({cause}); place its files in {place.format(root=root.rstrip('/'))} by hand "
-            f"and run again.") from None
+            f"({cause}); place its files in {place} by hand and run again.") from None
     data = torch.as_tensor(np.asarray(ds.data))
     labels = torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets))
+    if len(labels) != len(data):
+        pair = ([f for f in files if f.split("/")[-1].startswith("train" if train else "t10k")]
+                if name in ("mnist", "fashionmnist") else [place])
+        raise DatasetError(f"Dataset '{name}' in root '{root}' has {len(data)} "
+                           f"{'training' if train else 'test'} images but {len(labels)} labels "
+                           f"({' and '.join(pair)} disagree); replace them with the original "
+                           "files and run again.")
     if data.ndim == 3:  # grayscale (N, H, W)
         data = data[:, None]
     elif data.shape[-1] == 3:  # CIFAR stores (N, H, W, 3)
@@ -159,6 +203,18 @@ def load_torchvision(name, root, train, download):
     info = DatasetInfo(name, len(class_names or ds.classes), list(class_names or ds.classes),
                        mean, std)
     return TensorImages(to_uint8_32(data), labels, info)
+
+
+def unreadable(root, files):
+    """The first MNIST-format file of `files` that torchvision cannot parse (None if all
+    parse, or for other formats, whose loaders do not say which file failed)."""
+    for f in files:
+        if f.endswith("-ubyte"):
+            try:
+                torchvision.datasets.mnist.read_sn3_pascalvincent_tensor(os.path.join(root, f))
+            except Exception:
+                return f
+    return None
 
 
 # ----------------------------------------------------------------------- ImageFolder

@@ -35,7 +35,9 @@ import nets
 LOGSCALE_FACTOR = 3.0  # Conv2dZeros output gain exp(3·logs): fixed in y0ast, not stored
 N_BINS = 256  # 8-bit images: bins of width 1/256 in the Glow input space
 QUICK_GLOW = dict(levels=3, steps=4, hidden=32)  # the tiny Glow that --quick pretrains on CPU
-QUICK_STEPS = 300  # Adamax steps of batch 64 for the tiny Glow
+QUICK_STEPS = 300  # Adamax steps of batch QUICK_BATCH for the tiny Glow
+QUICK_BATCH = 64  # y0ast's and the authors' batch
+IMAGE_SHAPE = (3, 32, 32)  # of every dataset of datasets.py, and so of every Glow used here
 QUICK_LR = 5e-3  # 10x the full-size rate, so that 300 steps learn that plain backgrounds
 # are cheap (the README's notes)
 
@@ -510,11 +512,23 @@ def save_glow(glow, path, **extra):
                       **extra}, path)
 
 
-def load_glow(path, device="cpu", frozen=True, made_from=None):
+def check_image_shape(config, shape, what):
+    """A Glow scores images of one shape only (in_channels × image_size × image_size):
+    one sentence, naming `what` Glow, when `shape` (C, H, W) of the images is another."""
+    glow_shape = (config.get("in_channels", 3),) + (config.get("image_size", 32),) * 2
+    if tuple(shape) != glow_shape:
+        raise GlowCheckpointError(
+            f"{what} models {'×'.join(map(str, glow_shape))} images, but the images to score "
+            f"are {'×'.join(map(str, shape))}; give a Glow of such images "
+            f"({HOW_TO_GET_A_GLOW}).")
+
+
+def load_glow(path, device="cpu", frozen=True, made_from=None, image_shape=None):
     """Rebuild a Glow from its config, load its weights and move it to `device`; frozen for
     scoring by default. The checkpoint is read on the CPU; every parameter and buffer of
     the returned model lives on `device`. With `made_from`, a Glow that was pretrained on
-    other data (its stored "made_from") is refused."""
+    other data (its stored "made_from") is refused, and so is, given `image_shape`
+    (C, H, W), a Glow of images of another shape."""
     checkpoint = nets.read_checkpoint(path, "a checkpoint", HOW_TO_GET_A_GLOW,
                                       error=GlowCheckpointError)
     if checkpoint.get("kind") != "glow":
@@ -527,6 +541,8 @@ def load_glow(path, device="cpu", frozen=True, made_from=None):
     if made_from is not None and checkpoint.get("made_from") != made_from:
         raise GlowCheckpointError(f"{path} was pretrained on {checkpoint.get('made_from')}, not "
                                   f"on {made_from}; delete it or choose another --out.")
+    if image_shape is not None:
+        check_image_shape(checkpoint["config"], image_shape, path)
     with torch.random.fork_rng(devices=[]):  # the random init, overwritten below, must not
         glow = Glow(**checkpoint["config"])  # move the caller's stream: a cached quick Glow
         # then gives the same run as one pretrained in place (get_glow forks its stream too)
@@ -573,7 +589,9 @@ def import_y0ast(state):
     -> our Glow. Tensor names are identical by construction; we add the ActNorm
     "initialized" flags (y0ast keeps them out of the state dict)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    glow = Glow(**config_from_y0ast(state))
+    config = config_from_y0ast(state)
+    check_image_shape(config, IMAGE_SHAPE, "this y0ast Glow")
+    glow = Glow(**config)
     ours = dict(state)
     for name in glow.state_dict():
         if name.endswith(".initialized"):
@@ -778,19 +796,26 @@ def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=pri
     so it neither depends on nor changes the caller's: a run gives the same numbers whether
     the Glow was cached or not, and runs of a λ grid share one Glow."""
     device = torch.device(device)
+    shape = IMAGE_SHAPE if train_set is None else tuple(train_set[0][0].shape)  # C, H, W
     if path:
-        return load_glow(path, device)
+        return load_glow(path, device, image_shape=shape)
     if not quick:
         raise nets.RunError(f"no Glow given: pass --glow PATH ({HOW_TO_GET_A_GLOW}), "
                                   f"or use --quick to pretrain a tiny one.")
     if os.path.isfile(cache_path):
         log(f"using the cached quick Glow {cache_path}")
-        return load_glow(cache_path, device, made_from=made_from)
+        return load_glow(cache_path, device, made_from=made_from, image_shape=shape)
+    if len(train_set) < QUICK_BATCH:
+        raise nets.RunError(f"--quick pretrains its tiny Glow in batches of {QUICK_BATCH} "
+                            f"training images, more than the {len(train_set)} here; give at "
+                            f"least {QUICK_BATCH} (a larger --train-size or folder), or a "
+                            "--glow to score with.")
     log(f"pretraining a tiny Glow {QUICK_GLOW} on {len(train_set)} images -> {cache_path}")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed((made_from or {}).get("seed", 0))
-        glow = Glow(**QUICK_GLOW).to(device)
-        train_glow(glow, train_set, device, epochs=1000, max_steps=QUICK_STEPS, lr=QUICK_LR,
+        glow = Glow(**QUICK_GLOW, in_channels=shape[0], image_size=shape[-1]).to(device)
+        train_glow(glow, train_set, device, epochs=1000, batch_size=QUICK_BATCH,
+                   max_steps=QUICK_STEPS, lr=QUICK_LR,
                    warmup_steps=50, seed=(made_from or {}).get("seed", 0), log=log)
     save_glow(glow, cache_path, made_from=made_from)
     return freeze(glow)
@@ -982,7 +1007,7 @@ def main(args):
                 for name in datasets.dataset_names(args.dataset)]
         files = ["bpd.json"] + [f"bpd-{tag}.png" for tag in tags]
         refuse_overwrite([os.path.join(args.out, f) for f in files], args.overwrite)
-        glow = load_glow(args.glow, device)
+        glow = load_glow(args.glow, device, image_shape=IMAGE_SHAPE)
         means = {}
         for name in datasets.dataset_names(args.dataset):
             data = load_many(name, args.data_root, args.split == "train", args.test_size, args.seed)

@@ -640,6 +640,15 @@ def add_run_flags(parser, dataset_names, quick, out, may_change=()):
              f"{quick['test_size']})")
 
 
+def given_flags(parser, args, argv=None):
+    """The flags (as dests) given on the command line, whatever their value: args alone
+    cannot tell `--ipc 10` from no --ipc. Parses argv again into a namespace that already
+    holds every dest, so that argparse sets only what was given."""
+    unset = object()
+    again = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    return {k for k, v in vars(again).items() if v is not unset}
+
+
 def finite_float(text):
     """argparse type for real-valued flags: refuses nan and inf like any other bad number."""
     try:

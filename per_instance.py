@@ -556,7 +556,8 @@ def main(args):
     flip = info.name in ("cifar10", "cifar100")  # authors: flips for CIFAR only
     if len(train_set) < cfg.batch_size:
         raise nets.RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} "
-                            "training images; lower it or raise --train-size.")
+                            "training images; lower it or "
+                            + ("raise --train-size." if cfg.train_size else "add images."))
 
     # models: simplifier (S2.2), classifier f (S2.1), frozen Glow G (Eq. 1)
     simplifier = nets.UNetSimplifier(num_down=5, ngf=cfg.ngf).to(device)

@@ -245,7 +245,7 @@ def test_condensed_set_must_fit_its_task(tmp_path):
     assert "5 classes" in proc.stderr and "--condensed" in proc.stderr
 
 
-def test_flag_combinations_are_checked():
+def test_flag_combinations_are_checked(capsys):
     def error(*argv):
         with pytest.raises(SystemExit) as e:
             condense.get_args(list(argv))
@@ -255,6 +255,12 @@ def test_flag_combinations_are_checked():
     assert error("--continual", "--dataset", "shapes,mnist") == 2  # no --condensed
     assert error("--continual", "--dataset", "a,b,c", "--condensed", "r1") == 2  # 1 of 2 runs
     assert error("--continual", "--dataset", "a,b", "--condensed", "r1", "--no-replay") == 2
+    # condensation-only flags do nothing with --continual, even at their default value
+    for flag in (["--ipc", "10"], ["--iterations", "5"], ["--glow", "/nonexistent.pt"],
+                 ["--lambda-sim", "50"], ["--batch-size", "256"], ["--summarize", "r"]):
+        assert error("--continual", "--dataset", "a,b", "--no-replay", *flag) == 2
+        assert f"{flag[0]} does nothing with --continual" in capsys.readouterr().err
+    assert error("--cycle-epochs", "50") == 2  # needs --continual
     args = condense.get_args(["--continual", "--dataset", "shapes,x/digits", "--no-replay",
                               "--distill", "--quick"])
     cfg = condense.resolve_config(args)

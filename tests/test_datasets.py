@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -214,6 +215,51 @@ def test_download_failure_is_caught(tmp_path, monkeypatch):
     monkeypatch.setitem(datasets.TORCHVISION, "svhn", (Offline,) + entry[1:])
     with pytest.raises(DatasetError, match=r"download dataset 'svhn'.*no network.*train_32x32"):
         load_dataset("svhn", str(tmp_path), train=True, download=True)
+
+
+@pytest.mark.parametrize("labels", [4, 9])  # fewer, then more labels than the 6 images
+def test_mnist_labels_that_disagree_with_the_images_are_one_sentence(tmp_path, labels):
+    fake_mnist_root(str(tmp_path))
+    rng = np.random.default_rng(0)
+    write_idx(str(tmp_path / "MNIST" / "raw"), "t10k",
+              rng.integers(0, 256, (6, 28, 28)), np.arange(6) % 10)
+    path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    path.write_bytes(struct.pack(">ii", 2049, labels) + bytes(range(labels)))
+    assert len(load_dataset("mnist", str(tmp_path), train=True)) == 12  # its files agree
+    with pytest.raises(DatasetError) as e:
+        load_dataset("mnist", str(tmp_path), train=False, download=True)
+    msg = str(e.value)
+    assert f"6 test images but {labels} labels" in msg and "t10k-labels-idx1-ubyte" in msg
+    assert "t10k-images-idx3-ubyte" in msg and msg.count(". ") == 0
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_missing_mnist_file_is_named_not_another_one(tmp_path, monkeypatch, download):
+    fake_mnist_root(str(tmp_path))
+    os.remove(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
+    tried = []
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download",
+                        lambda self: tried.append(1) or (_ for _ in ()).throw(
+                            RuntimeError("Error downloading train-images-idx3-ubyte.gz")))
+    with pytest.raises(DatasetError) as e:
+        load_dataset("mnist", str(tmp_path), train=True, download=download)
+    msg = str(e.value)
+    assert "lacks MNIST/raw/t10k-labels-idx1-ubyte" in msg and msg.count(". ") == 0
+    assert ("downloading failed" in msg) == download and len(tried) == download
+
+
+def test_a_corrupt_mnist_file_is_named_and_not_downloaded_again(tmp_path, monkeypatch):
+    fake_mnist_root(str(tmp_path))
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])  # cut short, as an interrupted copy
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download",
+                        lambda self: pytest.fail("files in place must not be downloaded"))
+    with pytest.raises(DatasetError) as e:
+        load_dataset("mnist", str(tmp_path), train=True, download=True)
+    msg = str(e.value)
+    assert "could not be read" in msg and "download" not in msg
+    assert "MNIST/raw/train-images-idx3-ubyte is not a complete idx file" in msg
+    assert msg.count(". ") == 0
 
 
 def test_unknown_name_lists_valid_names(tmp_path):

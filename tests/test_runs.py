@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import condense
 import datasets
@@ -424,6 +425,56 @@ def test_an_out_that_cannot_be_a_folder_is_one_sentence_in_every_script(tmp_path
         glow.main(glow.get_args(glow_argv + [str(tmp_path)]))
     with pytest.raises(nets.RunError, match="--out's folder .* is a file, not a folder"):
         glow.main(glow.get_args(glow_argv + [str(a_file / "g.pt")]))
+
+
+@pytest.mark.parametrize("config", [dict(in_channels=1), dict(image_size=16),
+                                    dict(image_size=64)])
+def test_a_glow_of_other_images_is_refused_before_a_run_starts(tmp_path, config):
+    path = tmp_path / "other.pt"
+    model = glow.Glow(levels=2, steps=1, hidden=4, **config)
+    glow.save_glow(model, path)
+    c, size = model.config["in_channels"], model.config["image_size"]
+    for module, argv, *_ in SCRIPTS.values():
+        out = tmp_path / module.__name__
+        with pytest.raises(glow.GlowCheckpointError,
+                           match=f"{path} models {c}×{size}×{size} images, but the images to "
+                                 "score are 3×32×32; give a Glow of such images"):
+            run(module, argv(out, str(path)))
+        assert not (out / "args.json").exists()
+    y0ast = {k: v for k, v in model.state_dict().items() if not k.endswith(".initialized")}
+    with pytest.raises(glow.GlowCheckpointError, match=f"models {c}×{size}×{size} images"):
+        glow.import_y0ast(y0ast)  # a y0ast Glow of such images is not imported either
+
+
+def test_advice_on_too_few_images_names_what_the_user_can_change(tmp_path, tiny_glow_path,
+                                                                  monkeypatch):
+    # --quick: the tiny Glow's batch of 64, which no flag sets, is named as such
+    out = tmp_path / "quick"
+    argv = ["--dataset", "shapes", "--quick", "--train-size", "40", "--batch-size", "8",
+            "--device", "cpu", "--out", str(out)]
+    with pytest.raises(nets.RunError, match="--quick pretrains its tiny Glow in batches of 64 "
+                                            "training images, more than the 40 here"):
+        run(per_instance, argv)
+    assert not (out / "args.json").exists()
+    # no --train-size given: "raise --train-size" would be no advice at all
+    folder = tmp_path / "few"
+    for split, n in (("train", 6), ("test", 4)):
+        for c in ("a", "b"):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(folder / split / c / f"{i}.png")
+    argv = ["--dataset", str(folder), "--batch-size", "16", "--glow", tiny_glow_path,
+            "--device", "cpu", "--out", str(tmp_path / "few-run")]
+    with pytest.raises(nets.RunError, match="training images; lower it or add images"):
+        run(per_instance, argv)
+    with pytest.raises(nets.RunError, match="training images; lower it or raise --train-size"):
+        run(per_instance, argv + ["--train-size", "5"])
+    x, y = torch.zeros(5, 3, 32, 32), torch.tensor([0, 0, 0, 1, 1])
+    info = datasets.load_dataset(str(folder)).info
+    with pytest.raises(nets.RunError, match="lower --ipc or add training images of it"):
+        condense.by_class(x, y, info, 3, "cpu")
+    with pytest.raises(nets.RunError, match="lower --ipc or raise --train-size"):
+        condense.by_class(x, y, info, 3, "cpu", train_size=5)
 
 
 def test_the_first_lines_of_a_run_are_its_settings_and_its_data(tmp_path, tiny_glow_path, capsys):
