@@ -617,8 +617,8 @@ def get_args(argv=None):
         p.error(f"--eval-at must be comma-separated iterations, got {args.eval_at!r}.")
     given = nets.given_flags(p, args, argv)
     if not args.continual:
-        if given & {"condensed", "distill", "no_replay", "cycle_epochs"}:
-            p.error("--condensed, --distill, --no-replay and --cycle-epochs need --continual.")
+        nets.refuse_unused(p, given, dict.fromkeys(("condensed", "distill", "no_replay",
+                                                    "cycle_epochs"), "with --continual"))
         return args
     return check_continual_flags(p, args, given)
 
@@ -829,8 +829,8 @@ CONTINUAL_QUICK = dict(train_size=2000, test_size=1000, width=32, cycle_epochs=5
                        first_cycles=2, train_batch=128)
 
 
-# The flags --continual reads; the others (--ipc, --glow, --lambda-sim, ...) make the
-# condensed sets, which --condensed gives ready-made.
+# The flags --continual reads; the others (--ipc, --glow, --lambda-sim, ...) make
+# condensed sets, which --condensed gives it ready-made.
 CONTINUAL_FLAGS = {"dataset", "data_root", "out", "device", "seed", "quick", "resume",
                    "train_size", "test_size", "width", "continual", "condensed", "distill",
                    "no_replay", "cycle_epochs"}
@@ -839,11 +839,8 @@ CONTINUAL_FLAGS = {"dataset", "data_root", "out", "device", "seed", "quick", "re
 def check_continual_flags(p, args, given):
     """The flags of --continual that parse but do not fit together or do nothing in it
     (`given`: the flags on the command line): p.error names them."""
-    unused = sorted("--" + k.replace("_", "-") for k in given - CONTINUAL_FLAGS)
-    if unused:
-        p.error(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing with "
-                "--continual (it replays the condensed sets of earlier runs, --condensed); "
-                "drop it or run without --continual.")
+    nets.refuse_unused(p, given, dict.fromkeys(sorted(given - CONTINUAL_FLAGS),
+                                               "without --continual"))
     try:
         tasks = datasets.dataset_names(args.dataset)
     except datasets.DatasetError as e:

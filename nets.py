@@ -649,6 +649,22 @@ def given_flags(parser, args, argv=None):
     return {k for k, v in vars(again).items() if v is not unset}
 
 
+def refuse_unused(parser, given, rules):
+    """parser.error naming every flag of `given` (nets.given_flags) that does nothing in
+    the chosen mode: rules {dest: where it would act, e.g. "with --arch wrn", or a false
+    value where it acts}. A flag silently ignored would make a run look like another."""
+    by_where = {}  # where -> the flags that act only there
+    for k, where in rules.items():
+        if k in given and where:
+            by_where.setdefault(where, []).append("--" + k.replace("_", "-"))
+    if by_where:
+        many = sum(map(len, by_where.values())) > 1
+        parser.error(", ".join(f"{', '.join(flags)} (only {where})"
+                               for where, flags in by_where.items())
+                     + f" {'do' if many else 'does'} nothing in this run; drop "
+                     f"{'them' if many else 'it'}.")
+
+
 def finite_float(text):
     """argparse type for real-valued flags: refuses nan and inf like any other bad number."""
     try:

@@ -491,6 +491,17 @@ def get_args(argv=None):
         p.error(f"--depth must be 6n+4 with n >= 1 (e.g. 10, 16, 28), got {args.depth}.")
     if args.finetune and args.simplifier != "unet":
         p.error("--finetune needs the jointly trained classifier of --simplifier unet.")
+    trains = args.simplifier in ("unet", "l2")  # the blur and JPEG baselines train nothing
+    arch = args.arch or (QUICK if args.quick else FULL)["arch"]
+    nets.refuse_unused(p, nets.given_flags(p, args, argv), dict(
+        blur_sigma=args.simplifier != "blur" and "with --simplifier blur",
+        jpeg_quality=args.simplifier != "jpeg" and "with --simplifier jpeg",
+        **dict.fromkeys(("lambda_sim", "ngf", "epochs", "eval_every"),
+                        not trains and "with --simplifier unet or l2"),
+        retrain_epochs=not (args.retrain or args.finetune or args.simplifier != "unet")
+        and "with --retrain, --finetune or a baseline simplifier",
+        depth=arch != "wrn" and "with --arch wrn", widen=arch != "wrn" and "with --arch wrn",
+        width=arch != "convnet" and "with --arch convnet"))
     return args
 
 

@@ -355,6 +355,11 @@ def get_args(argv=None):
         p.error("--lr and --train-lr must be positive")
     if args.indices is not None and min(args.indices) < 0:
         p.error("--indices must not be negative")
+    nets.refuse_unused(p, nets.given_flags(p, args, argv), {
+        **dict.fromkeys(("train_epochs", "train_lr", "batch_size", "depth", "widen"),
+                        args.classifier and "when f is trained here, without --classifier"),
+        **dict.fromkeys(("select", "confidence", "num_images"),
+                        args.indices is not None and "without --indices")})
     return args
 
 

@@ -419,9 +419,10 @@ def test_main_smoke_and_classifier_reuse(tmp_path):
     glow_path = str(tmp_path / "glow.pt")
     glow.save_glow(g, glow_path)
     common = ["--dataset", "shapes", "--glow", glow_path, "--device", "cpu", "--train-size", "64",
-              "--test-size", "40", "--steps", "3", "--num-images", "2", "--log-every", "2"]
+              "--test-size", "40", "--steps", "3", "--log-every", "2"]
     out1 = tmp_path / "run1"
-    summary = posthoc.main(posthoc.get_args(common + ["--out", str(out1), "--train-epochs", "1",
+    summary = posthoc.main(posthoc.get_args(common + ["--out", str(out1), "--num-images", "2",
+                                                      "--train-epochs", "1",
                                                       "--depth", "10", "--widen", "1", "--batch-size", "32"]))
     results = json.loads((out1 / "results.json").read_text())
     for key in ("kept_prediction_rate", "mean_bpd_original", "mean_bpd_simplified"):

@@ -49,9 +49,11 @@ def condense_argv(out, glow_path, *extra):
 
 
 def posthoc_argv(out, glow_path, *extra):
+    trains_f = [] if "--classifier" in extra else ["--train-epochs", "1", "--depth", "10",
+                                                   "--widen", "1"]  # these act only then
     return ["--dataset", "shapes", "--train-size", "64", "--test-size", "40", "--steps", "2",
-            "--num-images", "2", "--log-every", "1", "--train-epochs", "1", "--depth", "10",
-            "--widen", "1", "--glow", glow_path, "--device", "cpu", "--out", str(out), *extra]
+            "--num-images", "2", "--log-every", "1", *trains_f, "--glow", glow_path,
+            "--device", "cpu", "--out", str(out), *extra]
 
 
 SCRIPTS = {"per_instance": (per_instance, per_instance_argv, "--lambda-sim", "5"),
@@ -475,6 +477,41 @@ def test_advice_on_too_few_images_names_what_the_user_can_change(tmp_path, tiny_
         condense.by_class(x, y, info, 3, "cpu")
     with pytest.raises(nets.RunError, match="lower --ipc or raise --train-size"):
         condense.by_class(x, y, info, 3, "cpu", train_size=5)
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    (per_instance, ["--blur-sigma", "2"], "--blur-sigma (only with --simplifier blur)"),
+    (per_instance, ["--simplifier", "blur", "--jpeg-quality", "20"], "--jpeg-quality (only with"),
+    (per_instance, ["--simplifier", "blur", "--lambda-sim", "2"],
+     "--lambda-sim (only with --simplifier unet or l2)"),
+    (per_instance, ["--simplifier", "jpeg", "--jpeg-quality", "9", "--epochs", "3"], "--epochs"),
+    (per_instance, ["--arch", "convnet", "--depth", "16"], "--depth (only with --arch wrn)"),
+    (per_instance, ["--quick", "--widen", "2"], "--widen (only with --arch wrn)"),  # quick: convnet
+    (per_instance, ["--width", "64"], "--width (only with --arch convnet)"),  # default: wrn
+    (per_instance, ["--retrain-epochs", "3"], "--retrain-epochs (only with --retrain, --finetune"),
+    (posthoc, ["--classifier", "f.pt", "--train-epochs", "3"],
+     "--train-epochs (only when f is trained here, without --classifier)"),
+    (posthoc, ["--classifier", "f.pt", "--batch-size", "32"], "--batch-size (only when f is"),
+    (posthoc, ["--indices", "1", "2", "--num-images", "8"], "--num-images (only without --indices)"),
+])
+def test_a_flag_that_does_nothing_in_the_chosen_mode_is_refused(module, argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:  # even at its default value
+        module.get_args(argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv", [
+    (per_instance, ["--simplifier", "blur", "--blur-sigma", "2", "--retrain-epochs", "3"]),
+    (per_instance, ["--simplifier", "l2", "--lambda-sim", "1", "--ngf", "8", "--epochs", "2"]),
+    (per_instance, ["--arch", "wrn", "--depth", "16", "--widen", "2", "--quick"]),
+    (per_instance, ["--quick", "--width", "8", "--retrain", "--retrain-epochs", "3"]),
+    (posthoc, ["--train-epochs", "3", "--batch-size", "16", "--depth", "10", "--widen", "1"]),
+    (posthoc, ["--classifier", "f.pt", "--num-images", "4", "--select", "correct"]),
+])
+def test_the_same_flags_are_taken_where_they_act(module, argv):
+    args = module.get_args(argv)
+    assert all(getattr(args, a.lstrip("-").replace("-", "_")) is not None for a in argv
+               if a.startswith("--"))
 
 
 def test_the_first_lines_of_a_run_are_its_settings_and_its_data(tmp_path, tiny_glow_path, capsys):
