@@ -327,12 +327,15 @@ def two_class_difference(a, b, scale):
     return (1 - w) * grey + w * colour
 
 
-def save_two_class(path, runs, class_names):
+def save_two_class(path, runs, class_names, order=(0, 1)):
     """Fig. 7: per run and image pair k, a row [image k of class A, image k of class B, their
     two_class_difference]; runs = [(caption, images (N, 3, 32, 32), labels (N,))], e.g. the
-    λ = 0 run above the simplified one. With ipc > 1 the k-th images of the two classes are
-    paired as stored (DC does not match them, so a pair also differs in what it depicts)."""
-    pairs = [(cap, x[y == 0], x[y == 1]) for cap, x, y in runs]
+    λ = 0 run above the simplified one; order = the labels of (A, B): A is drawn green, B
+    red. With ipc > 1 the k-th images of the two classes are paired as stored (DC does not
+    match them, so a pair also differs in what it depicts): the paper's figure is ipc 1."""
+    green, red = order
+    class_names = [class_names[green], class_names[red]]
+    pairs = [(cap, x[y == green], x[y == red]) for cap, x, y in runs]
     pairs = [(cap, a[:len(b)], b[:len(a)]) for cap, a, b in pairs]  # (ipc, 3, 32, 32) each
     scale = max(max((a - b).mean(1).abs().max().item() for _, a, b in pairs), 1 / 255)
     tiles, captions = [], []
@@ -348,46 +351,82 @@ def save_two_class(path, runs, class_names):
 def continual(cfg, net, tasks, replay, resuming):
     """S11: train the tasks in turn (cfg.first_cycles cosine cycles on the first task, one
     on each later one), replaying the earlier tasks' condensed sets `replay` (none with
-    --no-replay) and, with --distill, distilling from the network as it was before the
-    task; after each stage the test accuracy of every task seen so far. A checkpoint after
-    every epoch. Returns the accuracies after each stage, [{task: accuracy}]."""
+    --no-replay) through their own frozen heads and, with --distill, distilling from one
+    teacher per such task, the network as it was right after it (the authors' protocol:
+    kept_tasks); after each stage the test accuracy of every task seen so far (through the
+    head of scoring_heads). A checkpoint after every epoch. Returns the accuracies after
+    each stage, [{task: accuracy}]."""
     stage_epochs = [cfg.cycle_epochs * (cfg.first_cycles if i == 0 else 1)
                     for i in range(len(tasks))]
     steps_per_cycle = [cfg.cycle_epochs * math.ceil(len(t.x_train) / cfg.train_batch)
                        for t in tasks]
     ckpt_path = cfg.out / "checkpoint.pt"
-    start_stage, start_epoch, history, stage_accs, (optimizer, scheduler, teacher) = \
-        0, 0, [], [], (None, None, None)
+    start_stage, start_epoch, history, stage_accs, (optimizer, scheduler), teachers = \
+        0, 0, [], [], (None, None), {}
     if resuming and ckpt_path.exists():
-        start_stage, start_epoch, history, stage_accs, (optimizer, scheduler, teacher) = \
+        start_stage, start_epoch, history, stage_accs, (optimizer, scheduler), teachers = \
             load_continual_checkpoint(ckpt_path, net, steps_per_cycle)
     log = nets.Metrics(cfg.out / "metrics.jsonl", history)
     for stage in range(start_stage, len(tasks)):
-        task = tasks[stage]
-        if start_epoch == 0:  # a new task: new optimizer and schedule, the teacher frozen now
+        task, kept = tasks[stage], kept_tasks(stage, len(replay), cfg.own_heads)
+        if start_epoch == 0:  # a new task: new optimizer and schedule
             optimizer, scheduler = stage_optimizer(net, stage, steps_per_cycle[stage])
-            teacher = frozen_copy(net) if cfg.distill and stage > 0 else None
+            if cfg.distill and stage - 1 in kept:  # the network right after that task
+                teachers[stage - 1] = frozen_copy(net)
+        replayed = [(*replay[j], j) for j in kept if j < len(replay)]  # (S_j, y_j, head j)
         print(f"task {stage + 1}/{len(tasks)}: {task.name}, {stage_epochs[stage]} epochs, "
-              f"replaying {len(replay[:stage]) if not cfg.no_replay else 0} condensed set(s)"
-              f"{', distilling' if teacher is not None else ''}", flush=True)
+              f"replaying {len(replayed)} condensed set(s)"
+              f"{f', distilling from {len(teachers)} teacher(s)' if teachers else ''}",
+              flush=True)
         for epoch in range(start_epoch, stage_epochs[stage]):
             t0, lr = time.time(), optimizer.param_groups[0]["lr"]
             loss = train_continual_epoch(net, optimizer, scheduler, task.x_train, task.y_train,
-                                         stage, [] if cfg.no_replay else replay[:stage], teacher,
-                                         cfg.train_batch)
+                                         stage, replayed, teachers, cfg.train_batch)
             row = {"stage": stage + 1, "task": task.name, "epoch": epoch + 1,
                    "train_loss": loss, "lr": lr, "seconds": time.time() - t0}
             if epoch + 1 == stage_epochs[stage]:  # end of the stage: every task seen so far
-                stage_accs.append(task_accuracies(net, tasks[:stage + 1]))
+                stage_accs.append(task_accuracies(net, tasks[:stage + 1],
+                                                  scoring_heads(stage, kept)))
                 row["test_acc"] = stage_accs[-1]
                 print(f"after task {stage + 1} ({task.name}): " + ", ".join(
                     f"{k} {100 * v:.2f}%" for k, v in stage_accs[-1].items()), flush=True)
             log(row)
             nets.save_state(ckpt_path, dict(model=net, optimizer=optimizer, scheduler=scheduler,
-                                            teacher=teacher),
-                            stage=stage, epoch=epoch + 1, history=log.rows, stage_accs=stage_accs)
+                                            **{f"teacher{j}": t for j, t in teachers.items()}),
+                            stage=stage, epoch=epoch + 1, teachers=sorted(teachers),
+                            history=log.rows, stage_accs=stage_accs)
         start_epoch = 0
     return stage_accs
+
+
+def kept_tasks(stage, num_condensed, own_heads=False):
+    """The earlier tasks j < stage that keep their own frozen head (and, with --distill,
+    their teacher). The authors' protocol (Fig. S8/S9): only a task with a condensed set
+    (the first `num_condensed` tasks); a task without one is scored through the current
+    head instead. --own-heads (ours, not the paper's): every earlier task."""
+    return [j for j in range(stage) if own_heads or j < num_condensed]
+
+
+def scoring_heads(stage, kept):
+    """The head that scores each task 0..stage after task `stage`: a kept task's own, else
+    the current one, as the authors' code did (SVHN, MNIST and USPS share the ten digit
+    labels; check_shared_labels refuses tasks whose labels differ)."""
+    return [j if j in kept or j == stage else stage for j in range(stage + 1)]
+
+
+def check_shared_labels(tasks, num_condensed, own_heads=False):
+    """A task scored through a later task's head (scoring_heads) must have its classes."""
+    for stage, task in enumerate(tasks):
+        for j, head in enumerate(scoring_heads(stage, kept_tasks(stage, num_condensed,
+                                                                 own_heads))):
+            if tasks[j].class_names != task.class_names and head == stage != j:
+                raise nets.RunError(
+                    f"without a condensed set, task {tasks[j].name} is scored through the "
+                    f"head of the current task {task.name} (the authors' protocol of Fig. S8), "
+                    f"but their classes, in label order, differ "
+                    f"({', '.join(tasks[j].class_names[:3])}... and "
+                    f"{', '.join(task.class_names[:3])}...); replay condensed sets "
+                    "(--condensed), or pass --own-heads to keep a frozen head per task (ours).")
 
 
 class MultiHeadConvNet(nn.Module):
@@ -412,33 +451,32 @@ class MultiHeadConvNet(nn.Module):
         return self.heads[task](self.embed(x))
 
 
-def continual_loss(net, x, y, task, replay, teacher=None):
+def continual_loss(net, x, y, task, replay, teachers=None):
     """The loss of one step of task t = `task` (S11; Zhao & Bilen 2021; authors' code):
 
-        L = ℓ(x, y, t) + Σ_{j<t} ℓ(S_j, y_j, j),   ℓ(x, y, j) = CE(h_j(φ(x)), y)
+        L = ℓ(x, y, t) + Σ_{j∈R} ℓ(S_j, y_j, j),   ℓ(x, y, j) = CE(h_j(φ(x)), y)
 
     φ the shared features, h_j the head of task j, x a batch of task t's real images, and
-    (S_j, y_j) = replay[j] the whole condensed set of task j (none with --no-replay), each
-    through its own head; the earlier heads are frozen (stage_optimizer), so replay keeps
-    φ usable for them. With a teacher (--distill: φ', h' frozen after the previous stage;
-    the authors kept one per earlier task, the network after that task) every input also
-    distils all t previous heads, and each term is averaged as the authors did:
+    replay = [(S_j, y_j, j) for j ∈ R] the whole condensed sets of the kept earlier tasks
+    (kept_tasks), each through its own head; the earlier heads are frozen
+    (stage_optimizer), so replay keeps φ usable for them. With `teachers` {k: φ^k, h^k}
+    (--distill: the network right after each kept task k, frozen) every input also
+    distils each kept head from its own teacher, and each term is averaged as the
+    authors did:
 
-        ℓ(x, y, j) = [CE(h_j(φ(x)), y) + Σ_{k<t} KD(h_k(φ(x)), h'_k(φ'(x)))] / (1 + t)
+        ℓ(x, y, j) = [CE(h_j(φ(x)), y) + Σ_{k∈K} KD(h_k(φ(x)), h^k_k(φ^k(x)))] / (1 + |K|)
 
-    so the KD inputs are the current real batch and the condensed images of every earlier
-    task (through every previous head, as in the authors' code)."""
-    loss = 0.0
-    terms = [(x, y, task)] + [(xs, ys, j) for j, (xs, ys) in enumerate(replay)]
-    for inputs, labels, head in terms:
+    so the KD inputs are the current real batch and every replayed condensed set."""
+    loss, teachers = 0.0, teachers or {}
+    for inputs, labels, head in [(x, y, task), *replay]:
         h = net.embed(inputs)  # (B, width·16)
         term = F.cross_entropy(net.heads[head](h), labels)
-        if teacher is not None:
-            with torch.no_grad():
-                h_old = teacher.embed(inputs)
-            for k in range(task):
-                term = term + distillation_loss(net.heads[k](h), teacher.heads[k](h_old))
-            term = term / (1 + task)
+        if teachers:
+            for k, teacher in teachers.items():
+                with torch.no_grad():
+                    target = teacher(inputs, k)
+                term = term + distillation_loss(net.heads[k](h), target)
+            term = term / (1 + len(teachers))
         loss = loss + term
     return loss
 
@@ -450,7 +488,7 @@ def distillation_loss(student_logits, teacher_logits, temperature=2.0):
     return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean()
 
 
-def train_continual_epoch(net, optimizer, scheduler, x_train, y_train, task, replay, teacher,
+def train_continual_epoch(net, optimizer, scheduler, x_train, y_train, task, replay, teachers,
                           batch_size):
     """One epoch on task `task` (minibatches, continual_loss, one lr step per batch);
     returns the mean batch loss. Augmentation: a random crop with zero padding 3 and no
@@ -462,7 +500,7 @@ def train_continual_epoch(net, optimizer, scheduler, x_train, y_train, task, rep
         idx = idx.to(x_train.device)
         x = x_train[idx].float() / 255  # uint8 storage -> (B, 3, 32, 32) in [0, 1]
         x = nets.crop_flip(x, nets.sample_crop_flip(len(x), CROP_PAD, False, x.device), CROP_PAD)
-        loss = continual_loss(net, x, y_train[idx], task, replay, teacher)
+        loss = continual_loss(net, x, y_train[idx], task, replay, teachers)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -488,17 +526,17 @@ def stage_optimizer(net, task, steps_per_cycle):
 
 
 def frozen_copy(net):
-    """The teacher of --distill: a copy of the network that no optimizer changes."""
+    """A teacher of --distill: a copy of the network that no optimizer changes."""
     return copy.deepcopy(net).requires_grad_(False).eval()
 
 
 @torch.no_grad()
-def task_accuracies(net, tasks, batch_size=1000):
-    """{task name: test accuracy through the task's own head} for the given tasks."""
+def task_accuracies(net, tasks, heads, batch_size=1000):
+    """{task name: test accuracy through head heads[j]} for the given tasks j."""
     net.eval()
-    return {t.name: sum((net(x.float() / 255, j).argmax(1) == y).sum().item()
+    return {t.name: sum((net(x.float() / 255, head).argmax(1) == y).sum().item()
                         for x, y in zip(t.x_test.split(batch_size), t.y_test.split(batch_size)))
-            / len(t.x_test) for j, t in enumerate(tasks)}
+            / len(t.x_test) for t, head in zip(tasks, heads)}
 
 
 def save_accuracy_table(path, stage_accs, title):
@@ -540,7 +578,7 @@ QUICK = dict(train_size=2000, test_size=1000, iterations=400, batch_real=64, wid
              num_eval=3, eval_epochs=100, eval_at="", outer_loop=1, inner_loop=1)
 
 # --resume may condense longer, evaluate elsewhere, and chunk the bpd term differently
-RESUMABLE = ("iterations", "eval_at", "bpd_chunk")
+RESUMABLE = ("iterations", "eval_at", "bpd_chunk", "green_red")
 
 
 def get_args(argv=None):
@@ -590,6 +628,9 @@ def get_args(argv=None):
                         "grayscale or larger images loads, resized to 32×32 and repeated to 3 "
                         "channels): an earlier run on the same dataset, typically --lambda-sim "
                         "0, whose condensed images two_class.png shows above this run's")
+    p.add_argument("--green-red", default=None, metavar="A,B",
+                   help="two-class datasets (Fig. 7): the class drawn green, then the one drawn "
+                        "red in two_class.png, e.g. female,male (default: folder order)")
     # continual learning with condensed sets (S11, Fig. S8/S9)
     p.add_argument("--continual", action="store_true",
                    help="task-incremental continual learning (S11): --dataset T1,T2,... "
@@ -603,7 +644,12 @@ def get_args(argv=None):
                         "frozen network of the previous stage, on every previous head")
     p.add_argument("--no-replay", action="store_true",
                    help="with --continual: plain sequential training without condensed sets "
-                        "(the Fig. S8 ablation)")
+                        "(the Fig. S8 ablation: as the authors, every task is then scored "
+                        "through the newest head, so the tasks must share their classes)")
+    p.add_argument("--own-heads", action="store_true",
+                   help="with --continual --no-replay: keep a frozen head per task and score "
+                        "each task through its own (ours, not the paper's protocol; allows "
+                        "tasks of other classes and --distill without condensed sets)")
     p.add_argument("--cycle-epochs", type=nets.positive_int, default=None,
                    help="with --continual: epochs per cosine cycle (default 50; quick 5); the "
                         "first task trains 3 cycles (quick 2), each later task one")
@@ -618,7 +664,8 @@ def get_args(argv=None):
     given = nets.given_flags(p, args, argv)
     if not args.continual:
         nets.refuse_unused(p, given, dict.fromkeys(("condensed", "distill", "no_replay",
-                                                    "cycle_epochs"), "with --continual"))
+                                                    "own_heads", "cycle_epochs"),
+                                                   "with --continual"))
         return args
     return check_continual_flags(p, args, given)
 
@@ -634,6 +681,7 @@ def resolve_config(args):
         names = "-".join(Path(t).name for t in datasets.dataset_names(args.dataset))
         cfg["out"] = Path(args.out or f"runs/condense-continual-{names}-"
                                       f"{'noreplay' if args.no_replay else 'replay'}"
+                                      f"{'-ownheads' if args.own_heads else ''}"
                                       f"{'-distill' if args.distill else ''}-seed{args.seed}"
                                       + ("-quick" if args.quick else ""))
         return argparse.Namespace(**{**vars(args), **cfg})
@@ -719,10 +767,22 @@ def load_checkpoint(path, alpha, optimizer, iterations):
     return ckpt["iteration"], ckpt["history"]
 
 
-def save_condensed(cfg, class_names, x_syn, x_random, compare):
+def two_class_order(green_red, class_names):
+    """The labels (green, red) of Fig. 7 from --green-red "A,B" (default: folder order)."""
+    if not green_red:
+        return 0, 1
+    names = green_red.split(",")
+    if len(names) != 2 or sorted(names) != sorted(class_names):
+        raise nets.RunError(f"--green-red needs the two classes, the green one first: "
+                            f"{','.join(class_names)} or {','.join(class_names[::-1])}; got "
+                            f"{green_red!r}.")
+    return class_names.index(names[0]), class_names.index(names[1])
+
+
+def save_condensed(cfg, class_names, x_syn, x_random, compare, colours=(0, 1)):
     """synthetic.pt (what the evaluation nets trained on, for --compare and --condensed),
     the grids synthetic.png and random_real.png, and for two classes Fig. 7's
-    two_class.png with the --compare run above this one."""
+    two_class.png with the --compare run above this one (colours: labels drawn green, red)."""
     labels = torch.arange(len(class_names)).repeat_interleave(cfg.ipc)
     nets.atomic_save({"images": x_syn.cpu(), "labels": labels, "class_names": class_names},
                      cfg.out / "synthetic.pt")
@@ -731,7 +791,8 @@ def save_condensed(cfg, class_names, x_syn, x_random, compare):
     if len(class_names) == 2:  # captions say "lam": the default PIL font has no λ
         rows = [(f"lam{compare[2].get('lambda_sim', math.nan):g}", *compare[:2])] if compare else []
         save_two_class(cfg.out / "two_class.png",
-                       rows + [(f"lam{cfg.lambda_sim:g}", x_syn.cpu(), labels)], class_names)
+                       rows + [(f"lam{cfg.lambda_sim:g}", x_syn.cpu(), labels)], class_names,
+                       colours)
 
 
 @nets.releases_held  # the run's folder, once it ends
@@ -753,9 +814,11 @@ def main(args):
     x_train, y_train = datasets.to_tensors(train_set)
     x_test, y_test = (t.to(device) for t in datasets.to_tensors(test_set))
     real_by_class = by_class(x_train, y_train, info, cfg.ipc, device, cfg.train_size)
-    if cfg.compare and info.num_classes != 2:
-        raise nets.RunError(f"--compare draws Fig. 7 for two classes, but {info.name} has "
-                            f"{info.num_classes}; drop --compare.")
+    for flag, given in (("--compare", cfg.compare), ("--green-red", cfg.green_red)):
+        if given and info.num_classes != 2:
+            raise nets.RunError(f"{flag} is for Fig. 7 of two classes, but {info.name} has "
+                                f"{info.num_classes}; drop {flag}.")
+    colours = two_class_order(cfg.green_red, info.class_names)
     compare = cfg.compare and load_run_images(cfg.compare, cfg.dataset, info.class_names,
                                               "--compare")
 
@@ -799,7 +862,7 @@ def main(args):
         "bpd_random_real": mean_bpd(glow_model, x_random, cfg.seed),
         "bpd_real": mean_bpd(glow_model, real_sample, cfg.seed),
     }
-    save_condensed(cfg, info.class_names, x_syn, x_random, compare)
+    save_condensed(cfg, info.class_names, x_syn, x_random, compare, colours)
     nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
     print(f"condensed ({cfg.ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "
@@ -833,14 +896,22 @@ CONTINUAL_QUICK = dict(train_size=2000, test_size=1000, width=32, cycle_epochs=5
 # condensed sets, which --condensed gives it ready-made.
 CONTINUAL_FLAGS = {"dataset", "data_root", "out", "device", "seed", "quick", "resume",
                    "train_size", "test_size", "width", "continual", "condensed", "distill",
-                   "no_replay", "cycle_epochs"}
+                   "no_replay", "own_heads", "cycle_epochs"}
 
 
 def check_continual_flags(p, args, given):
     """The flags of --continual that parse but do not fit together or do nothing in it
     (`given`: the flags on the command line): p.error names them."""
-    nets.refuse_unused(p, given, dict.fromkeys(sorted(given - CONTINUAL_FLAGS),
-                                               "without --continual"))
+    if args.summarize:  # Fig. S9 of finished runs: nothing else to say
+        nets.refuse_unused(p, given, dict.fromkeys(sorted(given - {"continual", "summarize",
+                                                                   "out"}),
+                                                   "without --summarize"))
+        return args
+    nets.refuse_unused(p, given, {
+        **dict.fromkeys(sorted(given - CONTINUAL_FLAGS - {"summarize"}), "without --continual"),
+        "own_heads": not args.no_replay and "with --no-replay",  # else every head is kept
+        # the authors' runs without condensed sets keep no teacher
+        "distill": args.no_replay and not args.own_heads and "with --condensed or --own-heads"})
     try:
         tasks = datasets.dataset_names(args.dataset)
     except datasets.DatasetError as e:
@@ -858,10 +929,21 @@ def check_continual_flags(p, args, given):
     return args
 
 
+# tradeoff.csv / tradeoff.png of continual runs with replay (Fig. S9): the final mean test
+# accuracy against the mean bpd of the replayed condensed sets, with and without distillation
+CONTINUAL_SUMMARY = dict(
+    x_key="replayed_bpd", knob="replayed_bpd",
+    series=[("replay", "final_mean_acc", dict(distill=False)),
+            ("replay + distillation", "final_mean_acc", dict(distill=True))],
+    title="Fig. S9: final mean test accuracy against bits per dimension of the replayed sets")
+
+
 def load_tasks(cfg, device):
     """The tasks of --continual (each one's splits as uint8 on the device), the condensed
-    sets to replay, and their fingerprints for --resume (made_from)."""
-    tasks, replay, made_from = [], [], {}
+    sets to replay, where each came from (its run, and its bpd as that run measured it,
+    under the Glow named by the run's fingerprint), and their fingerprints for --resume
+    (made_from)."""
+    tasks, replay, replayed, made_from = [], [], [], {}
     runs = cfg.condensed.split(",") if cfg.condensed else []
     for i, name in enumerate(datasets.dataset_names(cfg.dataset)):
         train_set, test_set = datasets.load_splits(name, cfg.data_root, cfg.train_size,
@@ -871,6 +953,7 @@ def load_tasks(cfg, device):
         (x_train, y_train), (x_test, y_test) = map(datasets.to_tensors, (train_set, test_set))
         tasks.append(argparse.Namespace(
             name=Path(name).name, num_classes=train_set.info.num_classes,
+            class_names=list(train_set.info.class_names),
             x_train=datasets.to_uint8(x_train).to(device), y_train=y_train.to(device),
             x_test=datasets.to_uint8(x_test).to(device), y_test=y_test.to(device)))
         if i < len(runs):
@@ -878,24 +961,37 @@ def load_tasks(cfg, device):
                                               "--condensed")
             replay.append((x_syn.to(device), y_syn.to(device)))
             made_from[f"task{i + 1}_condensed"] = nets.file_hash(Path(runs[i]) / "synthetic.pt")
-    return tasks, replay, made_from
+            replayed.append(condensed_source(runs[i], tasks[-1].name))
+    return tasks, replay, replayed, made_from
+
+
+def condensed_source(run, task):
+    """Where a replayed set came from: {task, run, bpd (the run's bpd_synthetic), glow (the
+    fingerprint of the Glow that measured it, from the run's made_from.json)}."""
+    results = nets.read_results(Path(run) / "results.json") or {}
+    if not isinstance(results.get("bpd_synthetic"), (int, float)):
+        raise nets.CheckpointError(f"--condensed {run}: its results.json holds no bpd_synthetic; "
+                                   "give the folder of a finished condense.py run.")
+    made_from = nets.read_results(Path(run) / "made_from.json") or {}
+    return dict(task=task, run=str(run), bpd=results["bpd_synthetic"],
+                glow=made_from.get("glow"))
 
 
 def load_continual_checkpoint(path, net, steps_per_cycle):
     """Restore what continual() saved into `net`; returns (stage, epoch, metrics history,
-    stage accuracies, (optimizer, scheduler, teacher) of that stage)."""
+    stage accuracies, (optimizer, scheduler) of that stage, {task: teacher})."""
     ckpt = nets.load_state(path, "a checkpoint of condense.py --continual", dict(model=net),
                            map_location=next(net.parameters()).device,
-                           keys=("optimizer", "scheduler", "teacher", "stage", "epoch",
+                           keys=("optimizer", "scheduler", "teachers", "stage", "epoch",
                                  "history", "stage_accs"))
     optimizer, scheduler = stage_optimizer(net, ckpt["stage"], steps_per_cycle[ckpt["stage"]])
-    teacher = None if ckpt["teacher"] is None else frozen_copy(net)
+    teachers = {j: frozen_copy(net) for j in ckpt["teachers"]}
     nets.restore(ckpt, dict(optimizer=optimizer, scheduler=scheduler,
-                            **({} if teacher is None else dict(teacher=teacher))), path)
+                            **{f"teacher{j}": t for j, t in teachers.items()}), path)
     print(f"resuming after epoch {ckpt['epoch']} of task {ckpt['stage'] + 1} from {path}",
           flush=True)
     return (ckpt["stage"], ckpt["epoch"], ckpt["history"], ckpt["stage_accs"],
-            (optimizer, scheduler, teacher))
+            (optimizer, scheduler), teachers)
 
 
 @nets.releases_held  # the run's folder, once it ends
@@ -907,19 +1003,29 @@ def continual_main(args):
     nets.seed_everything(cfg.seed)
     device = nets.resolve_device(cfg.device)
     nets.quick_threads(cfg.quick, device)
-    tasks, replay, made_from = load_tasks(cfg, device)
+    tasks, replay, replayed, made_from = load_tasks(cfg, device)
+    check_shared_labels(tasks, len(replay), cfg.own_heads)
     net = MultiHeadConvNet([t.num_classes for t in tasks], cfg.width).to(device)
     nets.start_run(cfg.out, vars(args), made_from, resuming)  # the run starts: it holds its folder
     print(f"continual learning on {device}", flush=True)
     stage_accs = continual(cfg, net, tasks, replay, resuming)
 
-    # save: accuracies after every stage (Fig. S8/S9) and their mean at the end
+    # save: accuracies after every stage (Fig. S8/S9) and their mean at the end; the bits of
+    # the replayed sets (Fig. S9's x-axis)
+    last = len(tasks) - 1
+    heads = scoring_heads(last, kept_tasks(last, len(replay), cfg.own_heads))
     results = {"tasks": [t.name for t in tasks], "replay": not cfg.no_replay,
-               "distill": cfg.distill, "stage_test_acc": stage_accs,
+               "distill": cfg.distill, "own_heads": cfg.own_heads,
+               "scored_through": {t.name: tasks[h].name for t, h in zip(tasks, heads)},
+               "stage_test_acc": stage_accs,
                "final_mean_acc": sum(stage_accs[-1].values()) / len(tasks)}
+    if replayed:
+        results.update(replayed=replayed,
+                       replayed_bpd=sum(r["bpd"] for r in replayed) / len(replayed))
     save_accuracy_table(cfg.out / "accuracy.png", stage_accs,
                         f"test accuracy (%), {'no replay' if cfg.no_replay else 'replay'}"
-                        f"{' + distillation' if cfg.distill else ''}")
+                        f"{' + distillation' if cfg.distill else ''}"
+                        f"{', own heads' if cfg.own_heads else ''}")
     nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
     print(f"final mean test accuracy {100 * results['final_mean_acc']:.2f}% -> {cfg.out}")
@@ -930,8 +1036,8 @@ if __name__ == "__main__":
     nets.console()  # before --help: its text has λ
     args = get_args()
     try:
-        nets.run_command(main, args, "lambda_sim", resolve_config(args).out, SUMMARY,
-                         RESUMABLE)
+        nets.run_command(main, args, "lambda_sim", resolve_config(args).out,
+                         CONTINUAL_SUMMARY if args.continual else SUMMARY, RESUMABLE)
     except (datasets.DatasetError, nets.CheckpointError, glow.GlowCheckpointError,
             nets.RunError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1118,8 +1118,10 @@ def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
 
     CSV: one row per run, columns run ("<grid folder>/<sub-folder>"), the knob, then every
     scalar of results.json (first-seen order; a missing cell is empty). Chart: each
-    `series` entry, (label, y_key) against x_key or (label, x_key, y_key), is drawn for the
-    runs that have both keys; with several grid folders each gets its own series labelled
+    `series` entry, (label, y_key) against x_key or (label, x_key, y_key), optionally
+    followed by a dict of values a run's results must hold (e.g. {"distill": True}), is
+    drawn for the runs that have both keys; with several grid folders each gets its own
+    series labelled
     "<folder>: <label>" (Fig. S4). ref_key (e.g. test_bpd, bpd_real): the original images'
     bpd, a dashed line at its mean over runs. Returns the CSV rows as dicts.
     """
@@ -1141,9 +1143,11 @@ def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
             knob_keys[key] = None  # an ordered set: the knob column(s) come right after run
             refs += [results[ref_key]] if _number(results.get(ref_key)) else []
         for label, *keys in series:
+            where = keys.pop() if isinstance(keys[-1], dict) else {}
             xk, yk = keys if len(keys) == 2 else (x_key, keys[0])
             points = [(r[xk], r[yk], f"{key}={exact_text(value)}" if value is not None else name)
-                      for name, key, value, r in runs if _number(r.get(xk)) and _number(r.get(yk))]
+                      for name, key, value, r in runs if _number(r.get(xk)) and _number(r.get(yk))
+                      and all(r.get(k) == v for k, v in where.items())]
             if points:
                 lines.append((f"{grid_name}: {label}" if len(grid_dirs) > 1 else label, points))
     columns = list(dict.fromkeys(["run", *knob_keys] + [k for row in rows for k in row]))

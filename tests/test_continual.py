@@ -2,8 +2,10 @@
 Fig. 7: the replay loss and distillation written out by hand, which heads learn from what,
 the cosine schedule against its formula, the colour-coded difference on hand-made pixels,
 the checks of the condensed sets, and a CPU smoke run interrupted and resumed."""
+import argparse
 import json
 import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +55,7 @@ def test_replay_loss_is_every_condensed_set_through_its_own_head():
     with torch.no_grad():
         real = cross_entropy(net(x, 2), y)
         replayed = cross_entropy(net(s0[0], 0), s0[1]) + cross_entropy(net(s1[0], 1), s1[1])
-        loss = condense.continual_loss(net, x, y, 2, [s0, s1])
+        loss = condense.continual_loss(net, x, y, 2, [(*s0, 0), (*s1, 1)])
         plain = condense.continual_loss(net, x, y, 2, [])
     assert loss.item() == pytest.approx((real + replayed).item(), rel=1e-5)
     assert plain.item() == pytest.approx(real.item(), rel=1e-5)
@@ -68,7 +70,7 @@ def test_earlier_heads_are_frozen_and_replay_trains_the_features():
     replay changes how the features move."""
     net = tiny_net()
     (x, y), s0, s1 = batch(5, 2, 1), batch(3, 3, 2), batch(4, 4, 3)
-    condense.continual_loss(net, x, y, 2, [s0, s1]).backward()
+    condense.continual_loss(net, x, y, 2, [(*s0, 0), (*s1, 1)]).backward()
     got = [p.grad.clone() for p in net.heads[:2].parameters()]
     net.zero_grad()
     (torch.nn.functional.cross_entropy(net(s0[0], 0), s0[1])
@@ -79,7 +81,7 @@ def test_earlier_heads_are_frozen_and_replay_trains_the_features():
     x_train = datasets.to_uint8(torch.rand(600, 3, 32, 32))  # two batches of ≤ 512
     y_train = torch.randint(0, 3, (600,))
     features = []
-    for replay in ([], [s0]):
+    for replay in ([], [(*s0, 0)]):
         net = tiny_net()
         optimizer, scheduler = condense.stage_optimizer(net, 0, 10)
         condense.train_continual_epoch(net, optimizer, scheduler, x_train, y_train, 0, [], None,
@@ -126,32 +128,63 @@ def test_epoch_batches_are_cropped_with_padding_3_and_not_flipped(monkeypatch):
         assert torch.equal(y, y_train[idx])
 
 
-def test_distillation_targets_come_from_the_frozen_previous_network():
-    """--distill on task 3: every input (the real batch, each condensed set) adds KD with
-    T = 2 on both previous heads against the frozen copy φ', h' (the network before this
-    task, here perturbed away from the student), and each term is divided by 1 + 2:
+def test_distillation_targets_come_from_each_kept_tasks_own_teacher():
+    """--distill on task 3 (authors): every input (the real batch, each condensed set) adds
+    KD with T = 2 on head k against teacher k, the network right after task k (two teachers,
+    each perturbed its own way from the student), and each term is divided by 1 + 2:
 
-        ℓ = [CE(h_j(φ(x)), y) + Σ_{k<2} KD(h_k(φ(x)), h'_k(φ'(x)))] / 3."""
+        ℓ = [CE(h_j(φ(x)), y) + Σ_{k<2} KD(h_k(φ(x)), h^k_k(φ^k(x)))] / 3."""
     net = tiny_net()
-    teacher = condense.frozen_copy(net)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    teachers = {}
+    for k in (0, 1):
+        teachers[k] = condense.frozen_copy(net)
+        with torch.no_grad():
+            for p in teachers[k].parameters():
+                p.add_(0.1 * torch.randn_like(p))
     (x, y), s0, s1 = batch(5, 2, 1), batch(3, 3, 2), batch(4, 4, 3)
     with torch.no_grad():
         expected = 0
         for inputs, labels, head in [(x, y, 2), (*s0, 0), (*s1, 1)]:
             term = cross_entropy(net(inputs, head), labels)
             for k in range(2):
-                term = term + soft_cross_entropy(net(inputs, k), teacher(inputs, k), 2.0)
+                term = term + soft_cross_entropy(net(inputs, k), teachers[k](inputs, k), 2.0)
             expected = expected + term / 3
-        loss = condense.continual_loss(net, x, y, 2, [s0, s1], teacher)
+        loss = condense.continual_loss(net, x, y, 2, [(*s0, 0), (*s1, 1)], teachers)
+        one_teacher = condense.continual_loss(net, x, y, 2, [(*s0, 0), (*s1, 1)],
+                                              {0: teachers[1], 1: teachers[1]})
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert not any(p.requires_grad for p in teacher.parameters())
+    assert abs(one_teacher.item() - expected.item()) > 1e-4  # which teacher matters
+    assert not any(p.requires_grad for t in teachers.values() for p in t.parameters())
     # distillation alone, with the student as its own teacher: KD = the entropy at T = 2
     logits = torch.randn(6, 5, dtype=torch.float64)
     assert condense.distillation_loss(logits, logits).item() == pytest.approx(
         soft_cross_entropy(logits, logits, 2.0).item(), rel=1e-12)
+
+
+def test_which_tasks_keep_a_head_and_which_head_scores_each_task():
+    """The authors' protocol, written out for three tasks: an earlier task keeps its own
+    (frozen) head only when it has a condensed set; one without is scored through the
+    current head. --own-heads (ours) keeps every head."""
+    # replay of the sets of tasks 1 and 2 (the default): every earlier task keeps its head
+    assert [condense.kept_tasks(s, 2) for s in range(3)] == [[], [0], [0, 1]]
+    assert condense.scoring_heads(2, [0, 1]) == [0, 1, 2]
+    # --no-replay: nothing kept, every task is scored through the newest head
+    assert [condense.kept_tasks(s, 0) for s in range(3)] == [[], [], []]
+    assert [condense.scoring_heads(s, []) for s in range(3)] == [[0], [1, 1], [2, 2, 2]]
+    # --no-replay --own-heads
+    assert condense.kept_tasks(2, 0, own_heads=True) == [0, 1]
+    assert condense.scoring_heads(2, [0, 1]) == [0, 1, 2]
+    # the accuracy of a task is that of the head named for it
+    net = tiny_net(classes=(3, 3, 3))
+    x, y = datasets.to_uint8(torch.rand(7, 3, 32, 32)), torch.randint(0, 3, (7,))
+    task = type("Task", (), dict(name="t", x_test=x, y_test=y))
+    other = type("Task", (), dict(name="u", x_test=x, y_test=y))
+    with torch.no_grad():
+        by_hand = [(net(x.float() / 255, h).argmax(1) == y).float().mean().item()
+                   for h in range(3)]
+    for heads in ([0, 2], [2, 2], [1, 0]):
+        accs = condense.task_accuracies(net, [task, other], heads)
+        assert list(accs.values()) == pytest.approx([by_hand[h] for h in heads])
 
 
 def test_schedule_is_cosine_restarted_every_cycle():
@@ -204,10 +237,13 @@ def write_folder(root, images, labels, names, size):
         img.resize((size, size)).save(folder / f"{i}.png")
 
 
-def fake_run(folder, dataset, class_names, ipc=2, shape=(3, 32, 32), seed=0, **args):
-    """The two files of a finished condense.py run that --condensed and --compare read."""
+def fake_run(folder, dataset, class_names, ipc=2, shape=(3, 32, 32), seed=0, bpd=6.5,
+             **args):
+    """The files of a finished condense.py run that --condensed and --compare read."""
     folder.mkdir(parents=True)
     nets.write_json(folder / "args.json", {"dataset": dataset, "lambda_sim": 0.0, **args})
+    nets.write_json(folder / "results.json", {"bpd_synthetic": bpd})
+    nets.write_json(folder / "made_from.json", {"glow": "f" * 64})
     g = torch.Generator().manual_seed(seed)
     images = torch.round(255 * torch.rand(len(class_names) * ipc, *shape, generator=g)) / 255
     labels = torch.arange(len(class_names)).repeat_interleave(ipc)
@@ -245,6 +281,78 @@ def test_condensed_set_must_fit_its_task(tmp_path):
     assert "5 classes" in proc.stderr and "--condensed" in proc.stderr
 
 
+def three_tasks(classes=(3, 3, 3)):
+    """Three tiny tasks of 8 training and 6 test images each, with their class names."""
+    tasks = []
+    for i, n in enumerate(classes):
+        g = torch.Generator().manual_seed(i)
+        tasks.append(argparse.Namespace(
+            name=f"task{i + 1}", num_classes=n, class_names=[f"c{c}" for c in range(n)],
+            x_train=datasets.to_uint8(torch.rand(8, 3, 32, 32, generator=g)),
+            y_train=torch.arange(8) % n, x_test=datasets.to_uint8(torch.rand(6, 3, 32, 32)),
+            y_test=torch.arange(6) % n))
+    return tasks
+
+
+@pytest.mark.parametrize("replay, own_heads, distill", [
+    (True, False, True), (True, False, False), (False, False, False), (False, True, True)])
+def test_three_tasks_use_the_heads_and_teachers_of_the_authors_protocol(
+        tmp_path, monkeypatch, replay, own_heads, distill):
+    """continual() on three tiny tasks, each term checked against the protocol written out:
+    task t replays the condensed set of each kept earlier task j through head j; with
+    --distill, kept task k teaches through the network as it was right after task k (not
+    the one after the previous stage); after task t a task is scored through its own head
+    if kept, else through head t. Kept: the tasks with a condensed set (authors), every
+    earlier task with --own-heads."""
+    tasks = three_tasks()
+    condensed = [batch(3, 3, 10 + j) for j in range(2)] if replay else []
+    cfg = argparse.Namespace(cycle_epochs=1, first_cycles=1, train_batch=8, out=tmp_path,
+                             distill=distill, own_heads=own_heads, no_replay=not replay)
+    seen, scored, after = [], [], {}  # after[t]: the network's state right after task t
+    train_epoch, accuracies = condense.train_continual_epoch, condense.task_accuracies
+
+    def recording(net, optimizer, scheduler, x, y, task, replayed, teachers, batch_size):
+        seen.append((task, [(xs, ys, j) for xs, ys, j in replayed], dict(teachers)))
+        return train_epoch(net, optimizer, scheduler, x, y, task, replayed, teachers, batch_size)
+
+    def scoring(net, tasks_seen, heads):
+        after[len(tasks_seen) - 1] = {k: v.clone() for k, v in net.state_dict().items()}
+        scored.append(list(heads))
+        return accuracies(net, tasks_seen, heads)
+    monkeypatch.setattr(condense, "train_continual_epoch", recording)
+    monkeypatch.setattr(condense, "task_accuracies", scoring)
+    torch.manual_seed(0)
+    net = condense.MultiHeadConvNet([3, 3, 3], width=4)
+    stage_accs = condense.continual(cfg, net, tasks, condensed, resuming=False)
+
+    kept = [[j for j in range(t) if own_heads or replay] for t in range(3)]  # written out
+    assert [task for task, _, _ in seen] == [0, 1, 2]
+    for t, (_, replayed, teachers) in enumerate(seen):
+        assert [j for _, _, j in replayed] == (kept[t] if replay else [])
+        for xs, ys, j in replayed:
+            assert xs is condensed[j][0] and ys is condensed[j][1]
+        assert sorted(teachers) == (kept[t] if distill else [])
+        for k, teacher in teachers.items():  # the network right after task k
+            for name, value in teacher.state_dict().items():
+                assert torch.equal(value, after[k][name]), (t, k, name)
+    assert scored == [[0], [0 if 0 in kept[1] else 1, 1],
+                      [0 if 0 in kept[2] else 2, 1 if 1 in kept[2] else 2, 2]]
+    assert len(stage_accs) == 3 and list(stage_accs[-1]) == ["task1", "task2", "task3"]
+
+
+def test_tasks_of_other_classes_need_condensed_sets_or_own_heads():
+    """Without condensed sets an earlier task is scored through the current head, which
+    only means something when the tasks share their classes: one sentence otherwise."""
+    tasks = three_tasks()
+    tasks[1].class_names = ["x", "y", "z"]
+    with pytest.raises(nets.RunError, match="task task1 is scored through the head of the "
+                                            "current task task2 .* pass --own-heads"):
+        condense.check_shared_labels(tasks, 0)
+    condense.check_shared_labels(tasks, 2)  # replay: every earlier task keeps its head
+    condense.check_shared_labels(tasks, 0, own_heads=True)
+    condense.check_shared_labels(three_tasks(), 0)  # the same classes: the authors' protocol
+
+
 def test_flag_combinations_are_checked(capsys):
     def error(*argv):
         with pytest.raises(SystemExit) as e:
@@ -257,16 +365,29 @@ def test_flag_combinations_are_checked(capsys):
     assert error("--continual", "--dataset", "a,b", "--condensed", "r1", "--no-replay") == 2
     # condensation-only flags do nothing with --continual, even at their default value
     for flag in (["--ipc", "10"], ["--iterations", "5"], ["--glow", "/nonexistent.pt"],
-                 ["--lambda-sim", "50"], ["--batch-size", "256"], ["--summarize", "r"]):
+                 ["--lambda-sim", "50"], ["--batch-size", "256"]):
         assert error("--continual", "--dataset", "a,b", "--no-replay", *flag) == 2
         assert f"{flag[0]} (only without --continual) does nothing" in capsys.readouterr().err
+    # the authors' runs without condensed sets keep no head and no teacher (Fig. S8)
+    for argv, words in ((["--condensed", "r1", "--own-heads"], "--own-heads (only with --no-"),
+                        (["--no-replay", "--distill"], "--distill (only with --condensed or "
+                                                       "--own-heads)"),
+                        (["--summarize", "r", "--no-replay"], "--dataset, --no-replay (only "
+                                                              "without --summarize)")):
+        assert error("--continual", "--dataset", "a,b", *argv) == 2
+        assert words in capsys.readouterr().err
+    args = condense.get_args(["--continual", "--dataset", "a,b", "--no-replay", "--own-heads",
+                              "--distill"])
+    assert args.own_heads and args.distill
+    assert condense.get_args(["--continual", "--summarize", "runs/s9"]).summarize == ["runs/s9"]
     assert error("--cycle-epochs", "50") == 2  # needs --continual
     args = condense.get_args(["--continual", "--dataset", "shapes,x/digits", "--no-replay",
-                              "--distill", "--quick"])
+                              "--own-heads", "--distill", "--quick"])
     cfg = condense.resolve_config(args)
     assert (cfg.width, cfg.cycle_epochs, cfg.first_cycles, cfg.train_size, cfg.train_batch) == (
         32, 5, 2, 2000, 128)
-    assert str(cfg.out) == "runs/condense-continual-shapes-digits-noreplay-distill-seed0-quick"
+    assert str(cfg.out) == ("runs/condense-continual-shapes-digits-noreplay-ownheads-distill-"
+                            "seed0-quick")
     cfg = condense.resolve_config(condense.get_args(["--continual", "--dataset", "svhn,mnist,usps",
                                                      "--condensed", "r1,r2"]))
     assert (cfg.width, cfg.cycle_epochs, cfg.first_cycles, cfg.train_size, cfg.train_batch) == (
@@ -297,17 +418,18 @@ def test_continual_smoke_schedule_teacher_and_resume(tmp_path, monkeypatch):
     calls = []
     train_epoch = condense.train_continual_epoch
 
-    def recording(net, optimizer, scheduler, x, y, task, replay, teacher, batch_size):
+    def recording(net, optimizer, scheduler, x, y, task, replay, teachers, batch_size):
         assert batch_size == 512
         state = {k: v.clone() for k, v in net.state_dict().items()}
-        calls.append((task, len(replay), teacher, state))
-        return train_epoch(net, optimizer, scheduler, x, y, task, replay, teacher, batch_size)
+        calls.append((task, len(replay), dict(teachers), state))
+        return train_epoch(net, optimizer, scheduler, x, y, task, replay, teachers, batch_size)
     monkeypatch.setattr(condense, "train_continual_epoch", recording)
     results = continual_run(tmp_path, "a")
     assert [(task, n) for task, n, _, _ in calls] == [(0, 0)] * 6 + [(1, 1)] * 2
-    assert all(teacher is None for _, _, teacher, _ in calls[:6])
-    teacher = calls[6][2]
-    assert calls[7][2] is teacher
+    assert all(not teachers for _, _, teachers, _ in calls[:6])
+    assert list(calls[6][2]) == [0]
+    teacher = calls[6][2][0]
+    assert calls[7][2][0] is teacher
     for key, value in teacher.state_dict().items():  # the network after task 1
         assert torch.equal(value, calls[6][3][key]), key
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
@@ -318,6 +440,9 @@ def test_continual_smoke_schedule_teacher_and_resume(tmp_path, monkeypatch):
     assert [list(r.get("test_acc", {})) for r in rows if "test_acc" in r] == [
         ["shapes"], ["shapes", "inverted"]]
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["replayed"] == [dict(task="shapes", run=str(tmp_path / "cond-shapes"), bpd=6.5,
+                                      glow="f" * 64)] and saved["replayed_bpd"] == 6.5
+    assert saved["scored_through"] == {"shapes": "shapes", "inverted": "inverted"}
     assert saved["stage_test_acc"] == [rows[5]["test_acc"], rows[7]["test_acc"]]
     assert saved["final_mean_acc"] == pytest.approx(sum(rows[7]["test_acc"].values()) / 2)
     assert saved == json.loads(json.dumps(results))
@@ -343,6 +468,37 @@ def test_continual_smoke_schedule_teacher_and_resume(tmp_path, monkeypatch):
         assert torch.equal(resumed["model"][key], value), key
     rows_b = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [{**r, "seconds": 0} for r in rows_b] == [{**r, "seconds": 0} for r in rows]
+
+
+def test_fig_s9_summary_draws_final_accuracy_against_the_replayed_sets_bpd(tmp_path,
+                                                                          monkeypatch):
+    """Three continual runs replaying sets of 8.0 and 4.5 bpd, with and without
+    distillation; `--continual --summarize` draws one series per distillation setting,
+    final mean accuracy against replayed_bpd, and a --no-replay run (no bpd) is not drawn."""
+    second = tmp_path / "inverted"
+    x, y = datasets.make_shapes(60, seed=3)
+    write_folder(second, 1 - x.float() / 255, y, datasets.SHAPES, 32)
+    grid, finals = tmp_path / "s9", {}
+    for name, bpd, extra in (("lam0", 8.0, []), ("lam50", 4.5, []),
+                             ("lam50-kd", 4.5, ["--distill"]),
+                             ("none", None, ["--no-replay", "--own-heads"])):
+        replay = [] if bpd is None else ["--condensed", str(fake_run(
+            tmp_path / f"cond-{name}", "shapes", datasets.SHAPES, bpd=bpd, seed=len(finals)))]
+        results = condense.main(condense.get_args([
+            "--continual", "--dataset", f"shapes,{second}", *replay, *extra, "--train-size",
+            "60", "--test-size", "20", "--width", "4", "--cycle-epochs", "1", "--device", "cpu",
+            "--out", str(grid / name)]))
+        finals[name] = results["final_mean_acc"]
+        assert results.get("replayed_bpd") == bpd
+    drawn = {}
+    monkeypatch.setattr(nets, "draw_tradeoff", lambda path, lines, *a, **k: drawn.update(
+        path=path, lines=lines))
+    monkeypatch.setattr(sys, "argv", ["condense.py", "--continual", "--summarize", str(grid)])
+    runpy.run_path(condense.__file__, run_name="__main__")
+    assert [(label, [(x, y) for x, y, _ in points]) for label, points in drawn["lines"]] == [
+        ("replay", [(4.5, finals["lam50"]), (8.0, finals["lam0"])]),
+        ("replay + distillation", [(4.5, finals["lam50-kd"])])]
+    assert drawn["path"] == grid / "tradeoff.png" and (grid / "tradeoff.csv").is_file()
 
 
 def test_two_class_view_with_compare(tmp_path, monkeypatch):
@@ -375,6 +531,24 @@ def test_two_class_view_with_compare(tmp_path, monkeypatch):
     expected = torch.stack([a, b, condense.two_class_difference(a, b, scale)], 1).flatten(0, 1)
     torch.testing.assert_close(tiles, expected)
     assert [c.split()[-1] for c in captions[:2] + captions[6:8]] == ["lam0", "lam0", "lam1", "lam1"]
+    assert captions[:3] == ["effusion lam0", "normal lam0", "g:effusion r:normal"]
+    # --green-red chooses which class is green (A, first) and which red (B): here swapped
+    grids.clear()
+    run("swapped", "--lambda-sim", "1", "--green-red", "normal,effusion", "--compare",
+        str(tmp_path / "plain"))
+    tiles, _, captions = grids["two_class.png"]
+    swapped = torch.load(tmp_path / "swapped" / "synthetic.pt", weights_only=True)["images"]
+    a, b = torch.cat([plain[2:], swapped[2:]]), torch.cat([plain[:2], swapped[:2]])
+    scale = (a - b).mean(1).abs().max()
+    expected = torch.stack([a, b, condense.two_class_difference(a, b, scale)], 1).flatten(0, 1)
+    torch.testing.assert_close(tiles, expected)
+    assert captions[:3] == ["normal lam0", "effusion lam0", "g:normal r:effusion"]
+    for wrong in ("normal", "normal,cat", "normal,normal"):
+        with pytest.raises(nets.RunError, match="--green-red needs the two classes, the green "
+                                                "one first: effusion,normal or normal,effusion"):
+            run("wrong", "--green-red", wrong)
+    with pytest.raises(nets.RunError, match="--green-red is for Fig. 7 of two classes"):
+        run("five", "--green-red", "disk,ring", dataset="shapes")
     nets.write_json(tmp_path / "plain" / "args.json", {"dataset": "mnist"})
     with pytest.raises(nets.CheckpointError, match="--compare"):
         run("other", "--compare", str(tmp_path / "plain"))
