@@ -204,7 +204,7 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
     for it in range(start, cfg.iterations + 1):
         if it in cfg.eval_at and it not in evaluated:  # (a resumed run may have evaluated it)
             x_syn = synthetic_images(alpha).detach()
-            evaluated[it] = accs = evaluate_images(x_syn, labels)
+            evaluated[it] = accs = evaluate_images([(x_syn, labels)] * cfg.num_eval)
             acc, std = mean_std(accs)
             bpd = mean_bpd(glow_model, x_syn, cfg.seed)
             print(f"iteration {it}: test accuracy {100 * acc:.2f} ± {100 * std:.2f}% "
@@ -236,35 +236,110 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
 
 
 # ------------------------------------------- evaluation (Sec. 4, DC's protocol) and figures
-def evaluate_synset(x_train, y_train, x_test, y_test, *, num_classes, num_eval, epochs, width,
-             batch_size, seed):
-    """DC evaluation protocol (Sec. 4): `num_eval` fresh ConvNets, each trained on
-    (x_train, y_train) with SGD lr 0.01, momentum 0.9, wd 5e-4, lr ÷10 at half the
-    epochs; returns their test accuracies on the real test set. As in DC's
-    `evaluate_synset`, the lr drop re-creates the optimizer, so the momentum restarts.
-    Every evaluation (synthetic or random real, at any iteration) uses the same `seed`,
-    hence the same network initialisations and batch orders."""
-    device = x_train.device
+# DC's get_daparam: of DC's datasets only MNIST is augmented when evaluating a ConvNet
+# (crop_scale_rotate), and an augmented evaluation trains 1000 epochs instead of 300
+# (DC's main.py; the authors' runs alike)
+DC_AUGMENTED = ("mnist",)
+
+
+def eval_protocol(dataset):
+    """(augment, epochs) of DC's evaluation of a condensed `dataset` (a built-in name)."""
+    augment = dataset in DC_AUGMENTED
+    return augment, 1000 if augment else 300
+
+
+def evaluate_synset(sets, x_test, y_test, *, num_classes, epochs, width, batch_size, seed,
+                    augment=False):
+    """DC's `evaluate_synset` (Sec. 4): one fresh ConvNet per training set of `sets`,
+    [(x, y)] (the condensed set once per network, or a new random real draw each), trained
+    with SGD lr 0.01, momentum 0.9, wd 5e-4 for epochs + 1 epochs (DC's range(Epoch + 1));
+    after epoch epochs//2 + 1 the lr is ÷10 by a new optimizer, so the momentum restarts
+    (DC); with `augment`, every batch through DC's crop_scale_rotate (dc_augment). Returns
+    their accuracies on the real test set. Every evaluation (synthetic or random real, at
+    any iteration) uses the same `seed`, hence the same initialisations and batch orders."""
+    device = x_test.device
     accs = []
     with nets.isolated_rng(device, seed):
-        for _ in range(num_eval):
+        for x_train, y_train in sets:
             net = make_convnet(num_classes, width, device)
-            for epoch in range(epochs):
-                if epoch in (0, epochs // 2):  # a fresh optimizer at lr 0.01, then at 0.001
-                    lr = 0.01 if epoch == 0 else 0.001
-                    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-                train_network(net, opt, x_train, y_train, 1, batch_size)
+            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            for epoch in range(epochs + 1):
+                train_network(net, opt, x_train, y_train, 1, batch_size, augment)
+                if epoch == epochs // 2 + 1:
+                    opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9,
+                                          weight_decay=5e-4)
             accs.append(test_accuracy(net, x_test, y_test))
     return accs
 
 
-def train_network(net, optimizer, x, y, epochs, batch_size):
-    """Plain minibatch training on (x, y) for `epochs` epochs (no augmentation)."""
+def sample_dc_augment(n, size, crop=4, scale=0.2, rotate=45):
+    """The draws of DC's crop_scale_rotate (DC's `augment`) for n images of size×size,
+    on the CPU: one operation per image, uniformly (0 crop, 1 scale, 2 rotate); crop
+    offsets in [0, 2·crop) (DC's np.random.permutation(2·crop)[0]); scaled heights and
+    widths int(U(1 − scale, 1 + scale)·size); angles in whole degrees in [−rotate, rotate)
+    (np.random.randint)."""
+    return dict(op=torch.randint(3, (n,)), shift=torch.randint(2 * crop, (n, 2)),
+                size=((1 - scale + 2 * scale * torch.rand(n, 2)) * size).long(),
+                angle=torch.randint(-rotate, rotate, (n,)).float())
+
+
+def dc_augment(x, draws, crop=4):
+    """DC's crop_scale_rotate on a batch x (B, C, H, W) of network inputs (x − 0.5 here,
+    as in the authors' fork, so DC's zero padding is grey), with sample_dc_augment's draws:
+
+        crop:   pad by `crop` with the batch's channel means, cut the window at the offsets
+        scale:  nearest-neighbour resize to the drawn (h, w), centred on a zero canvas of
+                max(h, w, H) pixels whose centre H×W is kept
+        rotate: about the image centre by the drawn angle, filled with the mean of the
+                batch's channel means; bilinear (DC: scipy's cubic spline)
+
+    Every output pixel reads one source position of its own image (exact integer positions
+    for crop and scale); a position outside the image reads the fill."""
+    b, c, h, w = x.shape
+    dev = x.device
+    op, angle = draws["op"].to(dev).view(b, 1, 1), draws["angle"].to(dev).view(b, 1, 1)
+    shift, size = draws["shift"].to(dev), draws["size"].to(dev)  # (B, 2) each
+    rows = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1).expand(b, h, w)
+    cols = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w).expand(b, h, w)
+    # crop: out(i, j) = x(i + r − crop, j + c − crop)
+    crop_r = rows + (shift[:, 0] - crop).view(b, 1, 1)
+    crop_c = cols + (shift[:, 1] - crop).view(b, 1, 1)
+    # scale: out row i is canvas row i + (m − H)//2, i.e. row u = i + (m − H)//2 − (m − h)//2
+    # of the resized image, which reads source row ⌊u·H/h⌋ (nearest, as F.interpolate)
+    sh, sw = size[:, 0].view(b, 1, 1), size[:, 1].view(b, 1, 1)
+    m = torch.maximum(torch.maximum(sh, sw), torch.tensor(max(h, w), device=dev))
+    u = rows + ((m - h) // 2 - (m - sh) // 2)
+    v = cols + ((m - w) // 2 - (m - sw) // 2)
+    inside = (u >= 0) & (u < sh) & (v >= 0) & (v < sw)
+    scale_r = torch.where(inside, (u * (h / sh.float())).floor(), -2.0)
+    scale_c = torch.where(inside, (v * (w / sw.float())).floor(), -2.0)
+    # rotate: the source of out (i, j) is the centre plus (i, j) − centre turned by −θ
+    theta = angle.deg2rad()
+    dy, dx = rows - (h - 1) / 2, cols - (w - 1) / 2
+    rot_r = theta.cos() * dy - theta.sin() * dx + (h - 1) / 2
+    rot_c = theta.sin() * dy + theta.cos() * dx + (w - 1) / 2
+    src_r = torch.where(op == 0, crop_r, torch.where(op == 1, scale_r, rot_r))
+    src_c = torch.where(op == 0, crop_c, torch.where(op == 1, scale_c, rot_c))
+    means = x.mean((0, 2, 3))  # (C,) of the batch
+    fill = torch.stack([means, torch.zeros_like(means), means.mean().expand(c)])  # per op
+    fill = fill[op.view(b)].view(b, c, 1, 1)
+    grid = torch.stack([2 * src_c / (w - 1) - 1, 2 * src_r / (h - 1) - 1], -1)  # (B, H, W, 2)
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=True) + fill
+
+
+def train_network(net, optimizer, x, y, epochs, batch_size, augment=False):
+    """Minibatch training on (x, y) for `epochs` epochs; with `augment`, each batch through
+    dc_augment on the network's normalised input (x − mean)/std, as DC augments."""
     net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(batch_size):
             idx = idx.to(x.device)
-            loss = F.cross_entropy(net(x[idx]), y[idx])
+            xb = x[idx]
+            if augment:
+                draws = sample_dc_augment(len(xb), xb.shape[-1])
+                xb = dc_augment((xb - net.mean) / net.std, draws) * net.std + net.mean
+            loss = F.cross_entropy(net(xb), y[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -572,7 +647,7 @@ def save_accuracy_table(path, stage_accs, title):
 # ~15x more per iteration, too slow for a CPU demo). outer/inner None: DC's get_loops(ipc).
 # Any flag given explicitly wins.
 FULL = dict(train_size=None, test_size=None, iterations=1000, batch_real=256, width=128,
-            num_eval=5, eval_epochs=300, eval_at="0,500,1000", outer_loop=None, inner_loop=None)
+            num_eval=5, eval_epochs=None, eval_at="0,500,1000", outer_loop=None, inner_loop=None)
 
 QUICK = dict(train_size=2000, test_size=1000, iterations=400, batch_real=64, width=32,
              num_eval=3, eval_epochs=100, eval_at="", outer_loop=1, inner_loop=1)
@@ -618,8 +693,9 @@ def get_args(argv=None):
                    help="fresh ConvNets trained on the synthetic set per evaluation (default "
                         "5; quick 3)")
     p.add_argument("--eval-epochs", type=nets.positive_int, default=None,
-                   help="epochs of each evaluation ConvNet, lr ÷10 at half (default 300; "
-                        "quick 100)")
+                   help="epochs of each evaluation ConvNet, lr ÷10 after half (default DC's: "
+                        "1000 on mnist, which DC evaluates with its crop_scale_rotate "
+                        "augmentation, 300 on the others; quick 100)")
     p.add_argument("--eval-at", default=None,
                    help="comma-separated iterations to evaluate at; the last one always is "
                         "(default 0,500,1000; quick only the last)")
@@ -686,6 +762,7 @@ def resolve_config(args):
                                       + ("-quick" if args.quick else ""))
         return argparse.Namespace(**{**vars(args), **cfg})
     outer_loop, inner_loop = get_loops(args.ipc)
+    cfg["eval_epochs"] = cfg["eval_epochs"] or eval_protocol(args.dataset)[1]  # DC's
     cfg["outer_loop"] = cfg["outer_loop"] or outer_loop
     cfg["inner_loop"] = cfg["inner_loop"] or inner_loop
     at = {int(v) for v in cfg["eval_at"].split(",") if v.strip()}
@@ -832,21 +909,27 @@ def main(args):
     optimizer = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
 
     # condense, evaluating with fresh networks at cfg.eval_at
-    def evaluate_images(x, y):
-        return evaluate_synset(x, y, x_test, y_test, num_classes=info.num_classes,
-                        num_eval=cfg.num_eval, epochs=cfg.eval_epochs, width=cfg.width,
-                        batch_size=cfg.batch_size, seed=cfg.seed)
+    augment = eval_protocol(cfg.dataset)[0]
+
+    def evaluate_images(sets):
+        return evaluate_synset(sets, x_test, y_test, num_classes=info.num_classes,
+                               epochs=cfg.eval_epochs, width=cfg.width,
+                               batch_size=cfg.batch_size, seed=cfg.seed, augment=augment)
 
     print(f"condensing {cfg.dataset} to {cfg.ipc} image(s) per class: {cfg.iterations} "
           f"iterations, loops (outer, inner) = ({cfg.outer_loop}, {cfg.inner_loop}), "
-          f"λ = {cfg.lambda_sim:g}, {len(x_train)} real images, device {device}", flush=True)
+          f"λ = {cfg.lambda_sim:g}, {len(x_train)} real images, device {device}; evaluation: "
+          f"{cfg.num_eval} ConvNets, {cfg.eval_epochs} epochs"
+          f"{', DC augmentation crop_scale_rotate' if augment else ''}", flush=True)
     accs = condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images,
                     info.class_names, resuming)
 
-    # final evaluation: the same number of random real images per class, same protocol
+    # final evaluation: the same number of random real images per class, same protocol,
+    # a new draw for each evaluation network
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_random, y_random = random_real(real_by_class, cfg.ipc, gen)
-    random_accs = evaluate_images(x_random, y_random)
+    draws = [random_real(real_by_class, cfg.ipc, gen) for _ in range(cfg.num_eval)]
+    random_accs = evaluate_images(draws)
+    x_random = torch.cat([x for x, _ in draws])
     real_sample = x_train[torch.randperm(len(x_train), generator=gen)[:500]].to(device)
 
     # save
@@ -855,6 +938,7 @@ def main(args):
     random_acc, random_std = mean_std(random_accs)
     results = {
         "ipc": cfg.ipc, "lambda_sim": cfg.lambda_sim, "iterations": cfg.iterations,
+        "eval_epochs": cfg.eval_epochs, "eval_augment": "crop_scale_rotate" if augment else "none",
         "test_acc_mean": acc, "test_acc_std": std, "test_accs": accs,
         "random_real_acc_mean": random_acc, "random_real_acc_std": random_std,
         "random_real_accs": random_accs,
@@ -862,7 +946,7 @@ def main(args):
         "bpd_random_real": mean_bpd(glow_model, x_random, cfg.seed),
         "bpd_real": mean_bpd(glow_model, real_sample, cfg.seed),
     }
-    save_condensed(cfg, info.class_names, x_syn, x_random, compare, colours)
+    save_condensed(cfg, info.class_names, x_syn, draws[0][0], compare, colours)
     nets.check_finite(results, f"the run in {cfg.out}")  # before: a failed run has no results
     nets.write_json(cfg.out / "results.json", results)
     print(f"condensed ({cfg.ipc}/class): {100 * acc:.2f} ± {100 * std:.2f}%, bpd "

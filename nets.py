@@ -1145,7 +1145,8 @@ def summarize(grid_dirs, out, x_key, series, ref_key=None, knob=None, title=""):
         for label, *keys in series:
             where = keys.pop() if isinstance(keys[-1], dict) else {}
             xk, yk = keys if len(keys) == 2 else (x_key, keys[0])
-            points = [(r[xk], r[yk], f"{key}={exact_text(value)}" if value is not None else name)
+            points = [(r[xk], r[yk], f"{key}={exact_text(value)}" if "=" in name and value is not None
+                       else name)
                       for name, key, value, r in runs if _number(r.get(xk)) and _number(r.get(yk))
                       and all(r.get(k) == v for k, v in where.items())]
             if points:

@@ -340,11 +340,114 @@ def test_outer_iteration_matches_reference(float64):
     assert not torch.equal(alpha.detach(), alpha0)
 
 
+@pytest.mark.parametrize("dataset, augment, epochs", [
+    ("mnist", True, 1000), ("fashionmnist", False, 300), ("svhn", False, 300),
+    ("cifar10", False, 300), ("cifar100", False, 300), ("shapes", False, 300),
+    ("./mnist", False, 300)])  # a folder named mnist is not DC's MNIST
+def test_each_dataset_is_evaluated_as_dc_evaluates_it(dataset, augment, epochs):
+    """DC's get_daparam and main.py, written out: only MNIST is augmented (with
+    crop_scale_rotate), and an augmented evaluation trains 1000 epochs, the others 300;
+    --quick trains 100, and an explicit --eval-epochs wins."""
+    assert condense.eval_protocol(dataset) == (augment, epochs)
+    cfg = condense.resolve_config(condense.get_args(["--dataset", dataset]))
+    assert cfg.eval_epochs == epochs and cfg.num_eval == 5  # the authors' 5 (DC: 20)
+    assert condense.resolve_config(condense.get_args(["--dataset", dataset, "--quick"])).eval_epochs == 100
+    assert condense.resolve_config(condense.get_args(["--dataset", dataset, "--eval-epochs",
+                                                      "7"])).eval_epochs == 7
+
+
+def dc_augment_reference(x, draws, crop=4):
+    """DC's `augment` (crop_scale_rotate), one image at a time as DC writes it, with given
+    draws; the rotation written out as bilinear interpolation pixel by pixel (DC: scipy)."""
+    out = x.clone()
+    b, c, h, w = x.shape
+    mean = [x[:, ch].mean().item() for ch in range(c)]
+    for i in range(b):
+        op = draws["op"][i].item()
+        if op == 0:  # DC's cropfun
+            im = torch.empty(c, h + 2 * crop, w + 2 * crop)
+            for ch in range(c):
+                im[ch] = mean[ch]
+            im[:, crop:crop + h, crop:crop + w] = x[i]
+            r, col = draws["shift"][i].tolist()
+            out[i] = im[:, r:r + h, col:col + w]
+        elif op == 1:  # DC's scalefun
+            sh, sw = draws["size"][i].tolist()
+            tmp = F.interpolate(x[i:i + 1], [sh, sw])[0]  # nearest, DC's default
+            mhw = max(sh, sw, h, w)
+            im = torch.zeros(c, mhw, mhw)
+            r, col = int((mhw - sh) / 2), int((mhw - sw) / 2)
+            im[:, r:r + sh, col:col + sw] = tmp
+            r, col = int((mhw - h) / 2), int((mhw - w) / 2)
+            out[i] = im[:, r:r + h, col:col + w]
+        else:  # rotation about the centre, bilinear, filled with the mean of the means
+            t = math.radians(draws["angle"][i].item())
+            fill = sum(mean) / c
+            for y in range(h):
+                for x_ in range(w):
+                    dy, dx = y - (h - 1) / 2, x_ - (w - 1) / 2
+                    sy = math.cos(t) * dy - math.sin(t) * dx + (h - 1) / 2
+                    sx = math.sin(t) * dy + math.cos(t) * dx + (w - 1) / 2
+                    y0, x0 = math.floor(sy), math.floor(sx)
+                    value = torch.zeros(c)
+                    for yy, wy in ((y0, 1 - (sy - y0)), (y0 + 1, sy - y0)):
+                        for xx, wx in ((x0, 1 - (sx - x0)), (x0 + 1, sx - x0)):
+                            inside = 0 <= yy < h and 0 <= xx < w
+                            value += wy * wx * (x[i, :, yy, xx] if inside else torch.full((c,), fill))
+                    out[i, :, y, x_] = value
+    return out
+
+
+def test_dc_augment_is_dcs_crop_scale_rotate():
+    """dc_augment against DC's per-image procedure written out (crop padded with the batch's
+    channel means, nearest-neighbour scaling on a zero canvas, rotation filled with the
+    mean of the means), for every operation, offsets at both ends, sizes below and above
+    the image; and the draws lie in DC's ranges."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(9, 3, 12, 12, generator=g) - 0.3
+    draws = dict(op=torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2]),
+                 shift=torch.tensor([[0, 0], [7, 7], [2, 5]] + [[0, 0]] * 6),
+                 size=torch.tensor([[12, 12]] * 3 + [[9, 14], [14, 9], [10, 10], [13, 12]]
+                                   + [[12, 12]] * 2),
+                 angle=torch.tensor([0.0] * 7 + [30.0, -45.0]))
+    torch.testing.assert_close(condense.dc_augment(x, draws), dc_augment_reference(x, draws),
+                               atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    d = condense.sample_dc_augment(4000, 32)
+    assert set(d["op"].tolist()) == {0, 1, 2} and set(d["shift"].flatten().tolist()) == set(range(8))
+    assert d["size"].min() == 25 and d["size"].max() == 38  # int(U(0.8, 1.2)·32)
+    assert set(d["angle"].tolist()) == set(float(a) for a in range(-45, 45))
+    for op in range(3):  # one operation per image, uniformly
+        assert abs((d["op"] == op).float().mean().item() - 1 / 3) < 0.03
+
+
+def test_mnist_evaluation_augments_each_batch_and_random_real_draws_anew(monkeypatch):
+    """With augment, every training batch goes through dc_augment on the network's input
+    (x − 0.5): a batch of one grey image stays grey whatever the draws; and the random
+    real baseline is evaluated on a new draw per evaluation network."""
+    seen = []
+    real = condense.dc_augment
+    monkeypatch.setattr(condense, "dc_augment", lambda x, d: seen.append(x.clone()) or real(x, d))
+    x, y = torch.full((5, 3, 32, 32), 0.5), torch.arange(5) % 2
+    condense.evaluate_synset([(x, y)], x[:2], y[:2], num_classes=2, epochs=3, width=4,
+                             batch_size=2, seed=0, augment=True)
+    assert len(seen) == 4 * 3 and all(torch.equal(b, torch.zeros_like(b)) for b in seen)
+    seen.clear()
+    condense.evaluate_synset([(x, y)], x[:2], y[:2], num_classes=2, epochs=3, width=4,
+                             batch_size=2, seed=0)
+    assert not seen
+    gen = torch.Generator().manual_seed(0)
+    real_by_class = [torch.rand(20, 3, 32, 32), torch.rand(20, 3, 32, 32)]
+    draws = [condense.random_real(real_by_class, 2, gen) for _ in range(3)]
+    assert not torch.equal(draws[0][0], draws[1][0])
+
+
 def test_evaluate_follows_dc_protocol(float64, monkeypatch):
-    """DC evaluation (Sec. 4), re-implemented: from the seed, `num_eval` fresh ConvNets, each
-    trained with SGD lr 0.01, momentum 0.9, weight decay 5e-4 in random minibatches, from
-    epoch ⌊epochs/2⌋ on a new SGD at lr 0.001 (DC `evaluate_synset` re-creates it: the
-    momentum restarts); returns their test accuracies; the global RNG is untouched."""
+    """DC's evaluate_synset (Sec. 4), re-implemented: from the seed, one fresh ConvNet per
+    training set, each trained for epochs + 1 epochs (DC's range(Epoch + 1)) with SGD lr
+    0.01, momentum 0.9, weight decay 5e-4 in random minibatches, and after epoch
+    epochs // 2 + 1 on a new SGD at lr 0.001 (DC re-creates it: the momentum restarts);
+    returns their test accuracies; the global RNG is untouched."""
     torch.manual_seed(8)
     x_train, y_train = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     x_test, y_test = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 1, 0, 1, 0])
@@ -357,8 +460,8 @@ def test_evaluate_follows_dc_protocol(float64, monkeypatch):
 
     monkeypatch.setattr(condense, "test_accuracy", record)
     rng_before = torch.get_rng_state()
-    accs = condense.evaluate_synset(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                             num_classes=2, num_eval=2, epochs=5, width=4, batch_size=3, seed=9)
+    accs = condense.evaluate_synset([(x_train, y_train)] * 2, x_test, y_test, num_classes=2,
+                                    epochs=5, width=4, batch_size=3, seed=9)
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert len(accs) == len(trained) == 2
 
@@ -366,14 +469,14 @@ def test_evaluate_follows_dc_protocol(float64, monkeypatch):
     for k in range(2):
         net = dc_convnet(2, 4)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        for epoch in range(5):
-            if epoch == 2:  # ÷10 at half of 5 epochs (5 // 2), momentum buffers dropped
-                opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
+        for epoch in range(6):  # DC: range(Epoch + 1)
             net.train()
             for idx in torch.randperm(4).split(3):
                 opt.zero_grad()
                 F.cross_entropy(net(x_train[idx]), y_train[idx]).backward()
                 opt.step()
+            if epoch == 3:  # DC: lr_schedule = [Epoch // 2 + 1], momentum buffers dropped
+                opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
         for name, value in net.state_dict().items():
             torch.testing.assert_close(trained[k][name], value, rtol=1e-10, atol=1e-12, msg=name)
         with torch.no_grad():
@@ -437,10 +540,20 @@ def run_main(out, glow_path, *extra):
     return condense.main(condense.get_args(argv))
 
 
-def test_main_smoke_and_resume(tmp_path):
+def test_main_smoke_and_resume(tmp_path, monkeypatch):
     glow_path = tmp_path / "glow.pt"
     glow.save_glow(glow.Glow(levels=1, steps=1, hidden=8), glow_path)
+    evaluated, evaluate = [], condense.evaluate_synset
+    monkeypatch.setattr(condense, "evaluate_synset", lambda sets, *a, **k: evaluated.append(
+        sets) or evaluate(sets, *a, **k))
     results = run_main(tmp_path / "a", glow_path, "--iterations", "4", "--eval-at", "0,2")
+    # 3 evaluations of the condensed set, each once per network; then random real images,
+    # a new draw (one image per class) for each network
+    assert [len(sets) for sets in evaluated] == [2] * 4
+    assert all(sets[0] is sets[1] for sets in evaluated[:3])
+    (x1, y1), (x2, y2) = evaluated[3]
+    assert y1.tolist() == y2.tolist() == [0, 1, 2, 3, 4] and not torch.equal(x1, x2)
+    monkeypatch.setattr(condense, "evaluate_synset", evaluate)
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved.keys() == results.keys()
     for key, value in results.items():  # approx() takes lists but no nested containers
