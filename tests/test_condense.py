@@ -83,9 +83,19 @@ def test_quick_changes_only_defaults():
     args = condense.get_args(["--dataset", "shapes", "--quick", "--iterations", "7"])
     cfg = condense.resolve_config(args)
     assert cfg.iterations == 7 and cfg.width == 32 and (cfg.outer_loop, cfg.inner_loop) == (1, 1)
-    assert args.width is None  # args is never changed
-    full = condense.resolve_config(condense.get_args(["--dataset", "shapes", "--ipc", "10"]))
-    assert (full.width, full.batch_real, full.outer_loop, full.inner_loop) == (128, 256, 10, 50)
+    assert args.width is None and args.ipc is None  # args is never changed
+    # the quick preset: one image per class (DC's loops (1, 1)), 400 iterations, 64 real
+    # images per class and step, 3 evaluation networks of 100 epochs, 2000/1000 images
+    assert (cfg.ipc, cfg.batch_real, cfg.num_eval, cfg.eval_epochs, cfg.train_size,
+            cfg.test_size) == (1, 64, 3, 100, 2000, 1000)
+    assert str(cfg.out) == "runs/condense-shapes-ipc1-lam50-seed0-quick"
+    full = condense.resolve_config(condense.get_args(["--dataset", "shapes"]))
+    assert (full.ipc, full.width, full.batch_real, full.outer_loop, full.inner_loop,
+            full.iterations, full.num_eval) == (10, 128, 256, 10, 50, 1000, 5)
+    assert str(full.out) == "runs/condense-shapes-ipc10-lam50-seed0"
+    ten = condense.resolve_config(condense.get_args(["--dataset", "shapes", "--quick", "--ipc",
+                                                     "10"]))
+    assert (ten.ipc, ten.outer_loop, ten.inner_loop) == (10, 1, 1)
     with pytest.raises(SystemExit):  # the parser refuses it with one sentence
         condense.get_args(["--eval-at", "1,x"])
 
