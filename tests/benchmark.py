@@ -11,7 +11,8 @@ data:         ms per training batch of 32, item by item against datasets.Batches
 per_instance: one SimpleBits step at paper settings split into data, simplifier update,
               classifier update and Glow scoring, a plain classifier step, and the
               projected wall time of a 100-epoch CIFAR-10 run (tiny or --full Glow).
-condense:     seconds per outer iteration for ipc 1 and 10, with and without the bpd term.
+condense:     seconds per outer iteration for ipc 1 and 10, with and without the bpd term,
+              and the projected time of DC's evaluation (with and without its augmentation).
 posthoc:      seconds per Alg. 2 step; torch.func per-example gate gradients vs a loop.
 threads:      the quick demos' loops with 1 or 2 CPU threads, idle and beside a busy process.
 
@@ -194,6 +195,22 @@ def bench_condense(device, full=False, repeats=2):
         print(f"condense ipc {ipc:2d} (loops {outer_loop}x{inner_loop}, {classes} classes, width "
               f"{width}, batch_real {batch_real}, Glow {glow_cfg}): plain DC {plain:7.3f} s/iter, "
               f"with bpd term {simple:7.3f} s/iter (+{100 * (simple / plain - 1):.0f}%)  [{device}]")
+    # DC's evaluation: one network's epoch on the condensed set, and the projected time of
+    # a full evaluation (5 networks; 301 epochs, or 1001 with MNIST's augmentation)
+    x_test, y_test = torch.rand(1000, 3, 32, 32, device=device), torch.arange(1000) % classes
+    for ipc in (1, 10):
+        x, y = torch.rand(classes * ipc, 3, 32, 32, device=device), torch.arange(classes * ipc) % classes
+        for augment in (False, True):
+            def evaluation(x=x, y=y, augment=augment):  # 10 epochs (+ 1, as DC) and a test
+                condense.evaluate_synset([(x, y)], x_test, y_test.to(device), num_classes=classes,
+                                         epochs=10, width=width, batch_size=256, seed=0,
+                                         augment=augment)
+            epoch = timed(evaluation, device, repeats, warmup=1) / 11
+            epochs = 1001 if augment else 301
+            results["eval", ipc, augment] = epoch
+            print(f"condense evaluation ipc {ipc:2d}{' + DC augmentation' if augment else ''}: "
+                  f"{1000 * epoch:7.1f} ms/epoch, {epochs} epochs x 5 networks = "
+                  f"{5 * epochs * epoch / 60:5.1f} min per evaluation  [{device}]")
     return results
 
 
