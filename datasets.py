@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -650,14 +651,55 @@ def save_image_grid(images, path, nrow=8, captions=None):
                       font=font)
     nets.save_png(img, path)
 
+def export_image_folder(name, root, folder, classes=None):
+    """Write both splits of dataset `name` as an ImageFolder, folder/{train,test}/<class>/
+    <index>.png (8-bit PNGs: loading the folder gives back the same images), only the
+    `classes` given (e.g. two of them for Fig. 7's view); "/" in a class name becomes "_".
+    A folder that already holds files is refused. Returns {split: number of images}."""
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise DatasetError(f"'{folder}' already holds files; give a new folder to export to.")
+    counts = {}
+    for split in ("train", "test"):
+        ds = load_dataset(name, root, train=split == "train")
+        names = ds.info.class_names
+        keep = list(classes or names)
+        unknown = [c for c in keep if c not in names]
+        if unknown or len(set(keep)) < 2:
+            raise DatasetError(f"--classes needs two or more different classes of {name} "
+                               f"({', '.join(names)}); got {', '.join(keep)}.")
+        x, y = to_tensors(ds)
+        counts[split] = 0
+        for i, (image, label) in enumerate(zip(to_uint8(x), y.tolist())):
+            if names[label] in keep:
+                path = os.path.join(folder, split, names[label].replace("/", "_"), f"{i:05d}.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+                counts[split] += 1
+    return counts
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Save a PNG grid of 64 images of a dataset.")
+    parser = argparse.ArgumentParser(description="Save a PNG grid of 64 images of a dataset, "
+                                                 "or export it as an ImageFolder.")
     parser.add_argument("dataset", help="a name from DATASET_NAMES or an ImageFolder path")
     parser.add_argument("--data-root", default="data", help="where torchvision data is stored")
     parser.add_argument("--test", action="store_true", help="show the test split")
     parser.add_argument("--out", default="dataset.png", help="PNG file to write")
+    parser.add_argument("--export", default=None, metavar="FOLDER",
+                        help="instead: write both splits as an ImageFolder in FOLDER "
+                             "(train/<class>/ and test/<class>/ of PNGs)")
+    parser.add_argument("--classes", default=None, metavar="A,B,...",
+                        help="with --export: only these classes (e.g. two, for Fig. 7)")
     args = parser.parse_args()
+    if args.classes and not args.export:
+        parser.error("--classes goes with --export.")
     try:
+        if args.export:
+            counts = export_image_folder(args.dataset, args.data_root, args.export,
+                                         args.classes and args.classes.split(","))
+            print(f"{args.dataset}: {counts['train']} training and {counts['test']} test images "
+                  f"-> {args.export}")
+            sys.exit(0)
         ds = load_dataset(args.dataset, args.data_root, train=not args.test)
     except DatasetError as e:
         parser.exit(2, f"error: {e}\n")  # one sentence, exit status 2, no traceback

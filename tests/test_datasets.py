@@ -8,6 +8,7 @@ import bz2
 import math
 import os
 import struct
+import subprocess
 import sys
 import time
 
@@ -21,6 +22,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 from datasets import DatasetError, load_dataset  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------- fake sources
@@ -592,3 +595,28 @@ def test_shapes_colour_labels_the_hue_of_the_same_images():
             assert int(hue * 5) % 5 == int(label), (hue, int(label))
             checked += 1
     assert checked > 150
+
+
+def test_export_writes_an_image_folder_that_loads_back_the_same_images(tmp_path):
+    """`python datasets.py shapes --export DIR --classes disk,ring`: an ImageFolder of the two
+    classes, both splits, whose images load back bit for bit; an existing folder with files,
+    an unknown class or a single class is one sentence."""
+    folder = tmp_path / "disk-ring"
+    proc = subprocess.run([sys.executable, "datasets.py", "shapes", "--export", str(folder),
+                           "--classes", "disk,ring"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for train in (True, False):
+        original = load_dataset("shapes", train=train)
+        x, y = datasets.to_tensors(original)
+        keep = (y == 0) | (y == 4)  # disk, ring
+        exported = load_dataset(str(folder), train=train)
+        assert exported.info.class_names == ["disk", "ring"] and len(exported) == keep.sum()
+        xe, ye = datasets.to_tensors(exported)  # files in index order within each class
+        for label, c in ((0, 0), (1, 4)):
+            assert torch.equal(xe[ye == label], x[y == c])
+    for argv, words in ((["--classes", "disk,ring"], "already holds files"),
+                        (["--classes", "disk,cat"], "two or more different classes")):
+        target = folder if "already" in words else tmp_path / "other"
+        proc = subprocess.run([sys.executable, "datasets.py", "shapes", "--export", str(target),
+                               *argv], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr

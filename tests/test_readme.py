@@ -39,3 +39,18 @@ def test_the_deviations_table_names_each_choice_of_the_code():
     assert all(k in quick for k in ("DC ConvNet instead of the NF-WideResNet", "λ = 50",
                                     "lr 5e-3"))
     assert "std floored at 0.1" in row("normalisation")
+
+
+def test_every_picture_the_readme_shows_is_a_small_png_in_assets():
+    """Each image the README links lies in assets/, is a PNG under 150 KB, and assets/ holds
+    nothing else (the pictures are made by the commands the README shows beside them)."""
+    root = Path(__file__).resolve().parent.parent
+    linked = re.findall(r"!\[[^\]]*\]\((assets/[^)\s]+)\)", README)
+    assert len(linked) >= 7, linked  # one per mode and figure of the README's pictures
+    for link in linked:
+        path = root / link
+        assert path.is_file(), link
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
+        assert path.stat().st_size < 150_000, link
+    assert sorted(p.name for p in (root / "assets").iterdir()) == sorted(
+        Path(link).name for link in set(linked))
