@@ -51,7 +51,25 @@ def timed(fn, device, repeats, warmup=2):
     return sorted(times)[len(times) // 2]
 
 
-def bench_glow(device, full=False, batch=32, repeats=5):
+def y0ast_glow(folder, config, device):
+    """y0ast's own Glow (model.py of a checkout of y0ast/Glow-PyTorch in `folder`) at our
+    `config`, ActNorm marked initialised, frozen for scoring; its forward takes the input
+    in [−0.5, 0.5], adds the dequantisation noise itself and returns bpd as `nll`."""
+    sys.path.insert(0, os.path.abspath(folder))
+    torch.qr = lambda a: torch.linalg.qr(a)  # removed from torch; y0ast calls it at init
+    import model as y0ast_model
+    model = y0ast_model.Glow((32, 32, 3), config["hidden"], config["steps"], config["levels"],
+                             1.0, "invconv", "affine", True, 10, True, False)
+    for module in model.modules():
+        if hasattr(module, "inited"):
+            module.inited = True
+    return model.to(device).eval().requires_grad_(False)
+
+
+def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None):
+    """bpd forward and forward + backward to the input, images per second: our Glow in eval
+    mode and frozen (glow.freeze), and with `y0ast` (a checkout of y0ast/Glow-PyTorch)
+    y0ast's own code at the same size, in the same run."""
     configs = [dict(levels=3, steps=8, hidden=128)]
     if full:
         configs.append(dict(levels=3, steps=32, hidden=512))
@@ -62,25 +80,33 @@ def bench_glow(device, full=False, batch=32, repeats=5):
         model.train()
         with torch.no_grad():
             model(glow.to_glow_range(x))  # ActNorm data init
-        for frozen in (False, True):
-            if frozen:
-                model = glow.freeze(model)
-            else:
-                model.eval().requires_grad_(False)
+        models = {"eval (unfused)": model.eval().requires_grad_(False),
+                  "frozen (fused)": glow.freeze(model)}
+        scores = {name: (lambda x, m=m: glow.bits_per_dim(m, x)) for name, m in models.items()}
+        if y0ast:
+            theirs = y0ast_glow(y0ast, config, device)
+            scores["y0ast's code"] = lambda x: theirs(glow.to_glow_range(x))[1]
+        rounds = {name: [] for name in scores}  # interleaved: a slow spell hits all alike
+        for _ in range(3):
+            for name, score in scores.items():
+                def forward(score=score):
+                    with torch.no_grad():
+                        score(x)
 
-            def forward():
-                with torch.no_grad():
-                    glow.bits_per_dim(model, x)
-
-            def forward_backward():
-                x_grad = x.clone().requires_grad_()
-                glow.bits_per_dim(model, x_grad).sum().backward()
-
-            mode = "frozen (fused)" if frozen else "eval (unfused)"
-            fwd = batch / timed(forward, device, repeats)
-            both = batch / timed(forward_backward, device, repeats)
-            print(f"glow {config} {mode}: bpd forward {fwd:8.1f} img/s, "
-                  f"forward+backward to input {both:8.1f} img/s  [{device}, batch {batch}]")
+                def forward_backward(score=score):
+                    x_grad = x.clone().requires_grad_()
+                    score(x_grad).sum().backward()
+                rounds[name].append((batch / timed(forward, device, repeats),
+                                     batch / timed(forward_backward, device, repeats)))
+        rates = {}
+        for name, values in rounds.items():
+            fwd, rates[name] = (sorted(v)[1] for v in zip(*values))  # medians of 3 rounds
+            print(f"glow {config} {name}: bpd forward {fwd:8.1f} img/s, "
+                  f"forward+backward to input {rates[name]:8.1f} img/s  [{device}, batch "
+                  f"{batch}, {torch.get_num_threads()} threads, median of 3 interleaved rounds]")
+        if y0ast:
+            ratio = rates["frozen (fused)"] / rates["y0ast's code"]
+            print(f"  frozen / y0ast's code, forward+backward: {ratio:.2f}x")
 
 
 def bench_per_instance(device, full=False, batch=32, repeats=5):
@@ -390,8 +416,16 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="auto",
                         help="auto (cuda, then mps, then cpu) or a torch device: cpu, cuda:1, mps")
     parser.add_argument("--full", action="store_true", help="also the full-size configurations")
+    parser.add_argument("--y0ast", default=None, metavar="DIR",
+                        help="glow: also time y0ast's own Glow from a checkout of "
+                             "y0ast/Glow-PyTorch in DIR, at the same size in the same run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's)")
     args = parser.parse_args()
     device = nets.resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in args.which:
-        BENCHMARKS[name](device, full=args.full)
+        extra = {"y0ast": args.y0ast} if name == "glow" else {}
+        BENCHMARKS[name](device, full=args.full, **extra)
