@@ -605,7 +605,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_run_flags(parser, dataset_names, quick, out, may_change=()):
-    """The ten flags every mode script shares, with one meaning and one help text.
+    """The eleven flags every mode script shares, with one meaning and one help text.
 
     quick: the --quick preset (its train_size and test_size are shown); out: the default
     output folder pattern; may_change: the flags --resume lets differ from the first run.
@@ -631,7 +631,13 @@ def add_run_flags(parser, dataset_names, quick, out, may_change=()):
     changeable = ", ".join("--" + k.replace("_", "-") for k in may_change) or "nothing else"
     add("--resume", action="store_true",
         help="continue the run in --out from its last checkpoint; refused when a setting "
-             f"differs from the first run (--device, --data-root and {changeable} may change)")
+             f"differs from the first run (--device, --data-root, --compile and {changeable} "
+             "may change)")
+    add("--compile", action="store_true",
+        help="torch.compile the frozen Glow's scoring (bits per dimension, Eq. 1), what every "
+             "step of every mode runs: the same numbers to float rounding, faster once "
+             "compiled, which takes a minute or more; off by default, as on a CPU the "
+             "compile outweighs a quick run (the networks trained here are not compiled)")
     add("--train-size", type=positive_int, default=None,
         help=f"use a fixed random subset of N training images (default all; quick "
              f"{quick['train_size']})")
@@ -697,7 +703,8 @@ def seed_int(text):
     return _int_in(text, 0, 2 ** 32 - 1)
 
 
-ALWAYS_MAY_CHANGE = ("resume", "device", "data_root", "out")  # never change a run's numbers
+# never change a run's numbers (--compile: only to float rounding, tested to 1e-5)
+ALWAYS_MAY_CHANGE = ("resume", "device", "data_root", "out", "compile")
 
 
 def check_settings(where, stored, settings, may_change=()):

@@ -66,10 +66,11 @@ def y0ast_glow(folder, config, device):
     return model.to(device).eval().requires_grad_(False)
 
 
-def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None):
+def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=False):
     """bpd forward and forward + backward to the input, images per second: our Glow in eval
-    mode and frozen (glow.freeze), and with `y0ast` (a checkout of y0ast/Glow-PyTorch)
-    y0ast's own code at the same size, in the same run."""
+    mode and frozen (glow.freeze), with `compile` also the frozen one torch.compile'd (the
+    mode scripts' --compile; the compile time is printed), and with `y0ast` (a checkout of
+    y0ast/Glow-PyTorch) y0ast's own code at the same size, in the same run."""
     configs = [dict(levels=3, steps=8, hidden=128)]
     if full:
         configs.append(dict(levels=3, steps=32, hidden=512))
@@ -83,6 +84,16 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None):
         models = {"eval (unfused)": model.eval().requires_grad_(False),
                   "frozen (fused)": glow.freeze(model)}
         scores = {name: (lambda x, m=m: glow.bits_per_dim(m, x)) for name, m in models.items()}
+        if compile:
+            fast, start = glow.compiled(models["frozen (fused)"]), time.perf_counter()
+            x_grad = x.clone().requires_grad_()
+            glow.bits_per_dim(fast, x_grad).sum().backward()  # compiles forward and backward
+            with torch.no_grad():
+                glow.bits_per_dim(fast, x)  # and the no-grad forward
+            _sync(device)
+            print(f"glow {config} frozen + torch.compile: compiled in "
+                  f"{time.perf_counter() - start:.0f} s  [{device}]")
+            scores["frozen + compile"] = lambda x: glow.bits_per_dim(fast, x)
         if y0ast:
             theirs = y0ast_glow(y0ast, config, device)
             scores["y0ast's code"] = lambda x: theirs(glow.to_glow_range(x))[1]
@@ -105,8 +116,10 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None):
                   f"forward+backward to input {rates[name]:8.1f} img/s  [{device}, batch "
                   f"{batch}, {torch.get_num_threads()} threads, median of 3 interleaved rounds]")
         if y0ast:
-            ratio = rates["frozen (fused)"] / rates["y0ast's code"]
-            print(f"  frozen / y0ast's code, forward+backward: {ratio:.2f}x")
+            reference = rates.pop("y0ast's code")
+            for name in [n for n in rates if n.startswith("frozen")]:
+                print(f"  {name} / y0ast's code, forward+backward: "
+                      f"{rates[name] / reference:.2f}x")
 
 
 def bench_per_instance(device, full=False, batch=32, repeats=5):
@@ -419,6 +432,8 @@ if __name__ == "__main__":
     parser.add_argument("--y0ast", default=None, metavar="DIR",
                         help="glow: also time y0ast's own Glow from a checkout of "
                              "y0ast/Glow-PyTorch in DIR, at the same size in the same run")
+    parser.add_argument("--compile", action="store_true",
+                        help="glow: also time the torch.compile'd frozen Glow (--compile)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
     args = parser.parse_args()
@@ -427,5 +442,5 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.which:
-        extra = {"y0ast": args.y0ast} if name == "glow" else {}
+        extra = {"y0ast": args.y0ast, "compile": args.compile} if name == "glow" else {}
         BENCHMARKS[name](device, full=args.full, **extra)

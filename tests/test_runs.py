@@ -943,3 +943,17 @@ def test_condense_grid_summary_has_both_series(tmp_path, tiny_glow_path):
     pixels = np.asarray(Image.open(tmp_path / "g" / "tradeoff.png").convert("RGB"))
     colours = set(map(tuple, pixels.reshape(-1, 3).tolist()))
     assert set(map(tuple, nets.COLOURS[:2])) <= colours
+
+
+def test_compile_flag_compiles_the_scoring_glow_of_every_mode(tmp_path, tiny_glow_path):
+    """--compile, a flag of every mode script, hands the mode a torch.compile'd frozen Glow
+    (compiled lazily, so nothing is compiled here); without it the eager frozen Glow."""
+    train, test = (datasets.subset(datasets.load_dataset("shapes", train=t), 8, 0)
+                   for t in (True, False))
+    for module, argv, *_ in SCRIPTS.values():
+        for flag in ([], ["--compile"]):
+            cfg = module.resolve_config(module.get_args(argv(tmp_path / "o", tiny_glow_path,
+                                                             *flag)))
+            model, _ = glow.glow_for_run(cfg, train, test, "cpu")
+            assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) == bool(flag)
+            assert model.folded
