@@ -1,11 +1,14 @@
 """Speed benchmarks, run by hand (not collected by pytest):
 
-    python tests/benchmark.py --device cuda --full   # the GPU check: every mode, every figure
-    python tests/benchmark.py glow --device cuda --full
+    python tests/benchmark.py --device cuda --full --compile   # the GPU check: every mode,
+                                                               # every figure, eager vs compiled
+    python tests/benchmark.py glow --device cpu --threads 1 --compile --y0ast Glow-PyTorch
     python tests/benchmark.py data threads --device cpu
 
 glow:         images/second of Glow scoring (bpd forward, and forward + backward to the
-              input) at batch 32, small and (--full) the released K=32/hidden 512 Glow.
+              input) at batch 32, small and (--full) the released K=32/hidden 512 Glow;
+              eval, frozen, with --compile frozen + torch.compile, and with --y0ast DIR
+              y0ast's own code, in interleaved rounds.
 smoke:        every mode end to end on the device with tiny settings (the CUDA paths).
 data:         ms per training batch of 32, item by item against datasets.Batches.
 per_instance: one SimpleBits step at paper settings split into data, simplifier update,
@@ -332,9 +335,10 @@ def bench_data(device, full=False, batch=32, repeats=200):
         print(f"  {name:24s} item by item {item * 1e3:7.2f}   Batches {new * 1e3:6.3f}", flush=True)
 
 
-def bench_smoke(device, full=False):
+def bench_smoke(device, full=False, compile=False):
     """Every mode end to end on `device` with tiny settings (seconds): the CUDA paths of
-    training, checkpoints, --resume and evaluation, not just the maths."""
+    training, checkpoints, --resume and evaluation, not just the maths; with `compile`,
+    each mode once more with --compile."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         glow_path = os.path.join(tmp, "glow.pt")
@@ -349,14 +353,15 @@ def bench_smoke(device, full=False):
                 posthoc: ["--train-size", "64", "--test-size", "40", "--steps", "3",
                           "--num-images", "2", "--train-epochs", "1", "--depth", "10",
                           "--widen", "1", "--select", "correct", "--confidence", "0"]}
-        for module, argv in runs.items():
-            out = os.path.join(tmp, module.__name__)
-            start = time.perf_counter()
-            module.main(module.get_args(common + argv + ["--out", out]))
-            if module is not condense:  # --resume of a finished run: reloads onto the device
-                module.main(module.get_args(common + argv + ["--out", out, "--resume"]))
-            print(f"smoke {module.__name__} on {device}: ok ({time.perf_counter() - start:.1f} s)",
-                  flush=True)
+        for flags in [[]] + [["--compile"]] * compile:
+            for module, argv in runs.items():
+                out = os.path.join(tmp, module.__name__ + "".join(flags))
+                start = time.perf_counter()
+                module.main(module.get_args(common + argv + flags + ["--out", out]))
+                if module is not condense:  # --resume of a finished run: reloads onto the device
+                    module.main(module.get_args(common + argv + flags + ["--out", out, "--resume"]))
+                print(f"smoke {module.__name__} {' '.join(flags)} on {device}: ok "
+                      f"({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def quick_steps():
@@ -433,7 +438,8 @@ if __name__ == "__main__":
                         help="glow: also time y0ast's own Glow from a checkout of "
                              "y0ast/Glow-PyTorch in DIR, at the same size in the same run")
     parser.add_argument("--compile", action="store_true",
-                        help="glow: also time the torch.compile'd frozen Glow (--compile)")
+                        help="glow: also time the torch.compile'd frozen Glow; smoke: also run "
+                             "every mode with --compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
     args = parser.parse_args()
@@ -442,5 +448,6 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.which:
-        extra = {"y0ast": args.y0ast, "compile": args.compile} if name == "glow" else {}
+        extra = ({"y0ast": args.y0ast, "compile": args.compile} if name == "glow" else
+                 {"compile": args.compile} if name == "smoke" else {})
         BENCHMARKS[name](device, full=args.full, **extra)
