@@ -706,3 +706,25 @@ def test_compiled_scoring_equals_eager_and_is_never_saved(tmp_path):
         glow.compiled(model)
     assert nets.check_settings("run", {"compile": False, "seed": 0},
                                {"compile": True, "seed": 0}) == []
+
+
+def test_train_compile_learns_the_same_glow_and_saves_plain_names(tmp_path, monkeypatch):
+    """`glow.py train --compile`: the same weights as eager training to float rounding after
+    a few steps, saved under the plain Glow's names (no torch.compile `_orig_mod.`)."""
+    monkeypatch.setattr(glow, "QUICK_GLOW", dict(levels=1, steps=1, hidden=8))
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or
+                        compile(model, **kw))
+    weights = []
+    for flags in ([], ["--compile"]):
+        out = str(tmp_path / f"g{len(flags)}.pt")
+        glow.main(glow.get_args(["train", "--quick", "--out", out, "--batch-size", "16",
+                                 "--train-size", "32", "--test-size", "16", "--epochs", "1",
+                                 "--max-steps", "2", "--device", "cpu", *flags]))
+        weights.append(torch.load(out, weights_only=True)["state_dict"])
+    assert len(compiled) == 1 and isinstance(compiled[0], glow.Glow)  # only with --compile
+    assert weights[0].keys() == weights[1].keys()
+    assert not any("_orig_mod" in k for k in weights[1])
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key].float(), value.float(), atol=1e-5, rtol=1e-4,
+                                   msg=key)
