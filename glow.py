@@ -798,7 +798,7 @@ def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=pri
     so it neither depends on nor changes the caller's: a run gives the same numbers whether
     the Glow was cached or not, and runs of a λ grid share one Glow."""
     device = torch.device(device)
-    shape = IMAGE_SHAPE if train_set is None else tuple(train_set[0][0].shape)  # C, H, W
+    shape = IMAGE_SHAPE if train_set is None else image_shape(train_set)
     if path:
         return load_glow(path, device, image_shape=shape)
     if not quick:
@@ -821,6 +821,13 @@ def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=pri
                    warmup_steps=50, seed=(made_from or {}).get("seed", 0), log=log)
     save_glow(glow, cache_path, made_from=made_from)
     return freeze(glow)
+
+
+def image_shape(dataset):
+    """(C, H, W) of the dataset's images, read from its first item without moving the
+    random stream (a composite's training item draws its distractor afresh)."""
+    with torch.random.fork_rng(devices=[]):
+        return tuple(dataset[0][0].shape)
 
 
 def glow_for_run(cfg, train_set, test_set, device):

@@ -957,3 +957,20 @@ def test_compile_flag_compiles_the_scoring_glow_of_every_mode(tmp_path, tiny_glo
             model, _ = glow.glow_for_run(cfg, train, test, "cpu")
             assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) == bool(flag)
             assert model.folded
+
+
+def test_checking_the_glow_against_the_data_draws_nothing(tiny_glow_path):
+    """get_glow reads the data's image shape from an item; a composite's training item
+    draws its distractor from the global stream, which must not move (a run's numbers
+    would then depend on whether the check ran)."""
+    class Drawing(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3, 32, 32), 0
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    glow.get_glow(tiny_glow_path, False, Drawing(), None, "cpu")
+    assert torch.equal(torch.get_rng_state(), before)
