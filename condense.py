@@ -70,27 +70,30 @@ def gradient_match_loss(grads_real, grads_syn, eps=1e-6):
     return distance
 
 
-def class_match_loss(net, x_real, x_syn, label):
+def class_match_loss(net, x_real, x_syn, label, fast=None):
     """Eq. 6 for one class c: D(∇θ l(f(X_real,c), c), ∇θ l(f(X_syn,c), c)).
 
     The real gradient is a constant target (detached); the synthetic gradient keeps its
     graph (create_graph=True) so that D can be differentiated w.r.t. the synthetic images.
+    `fast` (--compile): the same net torch.compile'd, for the real gradient only; the
+    synthetic one is differentiated twice, which torch.compile cannot.
     """
     params = list(net.parameters())
     y_real = torch.full((len(x_real),), label, dtype=torch.long, device=x_real.device)
     y_syn = torch.full((len(x_syn),), label, dtype=torch.long, device=x_syn.device)
-    g_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
+    real_net = net if fast is None else fast
+    g_real = torch.autograd.grad(F.cross_entropy(real_net(x_real), y_real), params)
     g_real = [g.detach() for g in g_real]
     g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
     return gradient_match_loss(g_real, g_syn)
 
 
-def matching_loss(net, x_syn, real_by_class, ipc, batch_real):
+def matching_loss(net, x_syn, real_by_class, ipc, batch_real, fast=None):
     """Σ_c D_c of Eq. 6-7: the gradient-matching distance of every class, each against a
     fresh random batch of that class's real images. x_syn (N, 3, 32, 32) is class-major,
     ipc images per class."""
     return sum(class_match_loss(net, sample_real(real_by_class, c, batch_real),
-                                x_syn[c * ipc:(c + 1) * ipc], c)
+                                x_syn[c * ipc:(c + 1) * ipc], c, fast)
                for c in range(len(real_by_class)))
 
 
@@ -102,7 +105,7 @@ def sample_real(real_by_class, c, batch_real):
 
 
 def condensation_loss(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc, batch_real,
-                      bpd_chunk):
+                      bpd_chunk, fast=None):
     """The condensation objective with simplification, Eq. 7 (our λ, see the README):
 
         L = Σ_c D_c(X_real,c, X_syn,c) + λ · mean_{x ∈ X_syn} bpd(x),  X_syn = quantize(σ(α))
@@ -114,9 +117,9 @@ def condensation_loss(net, alpha, real_by_class, glow_model, *, lambda_sim, ipc,
     released size, bounded; the authors used chunks of 50), its dequantization noise drawn
     once for the whole set. A bpd term whose value or gradient is not finite is left out
     (the authors skipped a non-finite bpd). Returns L, Σ_c D_c and the mean bpd (NaN when
-    λ = 0 or left out), detached.
+    λ = 0 or left out), detached. `fast`: see class_match_loss.
     """
-    match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real)
+    match = matching_loss(net, synthetic_images(alpha), real_by_class, ipc, batch_real, fast)
     match.backward(inputs=[alpha])  # alpha.grad = ∂Σ_c D_c/∂α
     if lambda_sim == 0:  # plain DC: Glow is not needed
         return match.detach(), match.detach(), match.new_tensor(math.nan)
@@ -145,28 +148,31 @@ def synthetic_images(alpha):
 
 
 def outer_iteration(alpha, optimizer, real_by_class, glow_model, *, lambda_sim, ipc,
-                    batch_real, width, outer_loop, inner_loop, batch_size, bpd_chunk):
+                    batch_real, width, outer_loop, inner_loop, batch_size, bpd_chunk,
+                    compile=False):
     """One outer iteration of DC with the simplification term: a fresh ConvNet; then
     `outer_loop` times: one Adam step on α minimising Eq. 7, and (except after the last)
     `inner_loop` epochs of SGD (lr 0.01, momentum 0.5) of the net on the synthetic set.
     Returns the last step's loss, Σ_c D_c and mean bpd (NaN when left out), as 0-dim
     tensors on the device: reading them waits for the device, so the caller does it
-    rarely."""
+    rarely. `compile` (--compile): the net's first-order passes (the real gradients of
+    Eq. 6, its own training) run torch.compile'd (nets.compiled)."""
     num_classes = len(real_by_class)
     labels = torch.arange(num_classes, device=alpha.device).repeat_interleave(ipc)
     net = make_convnet(num_classes, width, alpha.device)
+    fast = nets.compiled(net, compile)  # the same parameters
     net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
     for step in range(outer_loop):
         # update the synthetic images: one Adam step on Eq. 7 w.r.t. α
         optimizer.zero_grad()
         loss, match, bpd = condensation_loss(
             net, alpha, real_by_class, glow_model, lambda_sim=lambda_sim, ipc=ipc,
-            batch_real=batch_real, bpd_chunk=bpd_chunk)
+            batch_real=batch_real, bpd_chunk=bpd_chunk, fast=fast)
         optimizer.step()
         if step == outer_loop - 1:
             break
         # update the network: inner_loop epochs on the current (detached) synthetic set
-        train_network(net, net_optimizer, synthetic_images(alpha).detach(), labels,
+        train_network(fast, net_optimizer, synthetic_images(alpha).detach(), labels,
                       inner_loop, batch_size)
     return {"loss": loss, "match": match, "bpd": bpd}  # 0-dim tensors on the device
 
@@ -219,7 +225,8 @@ def condense(cfg, alpha, optimizer, real_by_class, glow_model, evaluate_images, 
                                   lambda_sim=cfg.lambda_sim, ipc=cfg.ipc,
                                   batch_real=cfg.batch_real, width=cfg.width,
                                   outer_loop=cfg.outer_loop, inner_loop=cfg.inner_loop,
-                                  batch_size=cfg.batch_size, bpd_chunk=cfg.bpd_chunk)
+                                  batch_size=cfg.batch_size, bpd_chunk=cfg.bpd_chunk,
+                                  compile=getattr(cfg, "compile", False))
         log({"iteration": it + 1, **metrics, "seconds": time.time() - t0}, wait=True)  # read
         progress.update(1, **metrics)  # at the next checkpoint or progress line, not here
         if (it + 1) % 10 == 0:
@@ -249,26 +256,28 @@ def eval_protocol(dataset):
 
 
 def evaluate_synset(sets, x_test, y_test, *, num_classes, epochs, width, batch_size, seed,
-                    augment=False):
+                    augment=False, compile=False):
     """DC's `evaluate_synset` (Sec. 4): one fresh ConvNet per training set of `sets`,
     [(x, y)] (the condensed set once per network, or a new random real draw each), trained
     with SGD lr 0.01, momentum 0.9, wd 5e-4 for epochs + 1 epochs (DC's range(Epoch + 1));
     after epoch epochs//2 + 1 the lr is ÷10 by a new optimizer, so the momentum restarts
     (DC); with `augment`, every batch through DC's crop_scale_rotate (dc_augment). Returns
     their accuracies on the real test set. Every evaluation (synthetic or random real, at
-    any iteration) uses the same `seed`, hence the same initialisations and batch orders."""
+    any iteration) uses the same `seed`, hence the same initialisations and batch orders.
+    `compile` (--compile): the networks train and test torch.compile'd (nets.compiled)."""
     device = x_test.device
     accs = []
     with nets.isolated_rng(device, seed):
         for x_train, y_train in sets:
             net = make_convnet(num_classes, width, device)
+            fast = nets.compiled(net, compile)  # the same parameters
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             for epoch in range(epochs + 1):
-                train_network(net, opt, x_train, y_train, 1, batch_size, augment)
+                train_network(fast, opt, x_train, y_train, 1, batch_size, augment)
                 if epoch == epochs // 2 + 1:
                     opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9,
                                           weight_decay=5e-4)
-            accs.append(test_accuracy(net, x_test, y_test))
+            accs.append(test_accuracy(fast, x_test, y_test))
     return accs
 
 
@@ -916,7 +925,8 @@ def main(args):
     def evaluate_images(sets):
         return evaluate_synset(sets, x_test, y_test, num_classes=info.num_classes,
                                epochs=cfg.eval_epochs, width=cfg.width,
-                               batch_size=cfg.batch_size, seed=cfg.seed, augment=augment)
+                               batch_size=cfg.batch_size, seed=cfg.seed, augment=augment,
+                               compile=cfg.compile)
 
     print(f"condensing {cfg.dataset} to {cfg.ipc} image(s) per class: {cfg.iterations} "
           f"iterations, loops (outer, inner) = ({cfg.outer_loop}, {cfg.inner_loop}), "

@@ -365,6 +365,22 @@ def resolve_device(name):
     return device
 
 
+def compiled(model, compile=True):
+    """--compile: `model` with a torch.compile'd forward, for first-order steps (a plain
+    training step, an evaluation). It shares `model`'s parameters and buffers, so a step
+    through it trains `model`; save `model`, never this (torch.compile's `_orig_mod.`
+    names). torch.compile cannot differentiate a graph twice, so steps that need
+    second-order gradients (create_graph: the unrolled step of Eq. 3, the synthetic side
+    of Eq. 6, the gate gradients of Alg. 2) call `model` itself. Random ops (dropout) draw
+    from torch's own stream, as in eager mode, so --compile changes a run's numbers only
+    to float rounding, not its random draws. Without `compile`: `model` itself."""
+    if not compile:
+        return model
+    from torch._inductor import config
+    config.fallback_random = True  # dropout masks as eager mode draws them
+    return torch.compile(model)
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -635,9 +651,12 @@ def add_run_flags(parser, dataset_names, quick, out, may_change=()):
              "may change)")
     add("--compile", action="store_true",
         help="torch.compile the frozen Glow's scoring (bits per dimension, Eq. 1), what every "
-             "step of every mode runs: the same numbers to float rounding, faster once "
-             "compiled, which takes a minute or more; off by default, as on a CPU the "
-             "compile outweighs a quick run (the networks trained here are not compiled)")
+             "step of every mode runs, and the first-order network steps: the classifier's "
+             "plain step, condensation's real gradients and evaluation networks; what is "
+             "differentiated twice (Eq. 3's unrolled step, Eq. 6's synthetic gradient, Alg. "
+             "2's gate gradients) runs uncompiled, as torch.compile cannot. The same numbers "
+             "to float rounding, faster once compiled, which takes a minute or more; off by "
+             "default, as on a CPU the compile outweighs a quick run")
     add("--train-size", type=positive_int, default=None,
         help=f"use a fixed random subset of N training images (default all; quick "
              f"{quick['train_size']})")

@@ -43,9 +43,11 @@ EVAL_BATCH = 256  # evaluation batch (authors' test loader)
 
 # ---------------------------------------------------------------------- Sec. 3: Eq. 2-5, S3
 def simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model, x, y, lambda_sim,
-                    flip):
+                    flip, fast_classifier=None):
     """One batch of Sec. 3: update the simplifier on Eq. 5, then the classifier on the new
-    simplified batch with the same augmentation (authors' code). Returns parts, #skipped."""
+    simplified batch with the same augmentation (authors' code). Returns parts, #skipped.
+    fast_classifier (--compile): the classifier torch.compile'd, for its plain step; Eq. 3's
+    unrolled step is differentiated twice, which torch.compile cannot, so it runs f itself."""
     aug = nets.sample_crop_flip(len(x), PAD, flip, x.device)  # one draw for X and X_sim
     # --- update the simplifier: minimise Eq. 5
     x_sim = glow.quantize(simplifier(x))  # Eq. 2, (B, 3, 32, 32) on 8-bit levels
@@ -54,7 +56,8 @@ def simplebits_step(simplifier, classifier, opt_simp, opt_clf, glow_model, x, y,
     # --- update the classifier on simplified images only (authors' train_orig=False)
     with torch.no_grad():
         x_sim = glow.quantize(simplifier(x))
-    parts["clf_loss"], clf_skipped = classifier_step(classifier, opt_clf,
+    plain = classifier if fast_classifier is None else fast_classifier
+    parts["clf_loss"], clf_skipped = classifier_step(plain, opt_clf,
                                                      nets.crop_flip(x_sim, aug, PAD), y)
     return parts, skipped + clf_skipped
 
@@ -242,6 +245,7 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
         done, history, skipped_total = load_checkpoint(ckpt_path, models, optimizers, cfg.epochs)
     log = nets.Metrics(cfg.out / "metrics.jsonl", history)
     batches = datasets.Batches(train_set, device)  # the training images, on the device
+    fast_classifier = nets.compiled(classifier, getattr(cfg, "compile", False))  # --compile
     steps = len(train_set) // cfg.batch_size
     progress = nets.Progress((cfg.epochs - done) * steps, "train")  # ETA of the whole run
     t_start = time.time()
@@ -251,7 +255,8 @@ def train(cfg, simplifier, classifier, opt_simp, opt_clf, glow_model, simplify, 
         for x, y in train_batches(batches, cfg.batch_size, cfg.seed, epoch):
             if cfg.simplifier == "unet":  # Sec. 3
                 parts, n_skip = simplebits_step(simplifier, classifier, opt_simp, opt_clf,
-                                                glow_model, x, y, cfg.lambda_sim, flip)
+                                                glow_model, x, y, cfg.lambda_sim, flip,
+                                                fast_classifier)
             else:  # the L2 baseline (S7)
                 parts, n_skip = l2_step(simplifier, opt_simp, glow_model, x, cfg.lambda_sim)
             skipped += n_skip
@@ -277,13 +282,14 @@ def retrain(classifier, train_sim, train_labels, test, cfg, flip, device, phase)
     """Fig. 5: train f on the stored simplified training images (uint8), with the same
     augmentation and optimizer as joint training; returns its test accuracies."""
     optimizer = nets.classifier_optimizer(classifier, cfg.lr)
+    fast = nets.compiled(classifier, getattr(cfg, "compile", False))  # --compile
     for epoch in range(1, cfg.retrain_epochs + 1):
         order = epoch_order(len(train_sim), cfg.seed, epoch)
         losses, skipped = [], 0
         for idx in order[:len(order) // cfg.batch_size * cfg.batch_size].split(cfg.batch_size):
             x, y = train_sim[idx].to(device).float() / 255, train_labels[idx].to(device)
             aug = nets.sample_crop_flip(len(x), PAD, flip, device)
-            loss, n_skip = classifier_step(classifier, optimizer, nets.crop_flip(x, aug, PAD), y)
+            loss, n_skip = classifier_step(fast, optimizer, nets.crop_flip(x, aug, PAD), y)
             losses.append(loss)
             skipped += n_skip
         nets.check_skipped(int(skipped), len(losses), f"{phase} epoch {epoch}/{cfg.retrain_epochs}")

@@ -228,6 +228,7 @@ def train_classifier(train_set, cfg, device, log):
     model = nets.NFWideResNet(info.num_classes, cfg.depth, cfg.widen, mean=info.mean, std=info.std)
     model = model.to(device)
     optimizer = nets.classifier_optimizer(model, cfg.train_lr)
+    fast = nets.compiled(model, getattr(cfg, "compile", False))  # --compile
     batches = datasets.Batches(train_set, device)  # the training images, on the device
     size = min(cfg.batch_size, len(batches))
     flip = info.name in ("cifar10", "cifar100")  # authors: flips only for CIFAR
@@ -239,7 +240,7 @@ def train_classifier(train_set, cfg, device, log):
         for idx in order.split(size):
             x, y = batches.get(idx)  # (B, 3, 32, 32), (B,)
             aug = nets.sample_crop_flip(len(x), 4, flip, device)
-            logits = model(nets.crop_flip(x, aug, 4, "reflect"))  # 4-px reflect crop (+ flip)
+            logits = fast(nets.crop_flip(x, aug, 4, "reflect"))  # 4-px reflect crop (+ flip)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

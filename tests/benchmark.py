@@ -125,11 +125,12 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=Fals
                       f"{rates[name] / reference:.2f}x")
 
 
-def bench_per_instance(device, full=False, batch=32, repeats=5):
+def bench_per_instance(device, full=False, batch=32, repeats=5, compile=False):
     """The paper's networks (WRN-16-2 classifier, UNet ngf 64 simplifier) at batch 32.
     Glow: the quick tiny one (full=False) or the released size L3 K32 hidden 512 (full=True),
     at init (ActNorm data-initialised) -- its speed does not depend on its weights.
-    "rest" = the SimpleBits step with λ = 0, where Glow is never called."""
+    "rest" = the SimpleBits step with λ = 0, where Glow is never called. With `compile`
+    also the plain step and the SimpleBits step as --compile runs them."""
     glow_cfg = dict(levels=3, steps=32, hidden=512) if full else dict(glow.QUICK_GLOW)
     torch.manual_seed(0)
     g = glow.Glow(**glow_cfg).to(device)
@@ -202,13 +203,33 @@ def bench_per_instance(device, full=False, batch=32, repeats=5):
     print(f"  evaluation per 1000 images   {t_eval:9.2f} s")
     print(f"  projected CIFAR-10 run (100 epochs x {steps} steps, 20 evaluations of 10k images): "
           f"{total / 3600:.1f} h")
+    if compile:  # --compile: the frozen Glow's scoring and the classifier's plain step
+        fast, start = nets.compiled(classifier), time.perf_counter()
+        fast_glow = glow.compiled(g)
+        per_instance.simplebits_step(simplifier, classifier, opt_simp, opt_clf, fast_glow, x, y,
+                                     2.0, True, fast)  # compiles both
+        print(f"  --compile (compiled in {time.perf_counter() - start:.0f} s):")
+
+        def fast_plain():
+            aug = nets.sample_crop_flip(batch, per_instance.PAD, True, device)
+            per_instance.classifier_step(fast, opt_clf, nets.crop_flip(x, aug, per_instance.PAD), y)
+        t_fast_plain = timed(fast_plain, device, repeats)
+        t_fast_full = timed(lambda: per_instance.simplebits_step(
+            simplifier, classifier, opt_simp, opt_clf, fast_glow, x, y, 2.0, True, fast),
+            device, repeats)
+        print(f"    SimpleBits step, λ = 2     {t_fast_full * 1e3:9.1f} ms  "
+              f"({t_full / t_fast_full:.2f}x eager)")
+        print(f"    plain classifier step      {t_fast_plain * 1e3:9.1f} ms  "
+              f"({t_plain / t_fast_plain:.2f}x eager)")
     return dict(plain=t_plain, full=t_full, glow=t_glow, rest=t_rest, ratio=t_rest / t_plain)
 
 
-def bench_condense(device, full=False, repeats=2):
+def bench_condense(device, full=False, repeats=2, compile=False):
     """full=False: CPU-sized (5 classes, ConvNet width 32, 32 real images per class and
     step, the quick tiny Glow); full=True: the paper's setting (10 classes, width 128,
-    batch_real 256, Glow L3 K32 hidden 512). Loop counts are DC's (ipc 10: 10 × 50)."""
+    batch_real 256, Glow L3 K32 hidden 512). Loop counts are DC's (ipc 10: 10 × 50).
+    With `compile` each figure also as --compile runs it (its networks' first-order steps
+    and the Glow compiled; the compile itself is left out of the timing)."""
     if full:
         classes, width, batch_real, glow_cfg = 10, 128, 256, dict(levels=3, steps=32, hidden=512)
     else:
@@ -223,36 +244,44 @@ def bench_condense(device, full=False, repeats=2):
     for ipc in (1, 10):
         outer_loop, inner_loop = condense.get_loops(ipc)
         for lambda_sim in (0.0, 1.0):
-            alpha = (0.2 * torch.randn(classes * ipc, 3, 32, 32, device=device)).requires_grad_()
-            opt = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
+            for fast in (False, True)[:1 + compile]:
+                alpha = 0.2 * torch.randn(classes * ipc, 3, 32, 32, device=device)
+                alpha.requires_grad_()
+                opt = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
+                scorer = glow.compiled(g) if fast else g
 
-            def iteration():
-                condense.outer_iteration(alpha, opt, real, g, lambda_sim=lambda_sim, ipc=ipc,
-                                         batch_real=batch_real, width=width,
-                                         outer_loop=outer_loop, inner_loop=inner_loop,
-                                         batch_size=256, bpd_chunk=50)
+                def iteration():
+                    condense.outer_iteration(alpha, opt, real, scorer, lambda_sim=lambda_sim,
+                                             ipc=ipc, batch_real=batch_real, width=width,
+                                             outer_loop=outer_loop, inner_loop=inner_loop,
+                                             batch_size=256, bpd_chunk=50, compile=fast)
 
-            results[ipc, lambda_sim] = timed(iteration, device, repeats, warmup=1)
-        plain, simple = results[ipc, 0.0], results[ipc, 1.0]
-        print(f"condense ipc {ipc:2d} (loops {outer_loop}x{inner_loop}, {classes} classes, width "
-              f"{width}, batch_real {batch_real}, Glow {glow_cfg}): plain DC {plain:7.3f} s/iter, "
-              f"with bpd term {simple:7.3f} s/iter (+{100 * (simple / plain - 1):.0f}%)  [{device}]")
+                results[ipc, lambda_sim, fast] = timed(iteration, device, repeats, warmup=1)
+        for fast in (False, True)[:1 + compile]:
+            plain, simple = results[ipc, 0.0, fast], results[ipc, 1.0, fast]
+            print(f"condense ipc {ipc:2d}{' --compile' if fast else ''} (loops {outer_loop}x"
+                  f"{inner_loop}, {classes} classes, width {width}, batch_real {batch_real}, "
+                  f"Glow {glow_cfg}): plain DC {plain:7.3f} s/iter, with bpd term {simple:7.3f} "
+                  f"s/iter (+{100 * (simple / plain - 1):.0f}%)  [{device}]")
     # DC's evaluation: one network's epoch on the condensed set, and the projected time of
     # a full evaluation (5 networks; 301 epochs, or 1001 with MNIST's augmentation)
     x_test, y_test = torch.rand(1000, 3, 32, 32, device=device), torch.arange(1000) % classes
     for ipc in (1, 10):
         x, y = torch.rand(classes * ipc, 3, 32, 32, device=device), torch.arange(classes * ipc) % classes
         for augment in (False, True):
-            def evaluation(x=x, y=y, augment=augment):  # 10 epochs (+ 1, as DC) and a test
-                condense.evaluate_synset([(x, y)], x_test, y_test.to(device), num_classes=classes,
-                                         epochs=10, width=width, batch_size=256, seed=0,
-                                         augment=augment)
-            epoch = timed(evaluation, device, repeats, warmup=1) / 11
-            epochs = 1001 if augment else 301
-            results["eval", ipc, augment] = epoch
-            print(f"condense evaluation ipc {ipc:2d}{' + DC augmentation' if augment else ''}: "
-                  f"{1000 * epoch:7.1f} ms/epoch, {epochs} epochs x 5 networks = "
-                  f"{5 * epochs * epoch / 60:5.1f} min per evaluation  [{device}]")
+            for fast in (False, True)[:1 + compile]:
+                def evaluation(x=x, y=y, augment=augment, fast=fast):  # 10 (+ 1) epochs, a test
+                    condense.evaluate_synset([(x, y)], x_test, y_test.to(device),
+                                             num_classes=classes, epochs=10, width=width,
+                                             batch_size=256, seed=0, augment=augment,
+                                             compile=fast)
+                epoch = timed(evaluation, device, repeats, warmup=1) / 11
+                epochs = 1001 if augment else 301
+                results["eval", ipc, augment, fast] = epoch
+                print(f"condense evaluation ipc {ipc:2d}{' + DC augmentation' if augment else ''}"
+                      f"{' --compile' if fast else ''}: {1000 * epoch:7.1f} ms/epoch, {epochs} "
+                      f"epochs x 5 networks = {5 * epochs * epoch / 60:5.1f} min per evaluation"
+                      f"  [{device}]")
     return results
 
 
@@ -438,8 +467,9 @@ if __name__ == "__main__":
                         help="glow: also time y0ast's own Glow from a checkout of "
                              "y0ast/Glow-PyTorch in DIR, at the same size in the same run")
     parser.add_argument("--compile", action="store_true",
-                        help="glow: also time the torch.compile'd frozen Glow; smoke: also run "
-                             "every mode with --compile")
+                        help="glow: also time the torch.compile'd frozen Glow; per_instance, "
+                             "condense: also time each figure as --compile runs it; smoke: "
+                             "also run every mode with --compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
     args = parser.parse_args()
@@ -449,5 +479,6 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     for name in args.which:
         extra = ({"y0ast": args.y0ast, "compile": args.compile} if name == "glow" else
-                 {"compile": args.compile} if name == "smoke" else {})
+                 {"compile": args.compile} if name in ("smoke", "per_instance", "condense")
+                 else {})
         BENCHMARKS[name](device, full=args.full, **extra)

@@ -503,3 +503,33 @@ def test_atomic_files(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     assert sorted(os.listdir(tmp_path)) == ["m.jsonl", "sub", "x.pt"]  # no temporary files left
     assert os.listdir(tmp_path / "sub") == ["r.json"]
+
+
+def test_compiled_training_steps_train_the_same_network_with_the_same_dropout():
+    """--compile (nets.compiled): SGD steps through the torch.compile'd classifier train
+    the eager classifier's own parameters, to the same weights as eager steps (1e-5), with
+    the same dropout masks (the RNG ends where eager leaves it); its state_dict keeps the
+    plain names, and without --compile the model itself is used."""
+    torch.manual_seed(0)
+    net = nets.NFWideResNet(3, depth=10, widen=1, dropout=0.3)
+    assert nets.compiled(net, False) is net
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    weights, states = [], []
+    for compile in (False, True):
+        model = nets.NFWideResNet(3, depth=10, widen=1, dropout=0.3)
+        model.load_state_dict(net.state_dict())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # (Adam would
+        forward = nets.compiled(model, compile)  # blow rounding up where a gradient is ~0)
+        torch.manual_seed(1)
+        for _ in range(3):
+            loss = F.cross_entropy(forward(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        weights.append(model.state_dict())
+        states.append(torch.get_rng_state())
+    assert weights[0].keys() == weights[1].keys() == net.state_dict().keys()
+    assert not torch.equal(weights[0]["fc.weight"], net.state_dict()["fc.weight"])  # it trained
+    for name, eager in weights[0].items():
+        torch.testing.assert_close(weights[1][name], eager, rtol=1e-5, atol=1e-6)
+    assert torch.equal(states[0], states[1])  # the same draws, hence the same masks

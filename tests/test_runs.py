@@ -974,3 +974,39 @@ def test_checking_the_glow_against_the_data_draws_nothing(tiny_glow_path):
     before = torch.get_rng_state()
     glow.get_glow(tiny_glow_path, False, Drawing(), None, "cpu")
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_compile_flag_runs_the_first_order_network_steps_compiled(tmp_path, tiny_glow_path,
+                                                                  monkeypatch):
+    """--compile in every mode: the frozen Glow and the networks each mode trains by plain
+    first-order steps (the per-instance classifier in joint training and --retrain, the
+    condensation and evaluation ConvNets, post hoc's f) are handed to torch.compile, and
+    the steps call what it returned. A stand-in for torch.compile counts the calls."""
+    class Counted(torch.nn.Module):  # what torch.compile returns, counting its calls
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.model(*args, **kwargs)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.model, name)
+
+    made = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: made.append(Counted(model)) or
+                        made[-1])
+    expected = {"per_instance": {"Glow", "ConvNet"}, "condense": {"Glow", "ConvNet"},
+                "posthoc": {"Glow", "NFWideResNet"}}
+    for name, (module, argv, *_) in SCRIPTS.items():
+        made.clear()
+        extra = ["--retrain", "--retrain-epochs", "1"] if name == "per_instance" else []
+        run(module, argv(tmp_path / name, tiny_glow_path, "--compile", *extra))
+        assert {type(c.model).__name__ for c in made} == expected[name], name
+        assert all(c.calls for c in made), name  # every compiled network was used
+        if name == "per_instance":  # the joint classifier and the retrained one
+            assert sum(type(c.model).__name__ == "ConvNet" for c in made) == 2
