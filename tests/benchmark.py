@@ -23,6 +23,7 @@ Without names every benchmark but threads runs: on a GPU the first command above
 one prepared check (a few minutes).
 """
 import argparse
+import copy
 import os
 import sys
 import time
@@ -84,11 +85,17 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=Fals
         model.train()
         with torch.no_grad():
             model(glow.to_glow_range(x))  # ActNorm data init
-        models = {"eval (unfused)": model.eval().requires_grad_(False),
-                  "frozen (fused)": glow.freeze(model)}
+        frozen = glow.freeze(model)  # channels_last on a CPU; both layouts are timed
+        chosen = ("channels_last" if frozen.flow.layers[1].block[0].weight.is_contiguous(
+            memory_format=torch.channels_last) else "default layout")
+        layouts = {"channels_last": torch.channels_last, "default layout": torch.contiguous_format}
+        models = {"eval (unfused)": model.eval().requires_grad_(False)}
+        for name, layout in layouts.items():
+            models[f"frozen (fused, {name}{', what freeze gives' if name == chosen else ''})"] = \
+                copy.deepcopy(frozen).to(memory_format=layout)
         scores = {name: (lambda x, m=m: glow.bits_per_dim(m, x)) for name, m in models.items()}
         if compile:
-            fast, start = glow.compiled(models["frozen (fused)"]), time.perf_counter()
+            fast, start = glow.compiled(frozen), time.perf_counter()
             x_grad = x.clone().requires_grad_()
             glow.bits_per_dim(fast, x_grad).sum().backward()  # compiles forward and backward
             with torch.no_grad():

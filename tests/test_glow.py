@@ -728,3 +728,24 @@ def test_train_compile_learns_the_same_glow_and_saves_plain_names(tmp_path, monk
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key].float(), value.float(), atol=1e-5, rtol=1e-4,
                                    msg=key)
+
+
+def test_frozen_scoring_on_a_cpu_is_channels_last_with_the_same_numbers():
+    """freeze() on a CPU stores the folded convolutions channels_last (faster there, README
+    Speed); the bpd and its gradient to the input equal the default layout's to 1e-5."""
+    model = tiny_glow(torch.float32, image_size=32)
+    frozen = glow.freeze(model)
+    convs = [m.weight for m in frozen.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and
+                         not w.is_contiguous() for w in convs if w.shape[-1] > 1)
+    plain = copy.deepcopy(frozen).to(memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.rand(3, 3, 32, 32)
+    scores = []
+    for model_ in (frozen, plain):
+        x_grad = x.clone().requires_grad_()
+        bpd = glow.bits_per_dim(model_, x_grad, noise=False)
+        bpd.sum().backward()
+        scores.append((bpd.detach(), x_grad.grad))
+    torch.testing.assert_close(scores[0][0], scores[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores[0][1], scores[1][1], rtol=1e-5, atol=1e-5)
