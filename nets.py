@@ -652,7 +652,8 @@ def add_run_flags(parser, dataset_names, quick, out, may_change=()):
     add("--compile", action="store_true",
         help="torch.compile the frozen Glow's scoring (bits per dimension, Eq. 1), what every "
              "step of every mode runs, and the first-order network steps: the classifier's "
-             "plain step, condensation's real gradients and evaluation networks; what is "
+             "plain step, condensation's real gradients and evaluation networks, post hoc's "
+             "training of f; what is "
              "differentiated twice (Eq. 3's unrolled step, Eq. 6's synthetic gradient, Alg. "
              "2's gate gradients) runs uncompiled, as torch.compile cannot. The same numbers "
              "to float rounding, faster once compiled, which takes a minute or more; off by "
