@@ -838,6 +838,8 @@ def glow_for_run(cfg, train_set, test_set, device):
     """A mode script's scoring Glow (get_glow: --glow, or the quick one cached for this
     training data and seed), and what the run is made from, for --resume to compare
     (nets.start_run): fingerprints of its data and of the --glow file."""
+    if getattr(cfg, "compile", False):
+        nets.check_compile(device)  # before a quick Glow is pretrained
     data = datasets.fingerprint(train_set)
     quick_from = dict(dataset=train_set.info.name, data=data, seed=cfg.seed)
     model = get_glow(cfg.glow, cfg.quick, train_set, quick_glow_path(cfg.out, quick_from), device,
@@ -987,6 +989,8 @@ def main(args):
             raise nets.RunError(f"--levels {config['levels']}: 32×32 images allow at most 5 levels.")
         if args.lr is not None and args.lr <= 0:
             raise nets.RunError(f"--lr must be positive, got {args.lr}.")
+        if args.compile:
+            nets.check_compile(device)
         out = train_out(args)
         if os.path.isdir(out):
             raise nets.RunError(f"--out {out} is a folder; give the checkpoint file to write, "
@@ -1039,6 +1043,8 @@ def main(args):
                 for name in datasets.dataset_names(args.dataset)]
         files = ["bpd.json"] + [f"bpd-{tag}.png" for tag in tags]
         refuse_overwrite([os.path.join(args.out, f) for f in files], args.overwrite)
+        if args.compile:
+            nets.check_compile(device)
         glow = load_glow(args.glow, device, image_shape=IMAGE_SHAPE)
         glow = compiled(glow) if args.compile else glow
         means = {}

@@ -381,6 +381,20 @@ def compiled(model, compile=True):
     return torch.compile(model)
 
 
+def check_compile(device):
+    """--compile, before a run starts: torch.compile needs a working C++ compiler on a CPU
+    (a slim Docker image or a Windows machine may have none) and Triton on a GPU. It is
+    tried on a one-line function, so that a machine without them gets one sentence now
+    rather than a traceback from inside the first training step."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as error:  # whatever the compiler backend raises: the probe's purpose
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise RunError(f"--compile: torch.compile does not work here on {device} "
+                       f"({type(error).__name__}: {lines[0][:200]}); install what it needs (a "
+                       "C++ compiler for the CPU, Triton for a GPU) or drop --compile.") from None
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 

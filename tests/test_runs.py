@@ -1006,7 +1006,37 @@ def test_compile_flag_runs_the_first_order_network_steps_compiled(tmp_path, tiny
         made.clear()
         extra = ["--retrain", "--retrain-epochs", "1"] if name == "per_instance" else []
         run(module, argv(tmp_path / name, tiny_glow_path, "--compile", *extra))
+        made[:] = [c for c in made if isinstance(c.model, torch.nn.Module)]  # no probe
         assert {type(c.model).__name__ for c in made} == expected[name], name
         assert all(c.calls for c in made), name  # every compiled network was used
         if name == "per_instance":  # the joint classifier and the retrained one
             assert sum(type(c.model).__name__ == "ConvNet" for c in made) == 2
+
+
+def test_compile_without_a_working_compiler_is_one_sentence_before_anything_runs(
+        tmp_path, tiny_glow_path, monkeypatch):
+    """--compile on a machine where torch.compile cannot build (no C++ compiler in a slim
+    image, no Triton): every mode script and `glow.py train`/`bpd` say so in one sentence
+    before a run starts (no args.json, no Glow pretrained), instead of a traceback from
+    inside the first step."""
+    def broken(fn, **kw):
+        def call(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in "
+                               "torch._inductor.config.cpp.cxx: (None, 'g++')\nsecond line")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    said = (r"--compile: torch.compile does not work here on cpu \(RuntimeError: "
+            r"InvalidCxxCompiler: No working C\+\+ compiler.*\); install .* or drop --compile")
+    for name, (module, argv, *_) in SCRIPTS.items():
+        with pytest.raises(nets.RunError, match=said):
+            run(module, argv(tmp_path / name, tiny_glow_path, "--compile"))
+        assert not (tmp_path / name / "args.json").exists(), name
+    for argv in (["train", "--quick", "--out", str(tmp_path / "g.pt"), "--device", "cpu"],
+                 ["bpd", "--glow", tiny_glow_path, "--dataset", "shapes", "--out",
+                  str(tmp_path / "bpd"), "--device", "cpu"]):
+        with pytest.raises(nets.RunError, match=said):
+            glow.main(glow.get_args(argv + ["--compile"]))
+    assert not (tmp_path / "g.pt").exists() and not (tmp_path / "bpd").exists()
+    # where torch.compile works, the probe passes and nothing is said
+    monkeypatch.undo()
+    nets.check_compile("cpu")
