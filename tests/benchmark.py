@@ -303,7 +303,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_posthoc(device, full=False):
+def bench_posthoc(device, full=False, compile=False):
+    """Seconds per Alg. 2 step (with `compile` also with the Glow's scoring compiled, as
+    --compile runs it), and per-example gate gradients with torch.func against a loop."""
     configs = [("quick: NF-WRN-10-1, Glow L3 K4 h32, 8 images", dict(depth=10, widen=1), dict(glow.QUICK_GLOW), 8),
                ("paper: NF-WRN-16-2, Glow L3 K32 h512, 32 images", dict(depth=16, widen=2),
                 dict(levels=3, steps=32, hidden=512), 32)][:2 if full else 1]
@@ -330,6 +332,15 @@ def bench_posthoc(device, full=False):
         per_step = (time.perf_counter() - start) / repeats
         print(f"posthoc {name} on {device}: {per_step:.3f} s/step "
               f"(5000 steps: {5000 * per_step / 60:.1f} min)", flush=True)
+        if compile:  # --compile: the Glow's scoring compiled (the gate gradients cannot be)
+            fast, start = glow.compiled(g), time.perf_counter()
+            posthoc.simplify_step(model, fast, z_sim, z_orig, x, h, optimizer, step_args)
+            compile_s = time.perf_counter() - start
+            fast_step = timed(lambda: posthoc.simplify_step(model, fast, z_sim, z_orig, x, h,
+                                                            optimizer, step_args),
+                              device, repeats, warmup=1)
+            print(f"  --compile (compiled in {compile_s:.0f} s): {fast_step:.3f} s/step "
+                  f"({per_step / fast_step:.2f}x eager)", flush=True)
 
         # per-example gate gradients: torch.func (vmap over grad) vs a Python loop
         params = {n: p.detach() * 0.9 for n, p in model.named_parameters()}
@@ -481,7 +492,7 @@ if __name__ == "__main__":
                              "y0ast/Glow-PyTorch in DIR, at the same size in the same run")
     parser.add_argument("--compile", action="store_true",
                         help="glow: also time the torch.compile'd frozen Glow; per_instance, "
-                             "condense: also time each figure as --compile runs it; smoke: "
+                             "condense, posthoc: also time each figure as --compile runs it; smoke: "
                              "also run every mode with --compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
@@ -492,6 +503,6 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     for name in args.which:
         extra = ({"y0ast": args.y0ast, "compile": args.compile} if name == "glow" else
-                 {"compile": args.compile} if name in ("smoke", "per_instance", "condense")
-                 else {})
+                 {"compile": args.compile} if name in ("smoke", "per_instance", "condense",
+                                                       "posthoc") else {})
         BENCHMARKS[name](device, full=args.full, **extra)
