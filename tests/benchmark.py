@@ -492,8 +492,8 @@ if __name__ == "__main__":
                              "y0ast/Glow-PyTorch in DIR, at the same size in the same run")
     parser.add_argument("--compile", action="store_true",
                         help="glow: also time the torch.compile'd frozen Glow; per_instance, "
-                             "condense, posthoc: also time each figure as --compile runs it; smoke: "
-                             "also run every mode with --compile")
+                             "condense, posthoc: also time each figure as --compile runs it; "
+                             "smoke: also run every mode with --compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
     args = parser.parse_args()
