@@ -7,20 +7,23 @@
 
 glow:         images/second of Glow scoring (bpd forward, and forward + backward to the
               input) at batch 32, small and (--full) the released K=32/hidden 512 Glow;
-              eval, frozen, with --compile frozen + torch.compile, and with --y0ast DIR
-              y0ast's own code, in interleaved rounds.
+              eval, frozen in both memory layouts, with --compile frozen + torch.compile,
+              and with --y0ast DIR y0ast's own code, in interleaved rounds.
 smoke:        every mode end to end on the device with tiny settings (the CUDA paths).
 data:         ms per training batch of 32, item by item against datasets.Batches.
 per_instance: one SimpleBits step at paper settings split into data, simplifier update,
               classifier update and Glow scoring, a plain classifier step, and the
-              projected wall time of a 100-epoch CIFAR-10 run (tiny or --full Glow).
+              projected wall time of a 100-epoch CIFAR-10 run (tiny or --full Glow);
+              with --compile the steps as --compile runs them, interleaved with eager.
 condense:     seconds per outer iteration for ipc 1 and 10, with and without the bpd term,
-              and the projected time of DC's evaluation (with and without its augmentation).
-posthoc:      seconds per Alg. 2 step; torch.func per-example gate gradients vs a loop.
+              and the projected time of DC's evaluation (with and without its augmentation);
+              with --compile each also as --compile runs it.
+posthoc:      seconds per Alg. 2 step (with --compile also compiled); torch.func
+              per-example gate gradients vs a loop.
 threads:      the quick demos' loops with 1 or 2 CPU threads, idle and beside a busy process.
 
 Without names every benchmark but threads runs: on a GPU the first command above is the
-one prepared check (a few minutes).
+one prepared check; it prints as it goes, and each benchmark's seconds.
 """
 import argparse
 import copy
@@ -497,6 +500,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a run cut off by a time limit keeps its lines
     device = nets.resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
     if args.threads:
@@ -505,4 +509,6 @@ if __name__ == "__main__":
         extra = ({"y0ast": args.y0ast, "compile": args.compile} if name == "glow" else
                  {"compile": args.compile} if name in ("smoke", "per_instance", "condense",
                                                        "posthoc") else {})
+        start = time.perf_counter()
         BENCHMARKS[name](device, full=args.full, **extra)
+        print(f"[{name}: {time.perf_counter() - start:.0f} s]")
