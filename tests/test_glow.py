@@ -678,6 +678,14 @@ def test_loading_and_freezing_a_glow_draw_nothing_from_the_random_stream(tmp_pat
                                glow.bits_per_dim(model.eval(), x, noise=False), rtol=1e-5, atol=1e-5)
 
 
+def bpd_and_input_gradient(scorer, x):
+    """bits_per_dim of x without noise, and its gradient with respect to x."""
+    x_grad = x.clone().requires_grad_()
+    bpd = glow.bits_per_dim(scorer, x_grad, noise=False)
+    bpd.sum().backward()
+    return bpd.detach(), x_grad.grad
+
+
 def test_compiled_scoring_equals_eager_and_is_never_saved(tmp_path):
     """--compile: torch.compile of the frozen Glow gives the same bpd and input gradient as
     the eager frozen Glow (to 1e-5); its methods and attributes stay the frozen Glow's; only
@@ -690,12 +698,7 @@ def test_compiled_scoring_equals_eager_and_is_never_saved(tmp_path):
         model(glow.to_glow_range(x))
     frozen = glow.freeze(model)
     fast = glow.compiled(frozen)
-    grads = []
-    for scorer in (frozen, fast):
-        x_grad = x.clone().requires_grad_()
-        bpd = glow.bits_per_dim(scorer, x_grad, noise=False)
-        bpd.sum().backward()
-        grads.append((bpd.detach(), x_grad.grad))
+    grads = [bpd_and_input_gradient(scorer, x) for scorer in (frozen, fast)]
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
     assert fast.config == frozen.config and fast.folded
@@ -742,11 +745,6 @@ def test_frozen_scoring_on_a_cpu_is_channels_last_with_the_same_numbers():
     plain = copy.deepcopy(frozen).to(memory_format=torch.contiguous_format)
     assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.rand(3, 3, 32, 32)
-    scores = []
-    for model_ in (frozen, plain):
-        x_grad = x.clone().requires_grad_()
-        bpd = glow.bits_per_dim(model_, x_grad, noise=False)
-        bpd.sum().backward()
-        scores.append((bpd.detach(), x_grad.grad))
+    scores = [bpd_and_input_gradient(scorer, x) for scorer in (frozen, plain)]
     torch.testing.assert_close(scores[0][0], scores[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores[0][1], scores[1][1], rtol=1e-5, atol=1e-5)
