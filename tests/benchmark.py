@@ -2,13 +2,18 @@
 
     python tests/benchmark.py --device cuda --full --compile   # the GPU check: every mode,
                                                                # every figure, eager vs compiled
-    python tests/benchmark.py glow --device cpu --threads 1 --compile --y0ast Glow-PyTorch
+    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \
+        python tests/benchmark.py glow --device cpu --threads 1 --compile --y0ast Glow-PyTorch
     python tests/benchmark.py data threads --device cpu
 
 glow:         images/second of Glow scoring (bpd forward, and forward + backward to the
               input) at batch 32, small and (--full) the released K=32/hidden 512 Glow;
               eval, frozen in both memory layouts, with --compile frozen + torch.compile,
-              and with --y0ast DIR y0ast's own code, in interleaved rounds.
+              and with --y0ast DIR y0ast's own code, in interleaved rounds. On Linux,
+              glibc's default malloc hands large freed tensors back to the system and
+              page-faults them in again, by a process's allocation history: y0ast's code
+              (many intermediate tensors) then runs at 150 or 210 img/s by chance, so
+              compare with the two MALLOC_ settings above (level ground; README, Speed).
 smoke:        every mode end to end on the device with tiny settings (the CUDA paths).
 data:         ms per training batch of 32, item by item against datasets.Batches.
 per_instance: one SimpleBits step at paper settings split into data, simplifier update,
@@ -28,6 +33,7 @@ one prepared check; it prints as it goes, and each benchmark's seconds.
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -40,6 +46,8 @@ import glow  # noqa: E402
 import nets  # noqa: E402
 import per_instance  # noqa: E402
 import posthoc  # noqa: E402
+
+ROUNDS = 5  # glow: interleaved rounds of every scorer; medians over them
 
 
 def timed(fn, device, repeats, warmup=2):
@@ -108,10 +116,14 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=Fals
                   f"{time.perf_counter() - start:.0f} s  [{device}]")
             scores["frozen + compile"] = lambda x: glow.bits_per_dim(fast, x)
         if y0ast:
+            if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+                print("glow: note: without MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ "
+                      "set (see this file's docstring), y0ast's code may page-fault its "
+                      "tensors in: its speed, and the ratios, then vary from run to run")
             theirs = y0ast_glow(y0ast, config, device)
             scores["y0ast's code"] = lambda x: theirs(glow.to_glow_range(x))[1]
         rounds = {name: [] for name in scores}  # interleaved: a slow spell hits all alike
-        for _ in range(3):
+        for _ in range(ROUNDS):
             for name, score in scores.items():
                 def forward(score=score):
                     with torch.no_grad():
@@ -124,15 +136,18 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=Fals
                                      batch / timed(forward_backward, device, repeats)))
         rates = {}
         for name, values in rounds.items():
-            fwd, rates[name] = (sorted(v)[1] for v in zip(*values))  # medians of 3 rounds
+            fwd, rates[name] = (statistics.median(v) for v in zip(*values))
             print(f"glow {config} {name}: bpd forward {fwd:8.1f} img/s, "
                   f"forward+backward to input {rates[name]:8.1f} img/s  [{device}, batch "
-                  f"{batch}, {torch.get_num_threads()} threads, median of 3 interleaved rounds]")
-        if y0ast:
-            reference = rates.pop("y0ast's code")
+                  f"{batch}, {torch.get_num_threads()} threads, median of {ROUNDS} "
+                  f"interleaved rounds]")
+        if y0ast:  # each round's ratio: the two timings seconds apart, in the same spell
+            theirs = [b for _, b in rounds.pop("y0ast's code")]
             for name in [n for n in rates if n.startswith("frozen")]:
+                ratios = [b / ref for (_, b), ref in zip(rounds[name], theirs)]
                 print(f"  {name} / y0ast's code, forward+backward: "
-                      f"{rates[name] / reference:.2f}x")
+                      f"{statistics.median(ratios):.2f}x (median of the rounds' ratios; "
+                      f"{min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 def bench_per_instance(device, full=False, batch=32, repeats=5, compile=False):
