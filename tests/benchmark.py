@@ -142,9 +142,9 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=Fals
                   f"{batch}, {torch.get_num_threads()} threads, median of {ROUNDS} "
                   f"interleaved rounds]")
         if y0ast:  # each round's ratio: the two timings seconds apart, in the same spell
-            theirs = [b for _, b in rounds.pop("y0ast's code")]
+            reference = [b for _, b in rounds.pop("y0ast's code")]
             for name in [n for n in rates if n.startswith("frozen")]:
-                ratios = [b / ref for (_, b), ref in zip(rounds[name], theirs)]
+                ratios = [b / ref for (_, b), ref in zip(rounds[name], reference)]
                 print(f"  {name} / y0ast's code, forward+backward: "
                       f"{statistics.median(ratios):.2f}x (median of the rounds' ratios; "
                       f"{min(ratios):.2f}-{max(ratios):.2f}x)")
