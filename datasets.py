@@ -299,13 +299,25 @@ def class_folders(folder):
     return classes
 
 
+def held_out(files, class_folder):
+    """The test images of one class of a folder without train/ and test/: a tenth of its
+    `files` (rounded; one of a class of 2 to 14), the first in the order of a SHA-1 of
+    their paths inside `class_folder`. So every class is in the test split in proportion,
+    the split is the same on every run and machine, and a new image moves at most one
+    other between the splits."""
+    n_test = 0 if len(files) < 2 else max(1, round(len(files) / 10))
+    digest = {f: hashlib.sha1(os.path.relpath(f, class_folder).encode()).hexdigest()
+              for f in files}
+    return sorted(files, key=digest.get)[:n_test]
+
+
 @functools.lru_cache(maxsize=None)
 def load_image_folder(path):
     """{'train', 'test'} -> TensorImages for an ImageFolder tree; mean/std from its train images.
 
     The classes are the visible sub-folders that hold images (class_folders). With train/
     and test/ sub-folders they are the splits and must hold the same classes; otherwise
-    the whole tree is split 90/10 by a permutation seeded with 0.
+    each class is split 90/10 (held_out).
     """
     path = os.path.abspath(path)
     has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
@@ -330,14 +342,20 @@ def load_image_folder(path):
     if has_splits:
         samples = listed
     else:
-        every = listed["all"]
+        test = {file for name in classes
+                for file in held_out(found["all"][name], os.path.join(path, name))}
+        if not test:
+            raise DatasetError(f"Folder '{path}' leaves no test images after the 90/10 split "
+                               "(every class has one image); add images.")
+        alone = [name for name in classes if len(found["all"][name]) == 1]
+        if alone:
+            warnings.warn(f"Folder '{path}': {len(alone)} class(es) of one image ("
+                          f"{', '.join(alone)}), used for training only: the test split has "
+                          "none of them.", stacklevel=2)
+        every = listed["all"]  # in a fixed mixed order, as torchvision's datasets come
         perm = torch.randperm(len(every), generator=torch.Generator().manual_seed(0)).tolist()
-        n_test = max(1, round(len(every) / 10))  # 90/10 split, the same on every run
-        samples = {"train": [every[k] for k in perm[n_test:]],
-                   "test": [every[k] for k in perm[:n_test]]}
-    if not samples["train"]:
-        raise DatasetError(f"Folder '{path}' leaves no training images after the 90/10 split; "
-                           "add images.")
+        samples = {"train": [every[k] for k in perm if every[k][0] not in test],
+                   "test": [every[k] for k in perm if every[k][0] in test]}
     if len(classes) < 2:
         warnings.warn(f"Folder '{path}' has {len(classes)} class sub-folder(s); a classifier "
                       "needs at least two classes.", stacklevel=2)

@@ -7,6 +7,7 @@ The composites are built twice: from the fake MNIST/Fashion/CIFAR-10 files of
 test_datasets.py (the loading path), and directly from small in-memory sources whose sizes
 differ, so that mnist-fashion's `i % len(Fashion)` and mnist-cifar's partner range matter.
 """
+import hashlib
 import statistics
 import time
 
@@ -227,11 +228,18 @@ def test_image_folder_keeps_train_labels_resizes_bilinearly_counts_non_square(tm
     assert train.images[-1, :, 0, 0].tolist() == [9, 8, 7]
 
 
-def test_image_folder_without_splits_tests_on_a_permutation_seeded_with_0(tmp_path):
-    """Without train/ and test/, the test split is the first tenth of randperm seeded with 0."""
-    for k in range(20):
-        (tmp_path / "ab"[k // 10]).mkdir(exist_ok=True)
-        Image.new("RGB", (32, 32), (k * 10, 0, 0)).save(tmp_path / "ab"[k // 10] / f"{k:02d}.png")
-    test = datasets.load_image_folder(str(tmp_path))["test"]
-    held_out = torch.randperm(20, generator=torch.Generator().manual_seed(0))[:2]  # 10 % of 20
-    assert test.images[:, 0, 0, 0].tolist() == (held_out * 10).tolist()
+def test_image_folder_without_splits_holds_out_by_hash_in_a_permutation_seeded_with_0(tmp_path):
+    """Without train/ and test/, each class's test images are the tenth of its files whose
+    SHA-1 of the name comes first; both splits list their images in the order of randperm
+    seeded with 0 over the sorted listing."""
+    for k in range(30):
+        (tmp_path / "ab"[k // 20]).mkdir(exist_ok=True)  # a: 20 images, b: 10
+        Image.new("RGB", (32, 32), (k * 5, 0, 0)).save(tmp_path / "ab"[k // 20] / f"{k:02d}.png")
+    splits = datasets.load_image_folder(str(tmp_path))
+    names = [f"{k:02d}.png" for k in range(30)]
+    first = {c: sorted(names[lo:hi], key=lambda n: hashlib.sha1(n.encode()).hexdigest())[:n]
+             for c, lo, hi, n in (("a", 0, 20, 2), ("b", 20, 30, 1))}
+    test = {names.index(n) for c in first for n in first[c]}
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).tolist()
+    assert splits["test"].images[:, 0, 0, 0].tolist() == [k * 5 for k in order if k in test]
+    assert splits["train"].images[:, 0, 0, 0].tolist() == [k * 5 for k in order if k not in test]

@@ -332,6 +332,48 @@ def test_image_folder_without_splits_is_split_90_10(tmp_path):
     assert train.info.mean[1] == 0.0
 
 
+def split_of(root):
+    """{class: sorted file names in the test split} and the training labels in order."""
+    datasets.load_image_folder.cache_clear()
+    splits = datasets.load_image_folder(str(root))
+    train, test = splits["train"], splits["test"]
+    files = {c: sorted(f.name for f in (root / c).iterdir()) for c in test.info.class_names}
+    reds_of = {c: {round(float(test[i][0][0, 0, 0]) * 255) for i in range(len(test))
+                   if test.info.class_names[int(test[i][1])] == c} for c in files}
+    return {c: sorted(f for f in files[c] if int(f[1:4]) in reds_of[c]) for c in files}, \
+        [int(train[i][1]) for i in range(len(train))]
+
+
+def test_image_folder_split_is_per_class_and_stable(tmp_path):
+    """Each class gives a tenth of its images (one of a small class) to the test split,
+    whatever the other classes hold; adding an image moves at most one other; a class of
+    one image trains only (a warning names it), and one image per class is refused."""
+    sizes = {"big": 40, "mid": 12, "few": 3}
+    for c, n in sizes.items():
+        for k in range(n):  # the red value is the file's number: which file went where
+            write_png(str(tmp_path / c / f"r{k:03d}.png"), (k, 0, 0), (32, 32))
+    before, labels = split_of(tmp_path)
+    assert {c: len(v) for c, v in before.items()} == {"big": 4, "mid": 1, "few": 1}
+    assert labels != sorted(labels)  # classes mixed, as torchvision's datasets come
+    write_png(str(tmp_path / "big" / "r099.png"), (99, 0, 0), (32, 32))
+    write_png(str(tmp_path / "big" / "r098.png"), (98, 0, 0), (32, 32))
+    after, _ = split_of(tmp_path)  # 42 images: still 4 test images of "big"
+    assert after["mid"] == before["mid"] and after["few"] == before["few"]
+    old = set(after["big"]) - {"r098.png", "r099.png"}
+    assert len(old) >= 2 and old <= set(before["big"])  # at most one moved per new image
+    for k in range(1, 3):
+        os.remove(tmp_path / "few" / f"r{k:03d}.png")
+    with pytest.warns(UserWarning, match=r"1 class\(es\) of one image \(few\)"):
+        alone, _ = split_of(tmp_path)
+    assert alone["few"] == [] and alone["mid"] == before["mid"]
+    for c in ("big", "mid"):
+        for f in (tmp_path / c).iterdir():
+            if f.name != "r000.png":
+                f.unlink()
+    with pytest.raises(DatasetError, match="leaves no test images"):
+        split_of(tmp_path)
+
+
 def test_empty_or_unreadable_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="holds no class sub-folders with images"):
