@@ -662,6 +662,10 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
     rank, world = rank_and_world()
     sampler, loader = global_batches(train_set, batch_size, seed)
     total_steps = min(epochs * len(loader), max_steps or math.inf)
+    # an epoch line every log_every epochs and the last: about 20 lines even where a small
+    # training set makes an epoch of one batch (300 of them for --quick)
+    last_epoch = math.ceil(total_steps / len(loader))
+    log_every = max(1, last_epoch // 20)
     model = glow if world == 1 else torch.nn.parallel.DistributedDataParallel(
         glow, device_ids=[device.index] if device.type == "cuda" else None)
     model = torch.compile(model) if compile else model
@@ -680,17 +684,18 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
         sampler.set_epoch(epoch)
         train_bpd, count, skipped, step = glow_epoch(
             model, optimizer, warmup, loader, batch_size, device, step, max_steps,
-            f"glow epoch {epoch + 1}/{epochs}")
+            f"glow epoch {epoch + 1}/{last_epoch}")
         test_bpd = mean_test_bpd(glow, test_set, device, seed)
-        log(f"glow epoch {epoch + 1}: train bpd {train_bpd:.3f}"
-            + (f", test bpd {test_bpd:.3f}" if test_set is not None else "")
-            + (f", {skipped} batches with non-finite gradients skipped" if skipped else ""))
+        done = epoch + 1 == epochs or (max_steps and step >= max_steps)
+        if (epoch + 1) % log_every == 0 or done or skipped:
+            log(f"glow epoch {epoch + 1}: train bpd {train_bpd:.3f}"
+                + (f", test bpd {test_bpd:.3f}" if test_set is not None else "")
+                + (f", {skipped} batches with non-finite gradients skipped" if skipped else ""))
         nets.check_skipped(skipped, count, f"glow epoch {epoch + 1}")
         weights_finite = all(bool(p.isfinite().all()) for p in glow.parameters())
         if not (math.isfinite(test_bpd) and weights_finite):
             raise nets.RunError(f"Glow training diverged in epoch {epoch + 1} (non-finite "
                                 "weights or test bpd), so it was not saved; lower --lr.")
-        done = epoch + 1 == epochs or (max_steps and step >= max_steps)
         if out and rank == 0:  # a finished run keeps only the model
             save_glow(glow, out, settings=settings, **({} if done else dict(
                 optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),

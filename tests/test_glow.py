@@ -538,6 +538,18 @@ def test_train_glow_skips_a_non_finite_batch_and_refuses_an_epoch_that_skipped_a
     assert not out.exists()
 
 
+def test_train_glow_logs_about_twenty_epochs_of_a_run_of_many_small_ones():
+    """A training set of two batches for 45 epochs: a line every 45 // 20 = 2 epochs and
+    the last, not 45 lines (a small ImageFolder under --quick has 300 one-batch epochs)."""
+    torch.manual_seed(0)
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 8, seed=0)
+    lines = []
+    glow.train_glow(glow.Glow(levels=1, steps=1, hidden=8), train, torch.device("cpu"),
+                    epochs=45, batch_size=4, warmup_steps=1, init_images=8, log=lines.append)
+    epochs = [int(line.split()[2].rstrip(":")) for line in lines if line.startswith("glow epoch")]
+    assert epochs == list(range(2, 45, 2)) + [45]
+
+
 def test_a_cached_glow_leaves_the_random_stream_as_a_pretrained_one_does(tmp_path):
     """get_glow pretrains a quick Glow on a forked stream and freezes it; a run that finds
     it cached loads it instead. Both must leave the caller's stream alike, or the same
