@@ -387,10 +387,12 @@ def mean_std(values):
 
 
 def save_grid(path, images, class_names, ipc):
-    """Fig. 6 layout: one row per class (ipc > 1), or the whole set on one row (ipc = 1)."""
+    """Fig. 6 layout: one row per class (ipc > 1), or the whole set on one row (ipc = 1;
+    a square of rows for more than 20 classes: 10×10 for CIFAR-100)."""
     captions = [class_names[i // ipc][:10] for i in range(len(images))]
-    datasets.save_image_grid(images.cpu(), path, nrow=ipc if ipc > 1 else len(images),
-                             captions=captions)
+    n = len(images)
+    nrow = ipc if ipc > 1 else n if n <= 20 else math.ceil(math.sqrt(n))
+    datasets.save_image_grid(images.cpu(), path, nrow=nrow, captions=captions)
 
 
 def two_class_difference(a, b, scale):

@@ -508,6 +508,21 @@ def test_test_accuracy_and_population_std_by_hand():
     assert mean == pytest.approx(0.7) and std == pytest.approx(math.sqrt(0.08 / 3))  # np.std
 
 
+def test_synthetic_grid_rows_per_class_or_one_row_or_a_square(tmp_path):
+    """Fig. 6's grid: ipc > 1 a row per class; ipc = 1 one row of up to 20 classes, and a
+    square of rows beyond (CIFAR-100: 10×10, not one row of 100 images)."""
+    from PIL import Image
+    sizes = {}
+    for classes, ipc in ((10, 1), (100, 1), (3, 4)):
+        path = tmp_path / f"{classes}-{ipc}.png"
+        condense.save_grid(path, torch.rand(classes * ipc, 3, 32, 32),
+                           [f"c{i}" for i in range(classes)], ipc)
+        sizes[classes, ipc] = Image.open(path).size
+    tile = sizes[10, 1][0] // 10  # (width, height) of one captioned image and its padding
+    assert sizes[100, 1][0] // tile == 10 and sizes[100, 1][1] == 10 * sizes[10, 1][1] - 18
+    assert sizes[3, 4][0] // tile == 4 and sizes[3, 4][1] == 3 * sizes[10, 1][1] - 2 * 2
+
+
 def test_mean_bpd_scores_8_bit_images_from_a_seeded_stream():
     g = small_glow()
     torch.manual_seed(10)
