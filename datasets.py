@@ -554,6 +554,12 @@ def load_splits(name, root, train_size, test_size, seed, log=print):
     train_set = subset(load_dataset(name, root, train=True), train_size, seed)
     test_set = subset(load_dataset(name, root, train=False), test_size, seed)
     names = train_set.info.class_names
+    missing = absent_classes(train_set)
+    if missing:
+        warnings.warn(f"The random training subset of {len(train_set)} images has no image of "
+                      f"{len(missing)} class(es) ({', '.join(missing[:10])}"
+                      f"{', ...' if len(missing) > 10 else ''}): the networks never see them; "
+                      "raise --train-size.", stacklevel=2)
     log(f"data {name}: {len(names)} classes ({', '.join(names[:10])}"
         f"{', ...' if len(names) > 10 else ''}), {len(train_set)} training and "
         f"{len(test_set)} test images")
@@ -570,6 +576,16 @@ def subset(dataset, n, seed):
     sub = Subset(dataset, sorted(perm[:n].tolist()))
     sub.info = dataset.info
     return sub
+
+
+def absent_classes(dataset):
+    """The names of the classes without an item in `dataset` (a TensorImages or a Subset of
+    one; a composite's labels are drawn per item, so none are named for it)."""
+    base, index = unwrap(dataset, "absent_classes")
+    if not isinstance(base, TensorImages):
+        return []
+    counts = torch.bincount(base.labels[index].long(), minlength=base.info.num_classes)
+    return [name for name, n in zip(base.info.class_names, counts.tolist()) if n == 0]
 
 
 def unwrap(dataset, who):
@@ -669,6 +685,7 @@ def save_image_grid(images, path, nrow=8, captions=None):
                       font=font)
     nets.save_png(img, path)
 
+
 def export_image_folder(name, root, folder, classes=None):
     """Write both splits of dataset `name` as an ImageFolder, folder/{train,test}/<class>/
     <index>.png (8-bit PNGs: loading the folder gives back the same images), only the
@@ -697,6 +714,7 @@ def export_image_folder(name, root, folder, classes=None):
 
 
 if __name__ == "__main__":
+    nets.console()
     parser = argparse.ArgumentParser(description="Save a PNG grid of 64 images of a dataset, "
                                                  "or export it as an ImageFolder.")
     parser.add_argument("dataset", help="a name from DATASET_NAMES or an ImageFolder path")

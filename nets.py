@@ -30,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -405,12 +406,27 @@ def console():
     stream (a Windows redirect, LANG=C) shows "?" instead of crashing. SIGTERM, what Slurm
     and most schedulers send before killing a job, is raised as KeyboardInterrupt, so it is
     answered like Ctrl-C: the last checkpoint is intact and one line says how to resume.
-    A SIGTERM the process was started to ignore stays ignored."""
+    A SIGTERM the process was started to ignore stays ignored. This project's own warnings
+    print as one line, `warning: ...` (one_line_warning)."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a TextIOWrapper; not when replaced (e.g. pytest)
             stream.reconfigure(errors="replace")
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
+    warnings.formatwarning = one_line_warning
+
+
+_python_warning_format = warnings.formatwarning
+
+
+def one_line_warning(message, category, filename, lineno, line=None):
+    """A warning raised in this project's files as `warning: <message>`: a sentence for the
+    user, not Python's file:line and source line. Other libraries' warnings keep Python's
+    format, which says where they come from."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.dirname(os.path.abspath(filename)) == here:
+        return f"warning: {message}\n"
+    return _python_warning_format(message, category, filename, lineno, line)
 
 
 def quick_threads(quick, device):
