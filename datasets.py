@@ -246,12 +246,16 @@ def read_image(file):
 
 def _read_images(samples):
     """ImageFolder (file, label) pairs -> uint8 (N, 3, 32, 32), labels (N,). Non-square images
-    are squashed, with a warning."""
+    are squashed, with a warning. A folder that takes more than a few seconds to read (a
+    2000×1500 JPEG takes ~45 ms) shows its progress."""
     images, non_square = [], 0
+    progress = nets.Progress(len(samples), "reading images")
     for file, _ in samples:
         img = read_image(file)
         non_square += img.width != img.height
         images.append(RESIZE_32(img))
+        progress.update()
+    progress.close()
     if non_square:
         warnings.warn(f"{non_square} of {len(samples)} images are not square; they are resized to "
                       "32×32 without cropping, which changes their aspect ratio.", stacklevel=2)

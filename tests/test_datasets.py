@@ -345,6 +345,24 @@ def split_of(root):
         [int(train[i][1]) for i in range(len(train))]
 
 
+def test_reading_a_folder_reports_progress_per_image(tmp_path, monkeypatch):
+    """Every image read is one step of a Progress over the split (which prints only when
+    reading takes more than a few seconds: large photographs, many files)."""
+    seen = []
+
+    class Recorder(nets.Progress):
+        def __init__(self, total, desc, every=5.0):
+            super().__init__(total, desc, every=0.0)  # print at every step
+            seen.append(self)
+    monkeypatch.setattr(nets, "Progress", Recorder)
+    for k in range(7):
+        write_png(str(tmp_path / "ab"[k % 2] / f"{k}.png"), (k, 0, 0), (32, 32))
+    datasets.load_image_folder.cache_clear()
+    splits = datasets.load_image_folder(str(tmp_path))
+    assert [(p.total, p.count) for p in seen] == [(len(splits[s]),) * 2 for s in ("train", "test")]
+    assert all(p.printed for p in seen)
+
+
 def test_a_training_subset_without_a_class_is_named_in_a_warning(tmp_path):
     """--train-size 2 of two classes of 20: some seeds draw both classes (no warning),
     others one (a warning naming the other); a composite's drawn labels are not checked."""
