@@ -315,6 +315,9 @@ def held_out(files, class_folder):
     return sorted(files, key=digest.get)[:n_test]
 
 
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # never class names
+
+
 @functools.lru_cache(maxsize=None)
 def load_image_folder(path):
     """{'train', 'test'} -> TensorImages for an ImageFolder tree; mean/std from its train images.
@@ -327,6 +330,12 @@ def load_image_folder(path):
     has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
     splits = {s: os.path.join(path, s) for s in ("train", "test")} if has_splits else {"all": path}
     found = {s: class_folders(folder) for s, folder in splits.items()}  # s -> {class: files}
+    split_like = [name for name in found.get("all", ()) if name.lower() in SPLIT_NAMES]
+    if split_like:  # train/ and val/, say: not two classes "train" and "val"
+        raise DatasetError(f"Folder '{path}' has {', '.join(n + '/' for n in split_like)} but "
+                           "not both train/ and test/, so its sub-folders would be taken as "
+                           "classes; name the splits train/ and test/ (e.g. `ln -s val test`), "
+                           "or put the class folders directly in it.")
     classes = {s: list(found[s]) for s in found}
     if has_splits and classes["train"] != classes["test"]:
         only = {s: sorted(set(classes[s]) - set(classes[t])) for s, t in (("train", "test"),
@@ -361,8 +370,14 @@ def load_image_folder(path):
         samples = {"train": [every[k] for k in perm if every[k][0] not in test],
                    "test": [every[k] for k in perm if every[k][0] in test]}
     if len(classes) < 2:
+        only = os.path.join(next(iter(splits.values())), classes[0])
+        inner = sorted(e.name + "/" for e in os.scandir(only)
+                       if e.is_dir() and visible(e.name) and image_files(e.path))
+        hint = (f"; its images are in the sub-folders {', '.join(inner[:5])}"
+                f"{', ...' if len(inner) > 5 else ''} of '{only}': if those are the classes, "
+                "give that folder" if len(inner) > 1 else "")
         warnings.warn(f"Folder '{path}' has {len(classes)} class sub-folder(s); a classifier "
-                      "needs at least two classes.", stacklevel=2)
+                      f"needs at least two classes{hint}.", stacklevel=2)
     data = {s: _read_images(samples[s]) for s in samples}  # s -> (images, labels)
     pixels = data["train"][0].float().div(255).transpose(0, 1).reshape(3, -1)  # (3, N*32*32)
     info = DatasetInfo(os.path.basename(path), len(classes), classes,

@@ -345,6 +345,32 @@ def split_of(root):
         [int(train[i][1]) for i in range(len(train))]
 
 
+@pytest.mark.parametrize("splits", [("train", "val"), ("train",), ("Test",)])
+def test_a_folder_with_split_names_but_not_train_and_test_is_refused(tmp_path, splits):
+    """train/ and val/ (ImageNet's layout), or train/ alone, would be taken as the classes
+    "train" and "val": one sentence naming them instead."""
+    for split in splits:
+        for c in ("cat", "dog"):
+            for k in range(2):
+                write_png(str(tmp_path / split / c / f"{k}.png"), COLOURS[c], (32, 32))
+    datasets.load_image_folder.cache_clear()
+    with pytest.raises(DatasetError, match="has " + ", ".join(f"{s}/" for s in sorted(splits))
+                       + " but not both train/ and test/"):
+        load_dataset(str(tmp_path))
+
+
+def test_one_class_whose_images_sit_in_sub_folders_is_told_where_the_classes_may_be(tmp_path):
+    """data/animals/{cat,dog}/ given as data/: one class "animals", and the warning names
+    the sub-folders that were probably meant as classes."""
+    for c in ("cat", "dog"):
+        for k in range(2):
+            write_png(str(tmp_path / "animals" / c / f"{k}.png"), COLOURS[c], (32, 32))
+    datasets.load_image_folder.cache_clear()
+    with pytest.warns(UserWarning, match=r"1 class sub-folder\(s\); a classifier needs at least "
+                      r"two classes; its images are in the sub-folders cat/, dog/ of '.*animals'"):
+        load_dataset(str(tmp_path))
+
+
 def test_reading_a_folder_reports_progress_per_image(tmp_path, monkeypatch):
     """Every image read is one step of a Progress over the split (which prints only when
     reading takes more than a few seconds: large photographs, many files)."""
