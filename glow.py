@@ -643,7 +643,7 @@ def glow_step(model, optimizer, x, noise):
 
 def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr=5e-4,
                warmup_steps=None, max_steps=None, out=None, init_images=512, settings=None,
-               seed=0, log=print, compile=False):
+               seed=0, log=print, compile=False, after_epoch=None):
     """Maximum likelihood (mean bpd) with Adamax(lr, weight decay 5e-5), linear warm-up
     (default: a tenth of the run, at most 4000 steps as the released model), ActNorm
     data-dependent init on `init_images` augmented images; a batch whose gradient is not
@@ -656,8 +656,9 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
     `batch_size` is the global batch, each of the W processes takes every W-th image of
     it, and the augmentation and dequantization noise are drawn for the whole batch on
     every process, so N processes take the same steps as one (up to float rounding).
-    Only rank 0 logs, evaluates and writes `out`. With `compile` (--compile) the training
-    steps run torch.compile'd; `glow` itself is what is initialised, saved and returned.
+    Only rank 0 logs, evaluates and writes `out`, and calls `after_epoch(epoch)` (glow.py
+    train: write_samples). With `compile` (--compile) the training steps run
+    torch.compile'd; `glow` itself is what is initialised, saved and returned.
     """
     rank, world = rank_and_world()
     sampler, loader = global_batches(train_set, batch_size, seed)
@@ -700,6 +701,8 @@ def train_glow(glow, train_set, device, epochs, test_set=None, batch_size=64, lr
             save_glow(glow, out, settings=settings, **({} if done else dict(
                 optimizer=optimizer.state_dict(), scheduler=warmup.state_dict(),
                 epoch=epoch + 1, step=step, rng=nets.rng_state())))
+        if after_epoch and rank == 0:
+            after_epoch(epoch + 1)
         if world > 1:
             dist.barrier()  # nobody runs ahead of the checkpoint
         if done:
@@ -781,6 +784,17 @@ def glow_epoch(model, optimizer, warmup, loader, batch_size, device, step, max_s
         dist.all_reduce(total)
         total = total / world
     return total.item() / max(count - skipped, 1), count, skipped, step
+
+
+def write_samples(glow, path, device, seed, n=32, temperature=0.7):
+    """`n` samples of `glow` at `temperature` as a PNG grid at `path`, from the same latent
+    noise every time (seeded on a stream apart from training's): after every epoch of
+    `glow.py train`, a picture of what the Glow has learned so far."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.no_grad():
+        torch.manual_seed(seed)
+        images = sample_images(glow, n, temperature).nan_to_num(0.5)  # an early, wild Glow
+    datasets.save_image_grid(images, path, nrow=8)
 
 
 def mean_test_bpd(glow, test_set, device, seed):
@@ -1017,6 +1031,7 @@ def main(args):
             nets.hold(os.path.join(folder, f".{file}.lock"), out)
             if args.resume:
                 nets.remove_stale(folder, file)
+        samples = os.path.splitext(out)[0] + "-samples.png"  # rewritten after every epoch
         train_set = load_many(name, args.data_root, True, args.train_size, args.seed)
         test_set = load_many(name, args.data_root, False, args.test_size, args.seed)
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: DistributedDataParallel
@@ -1031,11 +1046,12 @@ def main(args):
                        test_set=test_set, batch_size=args.batch_size,
                        lr=pick(args.lr, 5e-4, QUICK_LR), warmup_steps=pick(args.warmup_steps, None, 50),
                        max_steps=pick(args.max_steps, None, QUICK_STEPS), out=out,
-                       settings=vars(args), seed=args.seed, log=log, compile=args.compile)
+                       settings=vars(args), seed=args.seed, log=log, compile=args.compile,
+                       after_epoch=lambda epoch: write_samples(glow, samples, device, args.seed))
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-        log(f"wrote {out}")
+        log(f"wrote {out} and {samples} (samples at temperature 0.7)")
     elif args.command == "sample":
         if args.temperature < 0:
             raise nets.RunError(f"--temperature must not be negative, got {args.temperature}.")

@@ -550,6 +550,24 @@ def test_train_glow_logs_about_twenty_epochs_of_a_run_of_many_small_ones():
     assert epochs == list(range(2, 45, 2)) + [45]
 
 
+def test_samples_after_every_epoch_leave_training_as_it_was(tmp_path):
+    """glow.py train writes samples after every epoch from the same seeded noise, on a
+    stream apart from training's: the trained weights equal those of a run without them."""
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 16, seed=0)
+    models, epochs = [], []
+    for after in (None, lambda e: (epochs.append(e), glow.write_samples(
+            models[-1], tmp_path / f"s{e}.png", torch.device("cpu"), seed=0))):
+        torch.manual_seed(0)
+        models.append(glow.Glow(levels=1, steps=1, hidden=8))
+        glow.train_glow(models[-1], train, torch.device("cpu"), epochs=2, batch_size=8,
+                        warmup_steps=1, init_images=16, log=lambda *a: None, after_epoch=after)
+    assert epochs == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(),
+                                                 models[1].state_dict().values()))
+    glow.write_samples(models[1], tmp_path / "again.png", torch.device("cpu"), seed=0)
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "s2.png").read_bytes()
+
+
 def test_a_cached_glow_leaves_the_random_stream_as_a_pretrained_one_does(tmp_path):
     """get_glow pretrains a quick Glow on a forked stream and freezes it; a run that finds
     it cached loads it instead. Both must leave the caller's stream alike, or the same
@@ -588,6 +606,8 @@ def test_train_cli_resumes_and_bpd_cli_writes_grid(tmp_path, monkeypatch, capsys
     glow.main(glow.get_args(["train", *common, "--epochs", "1", "--max-steps", "1000"]))
     first = torch.load(out, weights_only=True)
     assert "optimizer" not in first  # a finished run holds only the model
+    from PIL import Image
+    assert Image.open(tmp_path / "g-samples.png").size == (8 * 34 + 2, 4 * 34 + 2)  # 32 samples
     with pytest.raises(nets.RunError, match="--resume"):
         glow.main(glow.get_args(["train", *common, "--epochs", "2"]))
     glow.main(glow.get_args(["bpd", "--glow", out, "--dataset", "shapes", "--test-size", "40",
