@@ -331,6 +331,12 @@ def load_image_folder(path):
     splits = {s: os.path.join(path, s) for s in ("train", "test")} if has_splits else {"all": path}
     found = {s: class_folders(folder) for s, folder in splits.items()}  # s -> {class: files}
     split_like = [name for name in found.get("all", ()) if name.lower() in SPLIT_NAMES]
+    if has_splits:
+        unused = sorted(e.name + "/" for e in os.scandir(path) if e.is_dir() and visible(e.name)
+                        and e.name not in ("train", "test") and not is_run_output(e.path))
+        if unused:
+            warnings.warn(f"Folder '{path}': only train/ and test/ are used; "
+                          f"{', '.join(unused)} left out.", stacklevel=2)
     if split_like:  # train/ and val/, say: not two classes "train" and "val"
         raise DatasetError(f"Folder '{path}' has {', '.join(n + '/' for n in split_like)} but "
                            "not both train/ and test/, so its sub-folders would be taken as "

@@ -357,6 +357,12 @@ def test_a_folder_with_split_names_but_not_train_and_test_is_refused(tmp_path, s
     with pytest.raises(DatasetError, match="has " + ", ".join(f"{s}/" for s in sorted(splits))
                        + " but not both train/ and test/"):
         load_dataset(str(tmp_path))
+    if "val" in splits:  # with test/ beside them, val/ is named as left out
+        (tmp_path / "val").rename(tmp_path / "test")
+        (tmp_path / "val" / "cat").mkdir(parents=True)
+        datasets.load_image_folder.cache_clear()
+        with pytest.warns(UserWarning, match="only train/ and test/ are used; val/ left out"):
+            load_dataset(str(tmp_path))
 
 
 def test_one_class_whose_images_sit_in_sub_folders_is_told_where_the_classes_may_be(tmp_path):
