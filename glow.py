@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -773,7 +774,9 @@ def glow_epoch(model, optimizer, warmup, loader, batch_size, device, step, max_s
         mine = slice(rank, None, world)
         x = nets.crop_flip(x.to(device), (shifts[mine], flips[mine]), 3, "reflect")
         loss, bad = glow_step(model, optimizer, x, noise[mine])
-        warmup.step()  # the warm-up counts batches, skipped ones included
+        with warnings.catch_warnings():  # a skipped first batch is meant, not torch's warning
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
+            warmup.step()  # the warm-up counts batches, skipped ones included
         total = total if bad else total + loss
         count, step, skipped = count + 1, step + 1, skipped + bad
         progress.update()
