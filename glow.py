@@ -815,14 +815,16 @@ def mean_test_bpd(glow, test_set, device, seed):
     return test_bpd.item()
 
 
-def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=print):
+def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=print,
+             test_set=None):
     """The scoring Glow of a mode script, on `device`: `path` if given; with `quick`, the
     tiny Glow of the --quick presets, pretrained here on `train_set` and
     cached at `cache_path`, or taken from there if it was made from the same data
     (`made_from`, e.g. {"dataset": ..., "train_size": ..., "seed": ...}); otherwise a clear
     error. The pretraining draws from its own random stream seeded with made_from["seed"],
     so it neither depends on nor changes the caller's: a run gives the same numbers whether
-    the Glow was cached or not, and runs of a λ grid share one Glow."""
+    the Glow was cached or not, and runs of a λ grid share one Glow. A freshly pretrained
+    Glow reports its bpd of training and `test_set` images (check_fit)."""
     device = torch.device(device)
     shape = IMAGE_SHAPE if train_set is None else image_shape(train_set)
     if path:
@@ -845,8 +847,25 @@ def get_glow(path, quick, train_set, cache_path, device, made_from=None, log=pri
         train_glow(glow, train_set, device, epochs=1000, batch_size=QUICK_BATCH,
                    max_steps=QUICK_STEPS, lr=QUICK_LR,
                    warmup_steps=50, seed=(made_from or {}).get("seed", 0), log=log)
+        if test_set is not None:
+            check_fit(glow, train_set, test_set, device, log)
     save_glow(glow, cache_path, made_from=made_from)
     return freeze(glow)
+
+
+def check_fit(glow, train_set, test_set, device, log, n=500):
+    """Log the mean bpd of up to `n` training and `n` test images, and warn when the test
+    images cost over 10% more: a tiny Glow pretrained on a few hundred images memorises
+    them, and its bpd of other images then say little."""
+    fit = {name: score_dataset(glow, datasets.subset(data, n, seed=0), device).mean().item()
+           for name, data in (("training", train_set), ("test", test_set))}
+    log(f"tiny Glow: mean bpd {fit['training']:.3f} of training images, {fit['test']:.3f} "
+        "of test images")
+    if fit["test"] > 1.1 * fit["training"]:
+        warnings.warn(f"The tiny Glow fits its {len(train_set)} training images much better "
+                      f"than the test images ({fit['training']:.2f} against {fit['test']:.2f} "
+                      "bpd): it has memorised them, so the bpd it gives other images say "
+                      "little; give more training images or a --glow.", stacklevel=2)
 
 
 def image_shape(dataset):
@@ -865,7 +884,7 @@ def glow_for_run(cfg, train_set, test_set, device):
     data = datasets.fingerprint(train_set)
     quick_from = dict(dataset=train_set.info.name, data=data, seed=cfg.seed)
     model = get_glow(cfg.glow, cfg.quick, train_set, quick_glow_path(cfg.out, quick_from), device,
-                     quick_from)
+                     quick_from, test_set=test_set)
     if getattr(cfg, "compile", False):
         model = compiled(model)
     return model, dict(train_data=data, test_data=datasets.fingerprint(test_set),

@@ -591,15 +591,41 @@ def test_quick_glow_rates_plain_backgrounds_cheap(tmp_path):
     shapes well below the noisy rest, or the quick demos cannot show simplification."""
     torch.manual_seed(0)
     train = datasets.subset(datasets.load_dataset("shapes", train=True), 2000, seed=0)
-    model = glow.get_glow(None, True, train, str(tmp_path / "glow.pt"), torch.device("cpu"),
-                          log=lambda *a: None)
-    x, _ = datasets.to_tensors(datasets.subset(datasets.load_dataset("shapes", train=False), 200, 0))
+    test = datasets.subset(datasets.load_dataset("shapes", train=False), 200, 0)
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the quick demos' Glow does not memorise its images
+        model = glow.get_glow(None, True, train, str(tmp_path / "glow.pt"), torch.device("cpu"),
+                              log=lines.append, test_set=test)
+    assert lines[-1].startswith("tiny Glow: mean bpd ")
+    x, _ = datasets.to_tensors(test)
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2)  # (N, 3, 128)
     busy = (border[:, :, 1:] - border[:, :, :-1]).abs().mean((1, 2)) > 0.05  # pixel noise
     with torch.no_grad():
         bpd = glow.bits_per_dim(model, x)
     assert 20 < int((~busy).sum()) < 60
     assert bpd[~busy].mean() < 0.75 * bpd[busy].mean(), (bpd[~busy].mean(), bpd[busy].mean())
+
+
+def test_check_fit_warns_when_test_images_cost_over_a_tenth_more(monkeypatch):
+    """check_fit scores at most n images of each split; 10% more bits on the test images
+    than on the training images is where it warns that the Glow memorised them."""
+    train = datasets.subset(datasets.load_dataset("shapes", train=True), 30, seed=0)
+    test = datasets.subset(datasets.load_dataset("shapes", train=False), 12, seed=0)
+    sizes, costs = [], {}
+    monkeypatch.setattr(glow, "score_dataset", lambda g, data, device: (
+        sizes.append(len(data)), torch.full((len(data),), costs[len(data) == 20]))[1])
+    for test_cost, warns in ((5.49, False), (5.51, True)):
+        costs.update({True: 5.0, False: test_cost})  # 20 training images: 5 bpd
+        lines = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            glow.check_fit(None, train, test, "cpu", lines.append, n=20)
+        assert lines == [f"tiny Glow: mean bpd 5.000 of training images, {test_cost:.3f} "
+                         "of test images"]
+        assert [str(w.message)[:41] for w in caught] == (
+            ["The tiny Glow fits its 30 training images"] if warns else [])
+    assert sizes == [20, 12] * 2
 
 
 def test_train_cli_resumes_and_bpd_cli_writes_grid(tmp_path, monkeypatch, capsys):

@@ -271,7 +271,8 @@ def test_caches_and_classifiers_are_matched_by_content_not_by_folder_name(tmp_pa
     (Path(v2) / "train" / "disk" / "0.png").write_bytes(
         (Path(v2) / "train" / "disk" / "1.png").read_bytes())  # one image differs
     cache_paths = []
-    monkeypatch.setattr(glow, "get_glow", lambda path, quick, data, cache, *a: cache_paths.append(cache))
+    monkeypatch.setattr(glow, "get_glow",
+                        lambda path, quick, data, cache, *a, **k: cache_paths.append(cache))
     for folder in (v1, v2):
         cfg = posthoc.resolve_config(posthoc.get_args(["--dataset", folder, "--quick", "--out",
                                                        str(tmp_path / "runs" / "p")]))
