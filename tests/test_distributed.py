@@ -40,6 +40,13 @@ def weights(path):
 
 
 def assert_same_weights(a, b):
+    """Two processes average two half-batch gradients where one process takes the mean over
+    the whole batch: the same sum in another order, ~1e-7 relative. Adamax moves a weight
+    by lr·m/u, a ratio of its gradients, so such a rounding moves it by ~lr·1e-7 a step
+    (lr 1e-3): a few 1e-8 after 12 steps (seen 2.5e-8). Only a gradient of the order of
+    ε = 1e-8, pure rounding noise, would be amplified to ~lr, and no Glow parameter has
+    one (exact zeros, such as the top prior's weights on its zero input, stay exact). A
+    lost shard or an unaveraged gradient moves weights by ~lr a step, far beyond 1e-5."""
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
