@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -525,23 +526,26 @@ def test_the_first_lines_of_a_run_are_its_settings_and_its_data(tmp_path, tiny_g
 
 
 def test_a_grid_compares_finished_values_with_the_command(tmp_path, tiny_glow_path):
+    def run_grid(argv):  # what `python per_instance.py ...` runs, in this process
+        args = per_instance.get_args(argv)
+        return nets.run_command(per_instance.main, args, "lambda_sim",
+                                per_instance.resolve_config(args).out, per_instance.SUMMARY,
+                                per_instance.RESUMABLE)
+
     grid = per_instance_argv(tmp_path / "g", tiny_glow_path, "--lambda-sim", "0,3")
-    cli("per_instance.py", *grid)
+    run_grid(grid)
     before = (tmp_path / "g" / "lambda_sim=3" / "results.json").read_text()
     # a longer run continues every value; other settings are refused, naming folder and flag
     longer = list(grid)
     longer[longer.index("--epochs") + 1] = "2"
-    proc = cli("per_instance.py", *longer)
-    assert proc.returncode == 0, proc.stderr
+    run_grid(longer)
     for value in ("0", "3"):
         results = json.loads((tmp_path / "g" / f"lambda_sim={value}" / "results.json").read_text())
         assert results["epochs"] == 2
     assert (tmp_path / "g" / "lambda_sim=3" / "results.json").read_text() != before
-    other = longer + ["--lr", "1e-3"]
-    proc = cli("per_instance.py", *other)
-    assert proc.returncode == 2
-    assert f"{tmp_path / 'g' / 'lambda_sim=0'} holds a run of other settings (--lr " \
-        in proc.stderr
+    refusal = f"{tmp_path / 'g' / 'lambda_sim=0'} holds a run of other settings (--lr "
+    with pytest.raises(nets.RunError, match=re.escape(refusal)):
+        run_grid(longer + ["--lr", "1e-3"])
 
 
 # ----------------------------------------------------------------------------- bad input
