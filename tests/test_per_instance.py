@@ -59,14 +59,15 @@ def quantize_ref(x):
 
 def copy_with_adamw(model, optimizer):
     """A deep copy of `model` and a real torch.optim.AdamW over the copy with the same
-    parameter groups, hyper-parameters and moment state (exp_avg, exp_avg_sq, step)."""
+    parameter groups, hyper-parameters, fused setting and moment state (exp_avg,
+    exp_avg_sq, step)."""
     clone = copy.deepcopy(model)
     name_of = {id(p): n for n, p in model.named_parameters()}
     params = dict(clone.named_parameters())
     groups = [dict(params=[params[name_of[id(p)]] for p in g["params"]], lr=g["lr"],
                    betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"])
               for g in optimizer.param_groups]
-    clone_opt = torch.optim.AdamW(groups)
+    clone_opt = torch.optim.AdamW(groups, fused=optimizer.defaults.get("fused"))
     clone_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # no shared moments
     return clone, clone_opt
 
@@ -499,7 +500,8 @@ def test_simplebits_step_protocol(monkeypatch, flip):
     # the state before the step, copied before any hook is registered
     simp_before = copy.deepcopy(simplifier)
     simp_ref = copy.deepcopy(simplifier)
-    simp_ref_opt = torch.optim.Adam(simp_ref.parameters(), lr=0.05, betas=(0.5, 0.99))
+    simp_ref_opt = torch.optim.Adam(simp_ref.parameters(), lr=0.05, betas=(0.5, 0.99),
+                                    fused=True)
     simp_ref_opt.load_state_dict(copy.deepcopy(opt_simp.state_dict()))
     clf_for_loss, opt_for_loss = copy_with_adamw(classifier, opt_clf)
     clf_ref, clf_ref_opt = copy_with_adamw(classifier, opt_clf)
@@ -544,16 +546,25 @@ def test_simplebits_step_protocol(monkeypatch, flip):
     simp_ref_opt.zero_grad()
     loss.backward()
     simp_ref_opt.step()
-    # the same kernels on the same inputs give the same gradients (seen: bit for bit); only
-    # the fused Adam rounds its update in another order, with no gradient to amplify
+    # the same kernels on the same inputs give the same gradients (seen: bit for bit), and
+    # both sides step with the same fused Adam kernel
     for (n, p), q in zip(simplifier.named_parameters(), simp_ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
-    # the classifier: one real AdamW step on the new simplified batch
+    # the classifier: one real AdamW step (lr 0.01) on the batch it saw, which is the new
+    # simplified batch (checked above): the same kernels on the same tensor, then the same
+    # fused AdamW, so bit for bit (seen). The conv biases feed an instance norm, so their
+    # gradients are float32 noise (≲1e-7) with √v ≲ 1e-9 < ε, where Adam's update has slope
+    # lr/ε = 1e6 and is up to ~lr either way: to 2·lr, should a kernel ever round them apart.
+    # Every other entry has √v ≥ 1e-4 ≫ ε (seen), so rounding moves it by ~lr·1e-7, while a
+    # wrong input, lr, betas or step count moves it by ~lr
     clf_ref_opt.zero_grad()
-    F.cross_entropy(clf_ref(new), y).backward()
+    F.cross_entropy(clf_ref(seen[0]), y).backward()
     clf_ref_opt.step()
+    noise = {f"features.{i}.bias" for i, m in enumerate(classifier.features)
+             if isinstance(m, torch.nn.Conv2d)}
+    assert len(noise) == 3
     for (n, p), q in zip(classifier.named_parameters(), clf_ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=0.02 if n in noise else 1e-6, msg=n)
     torch.testing.assert_close(parts["clf_loss"], F.cross_entropy(clf_for_loss(new), y),
                                rtol=1e-5, atol=1e-6)
 
