@@ -45,6 +45,7 @@ import datasets
 import glow
 import nets
 
+CPU_CHUNK_BYTES = 4 << 20  # a pass's first-layer activation on a CPU, at most (chunk_size)
 CROP_PAD = 3  # random-crop padding of the continual training images (authors' RandomCrop pad 3)
 
 
@@ -71,21 +72,42 @@ def gradient_match_loss(grads_real, grads_syn, eps=1e-6):
 
 
 def class_match_loss(net, x_real, x_syn, label, fast=None):
-    """Eq. 6 for one class c: D(∇θ l(f(X_real,c), c), ∇θ l(f(X_syn,c), c)).
+    """Eq. 6 for one class c: D(∇θ l(f(X_real,c), c), ∇θ l(f(X_syn,c), c)), over the weights
+    D compares (tensors of 2+ dimensions: biases and norm parameters add 0 to D, so their
+    gradients are not computed).
 
-    The real gradient is a constant target (detached); the synthetic gradient keeps its
-    graph (create_graph=True) so that D can be differentiated w.r.t. the synthetic images.
-    `fast` (--compile): the same net torch.compile'd, for the real gradient only; the
-    synthetic one is differentiated twice, which torch.compile cannot.
+    The real gradient is a constant target (detached), summed over chunks of the real
+    batch (`chunk_size`: the same gradient, as instance norm keeps images independent).
+    The synthetic gradient keeps its graph (create_graph=True) so that D can be
+    differentiated w.r.t. the synthetic images. `fast` (--compile): the same net
+    torch.compile'd, for the real gradient only; the synthetic one is differentiated
+    twice, which torch.compile cannot.
     """
-    params = list(net.parameters())
-    y_real = torch.full((len(x_real),), label, dtype=torch.long, device=x_real.device)
-    y_syn = torch.full((len(x_syn),), label, dtype=torch.long, device=x_syn.device)
+    weights = [p for p in net.parameters() if p.dim() > 1]  # conv kernels, linear weight
     real_net = net if fast is None else fast
-    g_real = torch.autograd.grad(F.cross_entropy(real_net(x_real), y_real), params)
-    g_real = [g.detach() for g in g_real]
-    g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
+    g_real = [torch.zeros_like(w) for w in weights]
+    for x in x_real.split(chunk_size(net, x_real)):
+        y = torch.full((len(x),), label, dtype=torch.long, device=x.device)
+        part = F.cross_entropy(real_net(x), y, reduction="sum") / len(x_real)  # share of the mean
+        for g, g_part in zip(g_real, torch.autograd.grad(part, weights)):
+            g += g_part
+    y_syn = torch.full((len(x_syn),), label, dtype=torch.long, device=x_syn.device)
+    g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), weights, create_graph=True)
     return gradient_match_loss(g_real, g_syn)
+
+
+def chunk_size(net, x):
+    """How many images of x one pass of the ConvNet `net` takes. On a GPU: all of them. On
+    a CPU: as many as keep one first-layer activation (width·H·W float32 an image) within
+    CPU_CHUNK_BYTES, 8 images at DC's width 128. glibc's malloc gives large freed blocks
+    back to the system and page-faults them in again at the next allocation; at DC's batch
+    of 256 (134 MB an activation) that costs nearly as much as the arithmetic. Chunks of
+    4 MiB measured fastest, whatever else the process had allocated (README, Speed).
+    Gradients summed over chunks are the batch's: instance norm keeps images independent."""
+    if x.device.type != "cpu":
+        return max(1, len(x))
+    per_image = 4 * net.config["width"] * x.shape[-2] * x.shape[-1]
+    return max(1, CPU_CHUNK_BYTES // per_image)
 
 
 def matching_loss(net, x_syn, real_by_class, ipc, batch_real, fast=None):
@@ -339,26 +361,32 @@ def dc_augment(x, draws, crop=4):
 
 def train_network(net, optimizer, x, y, epochs, batch_size, augment=False):
     """Minibatch training on (x, y) for `epochs` epochs; with `augment`, each batch through
-    dc_augment on the network's normalised input (x − mean)/std, as DC augments."""
+    dc_augment on the network's normalised input (x − mean)/std, as DC augments. A batch's
+    gradient is summed over chunks of it (chunk_size), after its augmentation (which uses
+    the whole batch's channel means)."""
     net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(batch_size):
             idx = idx.to(x.device)
-            xb = x[idx]
+            xb, yb = x[idx], y[idx]
             if augment:
                 draws = sample_dc_augment(len(xb), xb.shape[-1])
                 xb = dc_augment((xb - net.mean) / net.std, draws) * net.std + net.mean
-            loss = F.cross_entropy(net(xb), y[idx])
             optimizer.zero_grad()
-            loss.backward()
+            n = chunk_size(net, xb)
+            for x_part, y_part in zip(xb.split(n), yb.split(n)):  # the batch's mean loss
+                (F.cross_entropy(net(x_part), y_part, reduction="sum") / len(xb)).backward()
             optimizer.step()
 
 
 @torch.no_grad()
 def test_accuracy(net, x_test, y_test, batch_size=1000):
+    """The fraction of x_test classified as y_test, batch_size images at a time (fewer on a
+    CPU: chunk_size)."""
     net.eval()
+    n = min(batch_size, chunk_size(net, x_test))
     correct = sum((net(x).argmax(1) == y).sum().item()
-                  for x, y in zip(x_test.split(batch_size), y_test.split(batch_size)))
+                  for x, y in zip(x_test.split(n), y_test.split(n)))
     return correct / len(x_test)
 
 

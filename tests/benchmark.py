@@ -22,7 +22,11 @@ per_instance: one SimpleBits step at paper settings split into data, simplifier 
               with --compile the steps as --compile runs them, interleaved with eager.
 condense:     seconds per outer iteration for ipc 1 and 10, with and without the bpd term,
               and the projected time of DC's evaluation (with and without its augmentation);
-              with --compile each also as --compile runs it.
+              with --compile each also as --compile runs it. With --versus-dc DIR (a
+              checkout of VICO-UoE/DatasetCondensation at 53f63a6) instead: DC's own outer
+              iteration against ours on the same tensors, interleaved in one process:
+                  python tests/benchmark.py condense --device cpu --threads 1 --compile \
+                      --versus-dc DatasetCondensation
 posthoc:      seconds per Alg. 2 step (with --compile also compiled); torch.func
               per-example gate gradients vs a loop.
 threads:      the quick demos' loops with 1 or 2 CPU threads, idle and beside a busy process.
@@ -316,6 +320,113 @@ def bench_condense(device, full=False, repeats=2, compile=False):
     return results
 
 
+def dc_loop_body(folder, ipc, outer_loop, inner_loop, real, batch_real, device):
+    """DC's own outer iteration (main.py of a checkout of VICO-UoE/DatasetCondensation in
+    `folder`, 53f63a6, method DC, `dis_metric='ours'`), written as its loop body: a fresh
+    `get_network('ConvNet', ...)`; `outer_loop` times: per class a real batch
+    (`get_images`), its gradient, the synthetic gradient (create_graph) and `match_loss`,
+    then SGD on the images; between them `inner_loop` epochs of `epoch('train', ...)` on
+    the synthetic set. Returns a function that runs one such iteration."""
+    import types
+    import numpy as np
+    sys.path.insert(0, os.path.abspath(folder))
+    try:
+        import scipy.ndimage.interpolation  # noqa: F401  (DC's utils imports it for rotate)
+    except ImportError:  # only its DSA/augment paths use scipy; the loop body does not
+        stub = types.ModuleType("scipy.ndimage.interpolation")
+        stub.rotate = None
+        sys.modules.update({"scipy": types.ModuleType("scipy"),
+                            "scipy.ndimage": types.ModuleType("scipy.ndimage"),
+                            "scipy.ndimage.interpolation": stub})
+    import utils as dc
+    num_classes = len(real)
+    args = SimpleNamespace(device=str(device), dis_metric="ours", dsa=False, batch_real=batch_real,
+                           ipc=ipc, lr_net=0.01, batch_train=256, dc_aug_param=None)
+    images_all = torch.cat(real)
+    indices_class = [list(range(c * len(real[0]), (c + 1) * len(real[0])))
+                     for c in range(num_classes)]
+    image_syn = torch.randn(num_classes * ipc, 3, 32, 32, device=device, requires_grad=True)
+    label_syn = torch.arange(num_classes, device=device).repeat_interleave(ipc)
+    optimizer_img = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
+    criterion = torch.nn.CrossEntropyLoss().to(device)
+
+    def get_images(c, n):
+        return images_all[np.random.permutation(indices_class[c])[:n]]
+
+    def iteration():
+        net = dc.get_network("ConvNet", 3, num_classes, (32, 32)).to(device)
+        net.train()
+        net_parameters = list(net.parameters())
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+        for ol in range(outer_loop):
+            loss = torch.tensor(0.0).to(device)
+            for c in range(num_classes):
+                img_real = get_images(c, batch_real)
+                lab_real = torch.ones((img_real.shape[0],), device=device, dtype=torch.long) * c
+                img_syn = image_syn[c * ipc:(c + 1) * ipc]
+                lab_syn = torch.ones((ipc,), device=device, dtype=torch.long) * c
+                gw_real = torch.autograd.grad(criterion(net(img_real), lab_real), net_parameters)
+                gw_real = [g.detach().clone() for g in gw_real]
+                gw_syn = torch.autograd.grad(criterion(net(img_syn), lab_syn), net_parameters,
+                                             create_graph=True)
+                loss += dc.match_loss(gw_syn, gw_real, args)
+            optimizer_img.zero_grad()
+            loss.backward()
+            optimizer_img.step()
+            loss.item()
+            if ol == outer_loop - 1:
+                break
+            dst = torch.utils.data.TensorDataset(image_syn.detach().clone(), label_syn.clone())
+            loader = torch.utils.data.DataLoader(dst, batch_size=args.batch_train, shuffle=True,
+                                                 num_workers=0)
+            for _ in range(inner_loop):
+                dc.epoch("train", loader, net, optimizer_net, criterion, args, aug=False)
+    return iteration
+
+
+def bench_condense_versus_dc(device, folder, rounds=3, compile=False, ipcs=(1, 10)):
+    """DC's own outer iteration (dc_loop_body) against condense.outer_iteration on the same
+    tensors (10 classes of 400 images 3×32×32, ConvNet width 128, batch_real 256, λ = 0), in
+    interleaved rounds in one process; the ratio is the median of the rounds' ratios. ipc
+    1 runs DC's loops 1×1; ipc 10 runs 2 of DC's 10 outer steps (two image updates and
+    the 50 inner epochs between them: every outer step costs the same, so the ratio is
+    that of the whole iteration, in a fifth of the time)."""
+    torch.manual_seed(0)
+    real = [torch.rand(400, 3, 32, 32, device=device) for _ in range(10)]
+    for ipc in ipcs:
+        outer_loop, inner_loop = min(condense.get_loops(ipc)[0], 2), condense.get_loops(ipc)[1]
+        theirs = dc_loop_body(folder, ipc, outer_loop, inner_loop, real, 256, device)
+        paths = {"default": False, "--compile": True} if compile else {"default": False}
+        ours = {}
+        for name, fast in paths.items():
+            alpha = (0.2 * torch.randn(10 * ipc, 3, 32, 32, device=device)).requires_grad_()
+            opt = torch.optim.Adam([alpha], lr=0.1, betas=(0.5, 0.99), eps=1e-6)
+            ours[name] = lambda alpha=alpha, opt=opt, fast=fast: condense.outer_iteration(
+                alpha, opt, real, None, lambda_sim=0.0, ipc=ipc, batch_real=256, width=128,
+                outer_loop=outer_loop, inner_loop=inner_loop, batch_size=256, bpd_chunk=50,
+                compile=fast)["loss"].item()
+        for fn in [theirs, *ours.values()]:
+            fn()  # warm-up (and --compile's compilation)
+        times = {name: [] for name in ["DC", *ours]}
+        for _ in range(rounds):
+            for name, fn in [("DC", theirs), *ours.items()]:
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+        what = (f"loops {outer_loop}x{inner_loop}" if outer_loop == condense.get_loops(ipc)[0]
+                else f"{outer_loop} of {condense.get_loops(ipc)[0]} outer steps, {inner_loop} "
+                     "inner epochs")
+        print(f"condense versus DC, ipc {ipc} ({what}): DC's loop body "
+              f"{statistics.median(times['DC']):.2f} s  [{device}]")
+        for name in ours:
+            ratios = [d / o for d, o in zip(times["DC"], times[name])]
+            print(f"  {name:10s} {statistics.median(times[name]):7.2f} s: "
+                  f"{statistics.median(ratios):.2f}x DC's speed (rounds {min(ratios):.2f}-"
+                  f"{max(ratios):.2f}x)")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -512,6 +623,10 @@ if __name__ == "__main__":
                         help="glow: also time the torch.compile'd frozen Glow; per_instance, "
                              "condense, posthoc: also time each figure as --compile runs it; "
                              "smoke: also run every mode with --compile")
+    parser.add_argument("--versus-dc", default=None, metavar="DIR",
+                        help="condense: instead, time DC's own outer iteration from a checkout "
+                             "of VICO-UoE/DatasetCondensation (53f63a6) in DIR against ours, "
+                             "interleaved on the same tensors (paper size, lambda 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
     args = parser.parse_args()
@@ -525,5 +640,8 @@ if __name__ == "__main__":
                  {"compile": args.compile} if name in ("smoke", "per_instance", "condense",
                                                        "posthoc") else {})
         start = time.perf_counter()
-        BENCHMARKS[name](device, full=args.full, **extra)
+        if name == "condense" and args.versus_dc:
+            bench_condense_versus_dc(device, args.versus_dc, compile=args.compile)
+        else:
+            BENCHMARKS[name](device, full=args.full, **extra)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]")

@@ -300,12 +300,30 @@ def test_synthetic_images_by_hand():
     assert grad.tolist() == pytest.approx([s * (1 - s) for s in sig], rel=1e-10)
 
 
-def test_outer_iteration_matches_reference(float64):
+def chunks_of(monkeypatch, images, width):
+    """Make condense pass `images` images at a time on a CPU (None: its own chunk size)."""
+    if images is not None:
+        monkeypatch.setattr(condense, "CPU_CHUNK_BYTES", images * 4 * width * 32 * 32)
+
+
+def test_chunk_size_keeps_a_cpu_pass_within_its_budget_and_a_gpu_batch_whole():
+    net = dc_convnet(10, 128)  # DC's width: a first-layer activation of 512 KiB an image
+    assert condense.chunk_size(net, torch.empty(256, 3, 32, 32)) == 8  # 4 MiB
+    assert condense.chunk_size(dc_convnet(10, 32), torch.empty(256, 3, 32, 32)) == 32
+    assert condense.chunk_size(net, torch.empty(256, 3, 32, 32, device="meta")) == 256
+    assert condense.chunk_size(dc_convnet(2, 4096), torch.empty(8, 3, 32, 32)) == 1
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_outer_iteration_matches_reference(float64, monkeypatch, chunk):
     """One outer iteration of DC with Eq. 7 (Sec. 4), re-implemented with torch.optim: a fresh
     ConvNet; outer_loop Adam steps on α, and between them (not after the last) inner_loop
     epochs of SGD (lr 0.01, momentum 0.5) of the net on the detached synthetic set in random
-    minibatches. Same seed, same draws: the same α, loss and RNG state afterwards."""
+    minibatches. Same seed, same draws: the same α, loss and RNG state afterwards. The
+    reference takes every gradient of a batch in one pass and of every parameter; condense
+    in chunks of 1 or 2 images (of 3: a remainder) and only of the weights Eq. 6 compares."""
     ipc, width, outer_loop, inner_loop, batch_size, lam = 2, 4, 3, 2, 3, 0.5
+    chunks_of(monkeypatch, chunk, width)
     torch.manual_seed(6)
     real = [torch.rand(4, 3, 32, 32) for _ in range(2)]
     alpha0 = 0.2 * torch.randn(2 * ipc, 3, 32, 32)
@@ -452,12 +470,15 @@ def test_mnist_evaluation_augments_each_batch_and_random_real_draws_anew(monkeyp
     assert not torch.equal(draws[0][0], draws[1][0])
 
 
-def test_evaluate_follows_dc_protocol(float64, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_evaluate_follows_dc_protocol(float64, monkeypatch, chunk):
     """DC's evaluate_synset (Sec. 4), re-implemented: from the seed, one fresh ConvNet per
     training set, each trained for epochs + 1 epochs (DC's range(Epoch + 1)) with SGD lr
     0.01, momentum 0.9, weight decay 5e-4 in random minibatches, and after epoch
     epochs // 2 + 1 on a new SGD at lr 0.001 (DC re-creates it: the momentum restarts);
-    returns their test accuracies; the global RNG is untouched."""
+    returns their test accuracies; the global RNG is untouched. Minibatches of 3 in chunks
+    of 2 images train the same networks."""
+    chunks_of(monkeypatch, chunk, 4)
     torch.manual_seed(8)
     x_train, y_train = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     x_test, y_test = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 1, 0, 1, 0])
@@ -497,6 +518,8 @@ def test_evaluate_follows_dc_protocol(float64, monkeypatch):
 
 def test_test_accuracy_and_population_std_by_hand():
     class Fixed(torch.nn.Module):  # predicts class 1 iff the first pixel is > 0.5
+        config = dict(width=1)  # (chunk_size reads a ConvNet's width)
+
         def forward(self, x):
             p = x[:, 0, 0, 0]
             return torch.stack([0.5 - p, p - 0.5], dim=1)
