@@ -45,7 +45,6 @@ import datasets
 import glow
 import nets
 
-CPU_CHUNK_BYTES = 4 << 20  # a pass's first-layer activation on a CPU, at most (chunk_size)
 CROP_PAD = 3  # random-crop padding of the continual training images (authors' RandomCrop pad 3)
 
 
@@ -94,20 +93,6 @@ def class_match_loss(net, x_real, x_syn, label, fast=None):
     y_syn = torch.full((len(x_syn),), label, dtype=torch.long, device=x_syn.device)
     g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), weights, create_graph=True)
     return gradient_match_loss(g_real, g_syn)
-
-
-def chunk_size(net, x):
-    """How many images of x one pass of the ConvNet `net` takes. On a GPU: all of them. On
-    a CPU: as many as keep one first-layer activation (width·H·W float32 an image) within
-    CPU_CHUNK_BYTES, 8 images at DC's width 128. glibc's malloc gives large freed blocks
-    back to the system and page-faults them in again at the next allocation; at DC's batch
-    of 256 (134 MB an activation) that costs nearly as much as the arithmetic. Chunks of
-    4 MiB measured fastest, whatever else the process had allocated (README, Speed).
-    Gradients summed over chunks are the batch's: instance norm keeps images independent."""
-    if x.device.type != "cpu":
-        return max(1, len(x))
-    per_image = 4 * net.config["width"] * x.shape[-2] * x.shape[-1]
-    return max(1, CPU_CHUNK_BYTES // per_image)
 
 
 def matching_loss(net, x_syn, real_by_class, ipc, batch_real, fast=None):
@@ -681,6 +666,23 @@ def save_accuracy_table(path, stage_accs, title):
 
 
 # --- running it: presets, flags, checkpoints (not needed to follow the paper) -------------
+CPU_CHUNK_BYTES = 4 << 20  # a pass's first-layer activation on a CPU, at most (chunk_size)
+
+
+def chunk_size(net, x):
+    """How many images of x one pass of the ConvNet `net` takes. On a GPU: all of them. On
+    a CPU: as many as keep one first-layer activation (width·H·W float32 an image) within
+    CPU_CHUNK_BYTES, 8 images at DC's width 128. glibc's malloc gives large freed blocks
+    back to the system and page-faults them in again at the next allocation; at DC's batch
+    of 256 (134 MB an activation) that costs nearly as much as the arithmetic. Chunks of
+    4 MiB measured fastest, whatever else the process had allocated (README, Speed).
+    Gradients summed over chunks are the batch's: instance norm keeps images independent."""
+    if x.device.type != "cpu":
+        return max(1, len(x))
+    per_image = 4 * net.config["width"] * x.shape[-2] * x.shape[-1]
+    return max(1, CPU_CHUNK_BYTES // per_image)
+
+
 # Presets: the paper's setting (DC and the authors' code), and a CPU-sized one for --quick:
 # one image per class, where DC's loops are (1, 1) and DC's table shows the largest gain
 # over random real images (ipc 10 with DC's (10, 50) loops costs ~15x more per iteration;
