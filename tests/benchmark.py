@@ -9,7 +9,9 @@
 glow:         images/second of Glow scoring (bpd forward, and forward + backward to the
               input) at batch 32, small and (--full) the released K=32/hidden 512 Glow;
               eval, frozen in both memory layouts, with --compile frozen + torch.compile,
-              and with --y0ast DIR y0ast's own code, in interleaved rounds. On Linux,
+              and with --y0ast DIR y0ast's own code, in interleaved rounds; and the
+              convolution bound (the frozen forward's convolutions alone, each at its
+              best: no float32 path is faster) with each frozen path's share of it. On Linux,
               glibc's default malloc hands large freed tensors back to the system and
               page-faults them in again, by a process's allocation history: y0ast's code
               (many intermediate tensors) then runs at 150 or 210 img/s by chance, so
@@ -85,6 +87,48 @@ def y0ast_glow(folder, config, device):
     return model.to(device).eval().requires_grad_(False)
 
 
+def convolution_seconds(model, x, repeats):
+    """The convolution bound of one bpd forward + backward to the input: every convolution
+    that forward runs, recorded, then timed alone at its best (forward, and backward to its
+    input where that needs a gradient) on an input of the same shape in the layout the
+    model's weights are stored in, and summed. No path that runs these convolutions in
+    float32 can be faster; what a path takes beyond it is all its other work."""
+    calls = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.conv2d:
+                calls.append((args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        glow.bits_per_dim(model, x.clone().requires_grad_())
+    layout = (torch.channels_last if model.flow.layers[1].block[0].weight.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format)
+    total = 0.0
+    for (inp, *rest), kwargs in calls:
+        needs_grad = inp.requires_grad
+        inp = torch.randn(inp.shape, device=inp.device).to(memory_format=layout)
+        out_grad = torch.nn.functional.conv2d(inp, *rest, **kwargs).normal_()
+        inp.requires_grad_(needs_grad)
+
+        def convolution(inp=inp, rest=rest, kwargs=kwargs, out_grad=out_grad):
+            out = torch.nn.functional.conv2d(inp, *rest, **kwargs)
+            if inp.requires_grad:
+                torch.autograd.grad(out, inp, out_grad)
+        for _ in range(2):
+            convolution()
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(x.device)
+            start = time.perf_counter()
+            convolution()
+            _sync(x.device)
+            best = min(best, time.perf_counter() - start)
+        total += best
+    return total, len(calls)
+
+
 def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=False):
     """bpd forward and forward + backward to the input, images per second: our Glow in eval
     mode and frozen (glow.freeze), with `compile` also the frozen one torch.compile'd (the
@@ -127,7 +171,10 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=Fals
             theirs = y0ast_glow(y0ast, config, device)
             scores["y0ast's code"] = lambda x: theirs(glow.to_glow_range(x))[1]
         rounds = {name: [] for name in scores}  # interleaved: a slow spell hits all alike
+        bound = []  # seconds: the frozen path's convolutions alone (convolution_seconds)
         for _ in range(ROUNDS):
+            seconds, count = convolution_seconds(frozen, x, repeats)
+            bound.append(seconds)
             for name, score in scores.items():
                 def forward(score=score):
                     with torch.no_grad():
@@ -145,8 +192,20 @@ def bench_glow(device, full=False, batch=32, repeats=5, y0ast=None, compile=Fals
                   f"forward+backward to input {rates[name]:8.1f} img/s  [{device}, batch "
                   f"{batch}, {torch.get_num_threads()} threads, median of {ROUNDS} "
                   f"interleaved rounds]")
+        print(f"glow {config} convolution bound (its {count} convolutions alone, each at "
+              f"its best): forward+backward to input {batch / statistics.median(bound):8.1f} "
+              f"img/s")
+        for name in [n for n in rates if n.startswith("frozen")]:  # each round's own ratio
+            fractions = [b * seconds / batch for (_, b), seconds in zip(rounds[name], bound)]
+            print(f"  {name}: {100 * statistics.median(fractions):.0f}% of the convolution "
+                  f"bound, forward+backward (median of the rounds; "
+                  f"{100 * min(fractions):.0f}-{100 * max(fractions):.0f}%)")
         if y0ast:  # each round's ratio: the two timings seconds apart, in the same spell
             reference = [b for _, b in rounds.pop("y0ast's code")]
+            ratios = [batch / seconds / ref for seconds, ref in zip(bound, reference)]
+            print(f"  convolution bound / y0ast's code, forward+backward: "
+                  f"{statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-"
+                  f"{max(ratios):.2f}x)")
             for name in [n for n in rates if n.startswith("frozen")]:
                 ratios = [b / ref for (_, b), ref in zip(rounds[name], reference)]
                 print(f"  {name} / y0ast's code, forward+backward: "
@@ -451,25 +510,27 @@ def bench_posthoc(device, full=False, compile=False):
             h, z_orig = model(x), glow.encode(g, x)
         z_sim = [torch.zeros_like(z, requires_grad=True) for z in z_orig]
         optimizer = torch.optim.Adam(z_sim, lr=1e-2)
-        posthoc.simplify_step(model, g, z_sim, z_orig, x, h, optimizer, step_args)  # warm-up
         repeats = 5 if device.type == "cuda" or batch <= 8 else 2
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            posthoc.simplify_step(model, g, z_sim, z_orig, x, h, optimizer, step_args)
-        _sync(device)
-        per_step = (time.perf_counter() - start) / repeats
+
+        def step(scorer=g):
+            posthoc.simplify_step(model, scorer, z_sim, z_orig, x, h, optimizer, step_args)
+        per_step = timed(step, device, repeats, warmup=1)
         print(f"posthoc {name} on {device}: {per_step:.3f} s/step "
               f"(5000 steps: {5000 * per_step / 60:.1f} min)", flush=True)
         if compile:  # --compile: the Glow's scoring compiled (the gate gradients cannot be)
             fast, start = glow.compiled(g), time.perf_counter()
-            posthoc.simplify_step(model, fast, z_sim, z_orig, x, h, optimizer, step_args)
+            step(fast)
             compile_s = time.perf_counter() - start
-            fast_step = timed(lambda: posthoc.simplify_step(model, fast, z_sim, z_orig, x, h,
-                                                            optimizer, step_args),
-                              device, repeats, warmup=1)
-            print(f"  --compile (compiled in {compile_s:.0f} s): {fast_step:.3f} s/step "
-                  f"({per_step / fast_step:.2f}x eager)", flush=True)
+            eager, compiled = [], []
+            for _ in range(ROUNDS):  # interleaved: a slow spell hits both alike
+                eager.append(timed(step, device, repeats, warmup=1))
+                compiled.append(timed(lambda: step(fast), device, repeats, warmup=1))
+            ratios = [e / c for e, c in zip(eager, compiled)]
+            print(f"  --compile (compiled in {compile_s:.0f} s): "
+                  f"{statistics.median(compiled):.3f} s/step against eager "
+                  f"{statistics.median(eager):.3f} in {ROUNDS} interleaved rounds "
+                  f"({statistics.median(ratios):.2f}x; rounds {min(ratios):.2f}-"
+                  f"{max(ratios):.2f}x)", flush=True)
 
         # per-example gate gradients: torch.func (vmap over grad) vs a Python loop
         params = {n: p.detach() * 0.9 for n, p in model.named_parameters()}

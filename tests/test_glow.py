@@ -833,3 +833,16 @@ def test_frozen_scoring_on_a_cpu_is_channels_last_with_the_same_numbers():
     scores = [bpd_and_input_gradient(scorer, x) for scorer in (frozen, plain)]
     torch.testing.assert_close(scores[0][0], scores[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores[0][1], scores[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_convolution_bound_times_each_convolution_of_the_frozen_forward_once():
+    """The convolution bound of `tests/benchmark.py glow` (README, Speed) records the
+    convolutions one frozen bpd forward runs and times each alone: 4 per flow step (the
+    folded ActNorm and 1×1 conv, the coupling's three), one per split prior and the top
+    prior's, so 4·L·K + L of them; a positive time."""
+    import benchmark
+    levels, steps = 3, 2
+    frozen = glow.freeze(tiny_glow(torch.float32, levels=levels, steps=steps, image_size=16))
+    seconds, count = benchmark.convolution_seconds(frozen, torch.rand(2, 3, 16, 16), repeats=1)
+    assert count == 4 * levels * steps + levels
+    assert seconds > 0
