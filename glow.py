@@ -425,7 +425,7 @@ def freeze(glow):
             if isinstance(child, (ConvActNorm, ZeroConv)):
                 setattr(module, name, child.folded())
     if all(p.device.type == "cpu" for p in frozen.parameters()):
-        # channels_last: the CPU's (oneDNN) convolutions score 1.1-1.3x faster so (README,
+        # channels_last: the CPU's (oneDNN) convolutions score 1.05-1.3x faster so (README,
         # Speed); the same numbers. Elsewhere the default layout, until measured on a GPU
         frozen = frozen.to(memory_format=torch.channels_last)
     frozen.folded = True  # save_glow refuses it
