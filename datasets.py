@@ -738,8 +738,8 @@ def export_image_folder(name, root, folder, classes=None):
     return counts
 
 
-if __name__ == "__main__":
-    nets.console()
+# ----------------------------------------------------------------------- command line
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Save a PNG grid of 64 images of a dataset, "
                                                  "or export it as an ImageFolder.")
     parser.add_argument("dataset", help="a name from DATASET_NAMES or an ImageFolder path")
@@ -751,19 +751,30 @@ if __name__ == "__main__":
                              "(train/<class>/ and test/<class>/ of PNGs)")
     parser.add_argument("--classes", default=None, metavar="A,B,...",
                         help="with --export: only these classes (e.g. two, for Fig. 7)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.classes and not args.export:
         parser.error("--classes goes with --export.")
-    try:
-        if args.export:
-            counts = export_image_folder(args.dataset, args.data_root, args.export,
-                                         args.classes and args.classes.split(","))
-            print(f"{args.dataset}: {counts['train']} training and {counts['test']} test images "
-                  f"-> {args.export}")
-            sys.exit(0)
-        ds = load_dataset(args.dataset, args.data_root, train=not args.test)
-    except DatasetError as e:
-        parser.exit(2, f"error: {e}\n")  # one sentence, exit status 2, no traceback
+    return args
+
+
+def main(args):
+    if args.export:
+        counts = export_image_folder(args.dataset, args.data_root, args.export,
+                                     args.classes and args.classes.split(","))
+        print(f"{args.dataset}: {counts['train']} training and {counts['test']} test images "
+              f"-> {args.export}")
+        return
+    ds = load_dataset(args.dataset, args.data_root, train=not args.test)
     x, y = to_tensors(subset(ds, 64, seed=0))
     save_image_grid(x, args.out, captions=[ds.info.class_names[int(c)] for c in y])
     print(f"{ds.info.name}: {len(ds)} images, {ds.info.num_classes} classes -> {args.out}")
+
+
+if __name__ == "__main__":
+    nets.console()
+    args = get_args()
+    try:
+        main(args)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)  # one sentence, exit status 2, no traceback
+        sys.exit(2)

@@ -1,7 +1,6 @@
 """The README against the paper and the code: its commands use the paper's settings, and its
 "Notes and deviations" table names every choice a reader comparing code and paper trips over."""
 import argparse
-import ast
 import io
 import re
 import shlex
@@ -82,23 +81,10 @@ OTHER_FLAGS = {"-q", "-r", "--nproc_per_node", "--standalone", "--nnodes", "--no
                "--rdzv_backend", "--rdzv_endpoint", *re.findall(r"#SBATCH (--[\w-]+)", README)}
 
 
-def main_block_parser(module):
-    """The parser that `module`'s `if __name__ == "__main__":` block builds: the block's
-    statements from `parser = ...` up to its parse_args, run without the rest."""
-    block = next(node for node in ast.parse(Path(module.__file__).read_text()).body
-                 if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
-    text = [ast.unparse(statement) for statement in block.body]
-    start = next(i for i, s in enumerate(text) if s.startswith("parser = "))
-    end = next(i for i, s in enumerate(text) if "parse_args" in s)
-    namespace = dict(vars(module))
-    exec(compile(ast.Module(block.body[start:end], []), module.__file__, "exec"), namespace)
-    return namespace["parser"]
-
-
 # each script's own parsing and checks of its flags; none of them starts, writes or downloads
 PARSE = {"per_instance.py": per_instance.get_args, "condense.py": condense.get_args,
          "posthoc.py": posthoc.get_args, "glow.py": glow.get_args,
-         "datasets.py": lambda argv: main_block_parser(datasets).parse_args(argv)}
+         "datasets.py": datasets.get_args}
 
 
 def parse(script, argv):
