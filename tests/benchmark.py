@@ -691,6 +691,15 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's)")
     args = parser.parse_args()
+    for flag, folder, benchmark, repository, files in (  # the reference code's checkouts
+            ("--y0ast", args.y0ast, "glow", "y0ast/Glow-PyTorch", ("model.py", "modules.py")),
+            ("--versus-dc", args.versus_dc, "condense", "VICO-UoE/DatasetCondensation",
+             ("utils.py", "networks.py"))):
+        if folder and benchmark not in args.which:
+            parser.error(f"{flag} goes with the {benchmark} benchmark")
+        if folder and not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+            parser.error(f"{flag} {folder}: not a checkout of {repository} (it needs "
+                         f"{' and '.join(files)} there)")
     sys.stdout.reconfigure(line_buffering=True)  # a run cut off by a time limit keeps its lines
     device = nets.resolve_device(args.device)
     torch.backends.cudnn.benchmark = True

@@ -4,6 +4,8 @@ independent implementation of the density of y0ast Glow-PyTorch, written from it
 import copy
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -846,3 +848,17 @@ def test_convolution_bound_times_each_convolution_of_the_frozen_forward_once():
     seconds, count = benchmark.convolution_seconds(frozen, torch.rand(2, 3, 16, 16), repeats=1)
     assert count == 4 * levels * steps + levels
     assert seconds > 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["glow", "--y0ast", "."], "not a checkout of y0ast/Glow-PyTorch"),
+    (["condense", "--versus-dc", "."], "not a checkout of VICO-UoE/DatasetCondensation"),
+    (["data", "--y0ast", "."], "--y0ast goes with the glow benchmark")])
+def test_benchmark_refuses_a_reference_folder_that_is_not_one(argv, words):
+    """tests/benchmark.py --y0ast DIR / --versus-dc DIR (README, Speed): a folder without
+    the reference code, or the flag with another benchmark, is one sentence before
+    anything runs, not a ModuleNotFoundError minutes in."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "tests/benchmark.py", *argv], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
