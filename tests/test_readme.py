@@ -68,7 +68,6 @@ def test_every_picture_the_readme_shows_is_a_small_png_in_assets():
         Path(link).name for link in set(linked))
 
 
-
 def test_the_readme_stays_within_its_line_budget():
     assert len(README.splitlines()) <= 310
 
